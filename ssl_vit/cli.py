@@ -1,0 +1,94 @@
+"""`ssl-vit` console entry and the recipe runner.
+
+ssl-vit train --method mae [--section.field value ...]
+ssl-vit bench --method mae [--section.field value ...]
+accelerate launch recipes/mae_vitb.py [--section.field value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ssl_vit.config import Config, ConfigError, apply_overrides, help_text, parse_args, validate
+
+USAGE = """usage: ssl-vit COMMAND [--section.field VALUE ...]
+
+commands:
+  train   pretrain with a method's default config (--method mae); recipes/ hold the papers' recipes
+  bench   time a training step of a method against a full-token supervised step
+
+`ssl-vit COMMAND --help` lists every field of that command with its doc and default."""
+
+
+def pop_method(argv: list[str], default: str = "mae") -> tuple[str, list[str]]:
+    """Take `--method NAME` (or `--method=NAME`) out of argv: it picks the config tree's shape."""
+    from ssl_vit.methods import METHODS
+
+    argv = list(argv)
+    name = default
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            name = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if arg.startswith("--method="):
+            name = arg.split("=", 1)[1]
+            del argv[i]
+            break
+    if name not in METHODS:
+        raise ConfigError([f"--method: unknown method {name!r}; known: {', '.join(METHODS)}"])
+    return name, argv
+
+
+def configure(cfg: Config, argv: list[str], prog: str) -> Config | None:
+    """Apply command-line overrides and validate; None when --help was printed."""
+    overrides, want_help = parse_args(argv)
+    if want_help:
+        print(help_text(cfg, prog))
+        return None
+    return validate(apply_overrides(cfg, overrides))
+
+
+def run_recipe(cfg: Config, argv: list[str] | None = None) -> dict | None:
+    """Entry point of a recipe file: overrides from the command line, then train."""
+    from ssl_vit.trainer import fit
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = configure(cfg, argv, sys.argv[0])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if cfg is None:
+        return None
+    result = fit(cfg)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            from ssl_vit.methods import METHODS
+
+            name, rest = pop_method(rest)
+            run_recipe(Config(method=METHODS[name].config()), rest)
+            return 0
+        if command == "bench":
+            from ssl_vit.bench import main as bench_main
+
+            return bench_main(rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""The typed config tree, `--section.field value` overrides, `--help`, and validation.
+
+A run is described by one `Config`: `model`, `data`, `train` and `method` sections. The `method`
+section is the method's own dataclass (e.g. `MAEConfig`), so `--help` lists exactly the fields
+of the method a recipe runs. Field docs are the string literal written under each field.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """One or more bad config values or override flags; the message lists every one."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224"
+    """timm model name of the ViT backbone (vit_tiny/small/base/large_patch16_224,
+    vit_huge_patch14_224, ...)."""
+    img_size: int = 224
+    """Training image side in pixels; must be a multiple of the patch size."""
+    patch_size: int = 0
+    """Patch side in pixels; 0 keeps the timm model's own."""
+    embed_dim: int = 0
+    """Token width; 0 keeps the timm model's own."""
+    depth: int = 0
+    """Number of transformer blocks; 0 keeps the timm model's own."""
+    num_heads: int = 0
+    """Attention heads per block; 0 keeps the timm model's own."""
+    drop_path: float = 0.0
+    """Stochastic-depth rate of the last block (linearly increasing over depth)."""
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `timm.create_model(name, **kw)`: what differs from the name."""
+        kw: dict[str, Any] = {"img_size": self.img_size}
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, key):
+                kw[key] = getattr(self, key)
+        if self.drop_path:
+            kw["drop_path_rate"] = self.drop_path
+        return kw
+
+    def resolved_patch_size(self) -> int | None:
+        """The patch size this config gives: the override, else the one in the timm name."""
+        if self.patch_size:
+            return self.patch_size
+        m = re.search(r"patch(\d+)", self.name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass
+class DataConfig:
+    path: str = "synthetic"
+    """'synthetic' (built-in, no files), an image folder (class sub-folders optional; uses its
+    'train' sub-folder when there is one), a saved Hugging Face dataset directory, or 'hf:NAME'
+    for a Hugging Face Hub dataset."""
+    split: str = "train"
+    """Split to train on: a sub-folder of an image folder, or a Hugging Face split name."""
+    image_column: str = "image"
+    """Image column of a Hugging Face dataset."""
+    label_column: str = "label"
+    """Label column of a Hugging Face dataset ('' when there is none)."""
+    synthetic_size: int = 10_000
+    """Number of images in the synthetic training split."""
+    synthetic_classes: int = 10
+    """Number of classes of the synthetic dataset (10 to 16 shapes and textures)."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range."""
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    """Resize interpolation."""
+    hflip: float = 0.5
+    """Horizontal-flip probability."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel normalisation mean."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel normalisation std."""
+    num_workers: int = 8
+    """Data-loader worker processes per device (0 loads in the training process)."""
+    pin_memory: bool = True
+    """Pin host memory for faster copies to the GPU (ignored on CPU)."""
+    max_bad_fraction: float = 0.5
+    """Stop with an error when more than this fraction of images cannot be read."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Run directory: config, checkpoints, exported backbone, metrics and TensorBoard events."""
+    epochs: float = 100
+    """Passes over the training data; the learning-rate schedule spans them."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (the schedule still spans train.epochs); 0 = none."""
+    batch_size: int = 64
+    """Images per device per forward pass."""
+    effective_batch: int = 0
+    """Images per optimizer step over all devices; reached by gradient accumulation computed from
+    batch_size and the process count. 0 = batch_size x processes x accum_steps."""
+    accum_steps: int = 1
+    """Gradient-accumulation steps, used when effective_batch is 0."""
+    base_lr: float = 1.5e-4
+    """lr = base_lr x effective batch / lr_batch_divisor."""
+    lr_batch_divisor: int = 256
+    """Batch size at which lr equals base_lr (256 for MAE/DINO, 512 for DeiT)."""
+    lr: float = 0.0
+    """Absolute peak learning rate; overrides base_lr when > 0."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_epochs: float = 40
+    """Linear warmup length in epochs (per iteration)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (never applied to biases, norms, position embeddings and tokens)."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 = no clipping."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision: auto = bf16 on GPU, fp32 on CPU."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    seed: int = 0
+    """Seed of initialisation, data order, augmentation and masking."""
+    log_every: int = 20
+    """Log loss, lr, grad norm and img/s every this many optimizer steps."""
+    save_every_epochs: float = 1
+    """Save a resumable checkpoint every this many epochs (0 = only at the end)."""
+    save_every_steps: int = 0
+    """Also save every this many optimizer steps (0 = off)."""
+    keep_last: int = 2
+    """Number of most recent checkpoints kept."""
+    resume: str = ""
+    """'auto' continues from the newest complete checkpoint in output_dir (or starts fresh when
+    there is none); or a checkpoint directory."""
+    overwrite: bool = False
+    """Replace a previous run in output_dir instead of refusing to start."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: Any = None
+    """The method's own config dataclass (e.g. MAEConfig); its class attribute `name` picks it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method"] = {"name": self.method.name, **dataclasses.asdict(self.method)}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Rebuild a config written by `to_dict` (e.g. a run's config.json)."""
+        from ssl_vit.methods import METHODS
+
+        method = dict(d["method"])
+        name = method.pop("name")
+        if name not in METHODS:
+            raise ConfigError([f"method.name: unknown method {name!r}; known: {sorted(METHODS)}"])
+        cfg = cls(method=METHODS[name].config())
+        apply_overrides(cfg, {f"{s}.{k}": v for s in d if s != "method" for k, v in d[s].items()})
+        apply_overrides(cfg, {f"method.{k}": v for k, v in method.items()})
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection: the flat list of `section.field` options with type, default and doc.
+
+
+@dataclass
+class Option:
+    key: str
+    type: Any
+    default: Any
+    doc: str
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (attribute docstrings), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for prev, node in zip(body, body[1:], strict=False):
+            if (
+                isinstance(prev, ast.AnnAssign)
+                and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def options(cfg: Config) -> list[Option]:
+    """Every overridable field of `cfg`, in declaration order."""
+    out = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        hints = typing.get_type_hints(type(obj))
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            out.append(
+                Option(
+                    f"{section.name}.{f.name}",
+                    hints[f.name],
+                    getattr(obj, f.name),
+                    docs.get(f.name, ""),
+                )
+            )
+    return out
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(tp)) + "}"
+    if origin is tuple:
+        return "tuple[" + ",".join(type_name(a) for a in typing.get_args(tp)) + "]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(value: Any, tp: Any) -> Any:
+    """Convert a command-line string (or JSON value) to `tp`; ValueError says what was expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value in (None, "none", "None", ""):
+                    return None
+                continue
+            try:
+                return convert(value, arg)
+            except ValueError:
+                pass
+        raise ValueError(f"expected {type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(convert(v, args[0]) for v in items)
+        if len(items) != len(args):
+            raise ValueError(
+                f"expected {len(args)} comma-separated values ({type_name(tp)}), got {value!r}"
+            )
+        return tuple(convert(v, a) for v, a in zip(items, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected int, got {value!r}")
+        try:
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"expected int, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected float, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    raise ValueError(f"unsupported field type {tp!r}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Set `section.field` values in place; every unknown or ill-typed key is reported together."""
+    known = {o.key: o for o in options(cfg)}
+    errors = []
+    for key, raw in overrides.items():
+        opt = known.get(key)
+        if opt is None:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            errors.append(f"--{key}: unknown option{hint}")
+            continue
+        try:
+            value = convert(raw, opt.type)
+        except ValueError as e:
+            errors.append(f"--{key}: {e}")
+            continue
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, value)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], bool]:
+    """Split `--section.field value` / `--section.field=value` flags into a dict; also `--help`."""
+    overrides: dict[str, str] = {}
+    errors = []
+    want_help = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+            i += 1
+            continue
+        if not arg.startswith("--"):
+            errors.append(f"{arg!r}: expected an option of the form --section.field value")
+            i += 1
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                errors.append(f"--{key}: missing value")
+                i += 1
+                continue
+            value = argv[i + 1]
+            i += 1
+        overrides[key] = value
+        i += 1
+    if errors:
+        raise ConfigError(errors)
+    return overrides, want_help
+
+
+def help_text(cfg: Config, prog: str) -> str:
+    """Every field with its type, default and doc, grouped by section."""
+    lines = [f"usage: {prog} [--section.field VALUE ...]", ""]
+    section = None
+    for opt in options(cfg):
+        sec = opt.key.split(".")[0]
+        if sec != section:
+            section = sec
+            title = f"{sec} ({cfg.method.name})" if sec == "method" else sec
+            lines.append(f"{title}:")
+        default = ",".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
+        lines.append(f"  --{opt.key} {type_name(opt.type)}  (default: {default})")
+        if opt.doc:
+            lines += ["      " + ln for ln in textwrap.wrap(opt.doc, 90)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every bad value is found before any work starts and reported together.
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError listing every invalid value of `cfg`."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    e: list[str] = []
+    patch = m.resolved_patch_size()
+    if m.img_size <= 0:
+        e.append(f"model.img_size: must be positive, got {m.img_size}")
+    elif patch is None:
+        e.append(f"model.patch_size: cannot read the patch size from model.name {m.name!r}; set it")
+    elif m.img_size % patch:
+        e.append(f"model.img_size: {m.img_size} is not divisible by the patch size {patch}")
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(m, key) < 0:
+            e.append(f"model.{key}: must be >= 0, got {getattr(m, key)}")
+    if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
+        e.append(
+            f"model.embed_dim: {m.embed_dim} is not divisible by model.num_heads {m.num_heads}"
+        )
+    if not 0 <= m.drop_path < 1:
+        e.append(f"model.drop_path: must be in [0, 1), got {m.drop_path}")
+
+    if d.path != "synthetic" and not d.path.startswith("hf:") and not Path(d.path).exists():
+        e.append(
+            f"data.path: {d.path!r} does not exist (use 'synthetic', a folder, a saved "
+            "Hugging Face dataset directory, or 'hf:NAME')"
+        )
+    if d.synthetic_size <= 0:
+        e.append(f"data.synthetic_size: must be positive, got {d.synthetic_size}")
+    if not 10 <= d.synthetic_classes <= 16:
+        e.append(f"data.synthetic_classes: must be in [10, 16], got {d.synthetic_classes}")
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        e.append(f"data.crop_scale: need 0 < min <= max <= 1, got {d.crop_scale}")
+    if not 0 <= d.hflip <= 1:
+        e.append(f"data.hflip: must be a probability in [0, 1], got {d.hflip}")
+    if any(s <= 0 for s in d.std):
+        e.append(f"data.std: must be positive, got {d.std}")
+    if d.num_workers < 0:
+        e.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if not 0 < d.max_bad_fraction <= 1:
+        e.append(f"data.max_bad_fraction: must be in (0, 1], got {d.max_bad_fraction}")
+
+    for key in ("batch_size", "accum_steps", "lr_batch_divisor", "log_every", "keep_last"):
+        if getattr(t, key) <= 0:
+            e.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    for key in (
+        "effective_batch",
+        "max_steps",
+        "save_every_steps",
+        "lr",
+        "min_lr",
+        "base_lr",
+        "weight_decay",
+        "clip_grad",
+        "save_every_epochs",
+        "warmup_epochs",
+    ):
+        if getattr(t, key) < 0:
+            e.append(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if t.epochs <= 0:
+        e.append(f"train.epochs: must be positive, got {t.epochs}")
+    elif t.warmup_epochs > t.epochs:
+        e.append(f"train.warmup_epochs: {t.warmup_epochs} exceeds train.epochs {t.epochs}")
+    if t.lr == 0 and t.base_lr == 0:
+        e.append("train.base_lr: must be positive when train.lr is 0")
+    if t.resume and t.resume != "auto" and not Path(t.resume).is_dir():
+        e.append(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
+    if t.resume and t.overwrite:
+        e.append("train.overwrite: cannot be combined with train.resume")
+
+    if cfg.method is None:
+        e.append("method: no method config given")
+    elif hasattr(cfg.method, "errors"):
+        e += cfg.method.errors(cfg)
+    if e:
+        raise ConfigError(e)
+    return cfg

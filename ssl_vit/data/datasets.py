@@ -1,0 +1,387 @@
+"""Datasets and loaders: image folders, Hugging Face datasets, the built-in synthetic dataset.
+
+Every source is wrapped in one `ImageDataset`, which owns the two policies a long run needs:
+
+* an unreadable image never loses a batch slot: item i falls through to the next readable index
+  and reports the bad path in "skipped", so the training process can count and log it (a
+  `SkipCounter`) even when images are decoded in worker processes;
+* the augmentation of item i is a pure function of (seed, epoch, i): the same crops with any number
+  of workers or processes and after a mid-epoch resume, and the training process's global RNG is
+  never consumed by data loading.
+
+`datasets` is imported only when a Hugging Face dataset is loaded: it is not needed otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ssl_vit.config import DataConfig
+from ssl_vit.data.synthetic import SyntheticImages
+
+logger = logging.getLogger(__name__)
+
+MAX_TRIES = 64
+"""An item gives up (DataError) after this many consecutive unreadable images."""
+PROBE_SIZE = 16
+"""Images decoded by `build_dataset` to fail fast on a mostly unreadable dataset."""
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured; the message names the path, column or split."""
+
+
+class Source(Protocol):
+    """A sequence of (image, label) pairs; `source[i]` raises on an unreadable image."""
+
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[Any, int]: ...
+
+    def path(self, i: int) -> str:
+        """Where item i comes from, for error messages and skip logs."""
+        ...
+
+
+def open_image(obj: Any) -> Image.Image:
+    """Decode a file path, raw bytes, a {"bytes", "path"} dict or a PIL image -> RGB PIL image.
+
+    The full decode happens here (convert loads every pixel) with PIL's LOAD_TRUNCATED_IMAGES
+    left off, so truncated files raise now rather than yield half-grey images.
+    """
+    if isinstance(obj, Image.Image):
+        return obj.convert("RGB")
+    if isinstance(obj, dict):
+        obj = obj["bytes"] if obj.get("bytes") is not None else obj["path"]
+    with Image.open(io.BytesIO(obj) if isinstance(obj, bytes) else obj) as im:
+        return im.convert("RGB")
+
+
+class ImageFiles:
+    """Image files with integer labels (-1 when unlabeled)."""
+
+    def __init__(self, files: list[str], labels: list[int], classes: list[str]):
+        self.files, self.labels, self.classes = files, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return open_image(self.files[i]), self.labels[i]
+
+    def path(self, i: int) -> str:
+        return self.files[i]
+
+
+class HFImages:
+    """Rows of a Hugging Face `Dataset`; images are decoded here so bad ones can be skipped."""
+
+    def __init__(self, ds: Any, name: str, image_column: str, label_column: str):
+        import datasets
+
+        if image_column not in ds.column_names:
+            raise DataError(
+                f"{name}: no image column {image_column!r} (data.image_column); "
+                f"available columns: {ds.column_names}"
+            )
+        if label_column and label_column not in ds.column_names:
+            logger.info("%s: no label column %r; items are unlabeled (-1)", name, label_column)
+            label_column = ""
+        ds = ds.select_columns([c for c in (image_column, label_column) if c])
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.classes: list[str] = []
+        feature = ds.features[label_column] if label_column else None
+        if isinstance(feature, datasets.ClassLabel):
+            self.classes = list(feature.names)
+        elif isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+            values = [v for v in ds.unique(label_column) if v is not None and v >= 0]
+            self.classes = [str(k) for k in range(max(values, default=-1) + 1)]
+        elif feature is not None:
+            raise DataError(
+                f"{name}: label column {label_column!r} (data.label_column) holds {feature}, not "
+                "integer class ids; set data.label_column '' to load the images unlabeled"
+            )
+        self.ds, self.name = ds, name
+        self.image_column, self.label_column = image_column, label_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        row = self.ds[i]
+        label = row[self.label_column] if self.label_column else None
+        return open_image(row[self.image_column]), -1 if label is None else int(label)
+
+    def path(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """`source` items through a `view`: item i -> {view fields..., "labels", "index", "skipped"}.
+
+    "labels" is an int (-1 unlabeled) and "index" is i. When image i cannot be read, the item
+    holds the next readable image (i+1, i+2, ...) and its label, and "skipped" is [path of image
+    i]; otherwise "skipped" is [].
+    """
+
+    def __init__(self, source: Source, view: Callable[[Any], dict[str, Any]], seed: int = 0):
+        self.source, self.view, self.seed, self.epoch = source, view, seed, 0
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names by label (empty when unlabeled)."""
+        return self.source.classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of `epoch`; set before creating the loader's iterator."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        failed = []
+        for k in range(min(MAX_TRIES, len(self))):
+            j = (i + k) % len(self)
+            try:
+                image, label = self.source[j]
+            # PIL signals bad data with many exception types (OSError, SyntaxError, struct.error,
+            # DecompressionBombError, ...); only the read of one image is guarded.
+            except Exception:
+                failed.append(self.source.path(j))
+                continue
+            with seeded(self.seed, self.epoch, i):
+                out = self.view(image)
+            # Only item i's own image is reported, so each unreadable file is counted exactly
+            # once per epoch, by whichever worker or process loads its index.
+            return {**out, "labels": label, "index": i, "skipped": failed[:1]}
+        raise DataError(f"{len(failed)} consecutive images could not be read: {failed}")
+
+
+@contextlib.contextmanager
+def seeded(*key: int) -> Iterator[None]:
+    """Seed torch's CPU RNG, `random` and numpy from `key` inside the block; restore them after."""
+    hi, lo = (int(s) for s in np.random.SeedSequence(list(key)).generate_state(2))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        # Not torch.manual_seed: it would also reseed (and so consume) the CUDA generators.
+        torch.default_generator.manual_seed(hi << 32 | lo)
+        random.seed(hi)
+        np.random.seed(lo)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Items -> batch: "images" (B, C, H, W); "crops" one (B, C, h, w) per crop position;
+    "labels", "index" (B,) int64; "skipped" one flat list of paths."""
+    first = items[0]
+    batch: dict[str, Any] = {}
+    if "images" in first:
+        batch["images"] = torch.stack([it["images"] for it in items])
+    if "crops" in first:
+        batch["crops"] = [torch.stack(c) for c in zip(*(it["crops"] for it in items), strict=True)]
+    batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
+    batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    batch["skipped"] = [p for it in items for p in it["skipped"]]
+    return batch
+
+
+def build_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    num_workers: int,
+    pin_memory: bool,
+    seed: int,
+) -> DataLoader:
+    """A plain DataLoader over `dataset` with `collate`.
+
+    Its own generator (seeded by `seed`) drives shuffling and worker seeds, so creating an
+    iterator leaves the global torch RNG alone. Workers are not persistent, so a `set_epoch`
+    made before each epoch reaches the fresh workers.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        collate_fn=collate,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class SkipCounter:
+    """Counts the unreadable images reported in batches' "skipped" lists, in the training process.
+
+    Logs each path once, and raises DataError once more than `max_bad_fraction` of at least
+    `min_seen` images accounted were unreadable: a dataset in which most images fail is a
+    configuration error, not something to train through.
+    """
+
+    def __init__(self, max_bad_fraction: float, min_seen: int = 100):
+        self.max_bad_fraction, self.min_seen = max_bad_fraction, min_seen
+        self.total = 0
+        """Unreadable images reported so far (an image counts once per epoch)."""
+        self.seen = 0
+        """Images accounted so far: unreadable plus read."""
+        self.paths: set[str] = set()
+
+    def update(self, skipped: list[str], n_ok: int) -> None:
+        """Account one batch: `skipped` = batch["skipped"]; `n_ok` = the batch's other items,
+        whose own image was read (batch size - len(skipped))."""
+        self.seen += len(skipped) + n_ok
+        for path in skipped:
+            self.total += 1
+            if path not in self.paths:
+                self.paths.add(path)
+                logger.warning("skipped unreadable image %s (%d so far)", path, self.total)
+        if self.seen >= self.min_seen and self.total > self.max_bad_fraction * self.seen:
+            examples = ", ".join(sorted(self.paths)[:3])
+            raise DataError(
+                f"most images fail: {self.total} of {self.seen} images could not be read, "
+                f"e.g. {examples}; check data.path (data.max_bad_fraction = "
+                f"{self.max_bad_fraction})"
+            )
+
+
+def build_dataset(
+    data_cfg: DataConfig,
+    view: Callable[[Any], dict[str, Any]],
+    split: str | None = None,
+    *,
+    seed: int = 0,
+    image_size: int = 224,
+) -> ImageDataset:
+    """The dataset `data_cfg.path` names, split `split` (default data_cfg.split), through `view`.
+
+    `seed` keys the per-sample augmentation; `image_size` is the side of the rendered synthetic
+    images (files keep their own size). File-backed sources are probed: when more than
+    data_cfg.max_bad_fraction of a sample of images cannot be read, this raises before training.
+    """
+    split = split or data_cfg.split
+    path = data_cfg.path
+    if path == "synthetic":
+        size = data_cfg.synthetic_size
+        if split != "train":
+            size = max(size // 10, data_cfg.synthetic_classes)
+        try:
+            source: Source = SyntheticImages(size, data_cfg.synthetic_classes, image_size, split)
+        except ValueError as e:
+            raise DataError(f"data.path 'synthetic': {e}") from None
+        return ImageDataset(source, view, seed)
+    if path.startswith("hf:"):
+        source, where = _hub_dataset(path[3:], split, data_cfg), path
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise DataError(f"data.path {path!r} does not exist")
+        if not _is_saved_hf(root) and (root / split).is_dir():
+            root = root / split
+        if _is_saved_hf(root):
+            source = _saved_hf_dataset(root, split, data_cfg)
+        else:
+            source = _image_folder(root)
+        where = str(root)
+    _probe(source, data_cfg.max_bad_fraction, where)
+    return ImageDataset(source, view, seed)
+
+
+def _is_saved_hf(root: Path) -> bool:
+    """The marker files `datasets.load_from_disk` looks for."""
+    saved = (root / "dataset_info.json").is_file() and (root / "state.json").is_file()
+    return saved or (root / "dataset_dict.json").is_file()
+
+
+def _saved_hf_dataset(root: Path, split: str, data_cfg: DataConfig) -> HFImages:
+    import datasets
+
+    ds = datasets.load_from_disk(str(root))
+    name = str(root)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{root}: no split {split!r} (data.split); available: {list(ds)}")
+        ds, name = ds[split], f"{root}:{split}"
+    return HFImages(ds, name, data_cfg.image_column, data_cfg.label_column)
+
+
+def _hub_dataset(name: str, split: str, data_cfg: DataConfig) -> HFImages:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except ValueError as e:  # an unknown split; the message lists the available ones
+        raise DataError(f"hf:{name}: {e}") from None
+    return HFImages(ds, f"hf:{name}:{split}", data_cfg.image_column, data_cfg.label_column)
+
+
+def _find_images(root: Path) -> list[str]:
+    """Image files under `root`, recursively (following links), sorted; hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
+        ]
+    return found
+
+
+def _image_folder(root: Path) -> ImageFiles:
+    """Class sub-folders (labels = sorted sub-folder index, as torchvision's ImageFolder) when
+    `root` holds only sub-folders with images, else every image under `root` with label -1."""
+    if not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in root.iterdir()):
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        per_class = {d.name: files for d in subdirs if (files := _find_images(d))}
+        if per_class:
+            files = [f for c in per_class for f in per_class[c]]
+            labels = [k for k, c in enumerate(per_class) for _ in per_class[c]]
+            return ImageFiles(files, labels, list(per_class))
+    files = _find_images(root)
+    if not files:
+        exts = ", ".join(IMG_EXTENSIONS)
+        raise DataError(f"data.path: no images found in {root} (looked recursively for {exts})")
+    return ImageFiles(files, [-1] * len(files), [])
+
+
+def _probe(source: Source, max_bad_fraction: float, where: str) -> None:
+    """Decode up to PROBE_SIZE evenly spaced images; raise DataError when too many fail."""
+    if len(source) == 0:
+        raise DataError(f"data.path: {where} holds no images")
+    picks = sorted({round(float(x)) for x in np.linspace(0, len(source) - 1, PROBE_SIZE)})
+    bad = []
+    for i in picks:
+        try:
+            source[i]
+        except Exception:  # any decode failure, as in ImageDataset.__getitem__
+            bad.append(source.path(i))
+    if len(bad) > max_bad_fraction * len(picks):
+        raise DataError(
+            f"data.path: {len(bad)} of {len(picks)} sampled images in {where} could not be read "
+            f"(data.max_bad_fraction = {max_bad_fraction}), e.g. {', '.join(bad[:3])}"
+        )

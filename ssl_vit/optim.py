@@ -1,0 +1,36 @@
+"""Parameter groups and per-iteration schedules shared by every method and evaluator."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights, and the exempt ones — biases, norms (every parameter of
+    rank <= 1), position embeddings and learned tokens — as in the MAE/DINO/DeiT code.
+
+    Frozen parameters (requires_grad False, e.g. MAE's fixed sin-cos embeddings) are left out.
+    """
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith("token") or "pos_embed" in name:
+            exempt.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": exempt, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: float, total: float, warmup: float, peak: float, final: float) -> float:
+    """Linear warmup from 0 to `peak` over `warmup` iterations, then a half cosine to `final` at
+    `total` (MAE's `lr_sched.adjust_learning_rate`, evaluated per iteration)."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,374 @@
+"""The one training loop: every method and evaluator trains through `fit`.
+
+Accelerate provides distribution (DDP/FSDP over any number of processes and nodes), mixed precision,
+state saving and trackers; this loop adds the MAE/DINO/DeiT conventions: effective batch reached by
+accumulation, lr scaled by batch, per-iteration warmup + cosine, weight-decay exemptions, logging
+every N steps without a host sync per step, atomic checkpoints and exact mid-epoch resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.checkpoint import (
+    BACKBONE_CONFIG,
+    BACKBONE_WEIGHTS,
+    CHECKPOINTS,
+    export_backbone,
+    latest_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from ssl_vit.config import Config, ConfigError, validate
+from ssl_vit.data import SkipCounter, build_dataset, build_loader
+from ssl_vit.methods import METHODS
+from ssl_vit.optim import param_groups, warmup_cosine
+
+log = logging.getLogger("ssl_vit")
+
+RUN_FILES = ("config.json", "metrics.jsonl", "train.log", BACKBONE_WEIGHTS, BACKBONE_CONFIG)
+RUN_DIRS = (CHECKPOINTS, "tb")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: saved in every checkpoint so resume continues mid-epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = d["step"], d["epoch"], d["batch_in_epoch"]
+
+
+@dataclass
+class Plan:
+    """Batch arithmetic and schedule lengths, fixed before the first step."""
+
+    accum: int
+    effective_batch: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    stop_step: int
+    warmup_steps: float
+    peak_lr: float
+
+
+def make_plan(cfg: Config, num_processes: int, batches_per_epoch: int) -> Plan:
+    t = cfg.train
+    per_step = t.batch_size * num_processes
+    accum = math.ceil(t.effective_batch / per_step) if t.effective_batch else t.accum_steps
+    effective = per_step * accum
+    if batches_per_epoch == 0:
+        raise ConfigError(
+            [
+                f"train.batch_size: one batch needs {per_step} images over "
+                f"{num_processes} process(es), more than the dataset holds"
+            ]
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total = max(1, math.ceil(t.epochs * steps_per_epoch))
+    return Plan(
+        accum=accum,
+        effective_batch=effective,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        stop_step=min(total, t.max_steps) if t.max_steps else total,
+        warmup_steps=t.warmup_epochs * steps_per_epoch,
+        peak_lr=t.lr or t.base_lr * effective / t.lr_batch_divisor,
+    )
+
+
+def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
+    """Check the output directory and return the checkpoint to resume from (None = fresh start).
+
+    A directory holding anything is only reused with train.resume or train.overwrite, so a
+    forgotten `--train.output_dir` never mixes or destroys two runs.
+    """
+    run_dir = Path(cfg.train.output_dir)
+    t = cfg.train
+    if t.resume == "auto":
+        return latest_checkpoint(run_dir)
+    if t.resume:
+        return Path(t.resume)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not t.overwrite:
+            raise ConfigError(
+                [
+                    f"train.output_dir: {run_dir} already holds another run; pass --train.resume "
+                    "auto to continue it, --train.overwrite true to replace it, or another "
+                    "output_dir"
+                ]
+            )
+        if is_main:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+    return None
+
+
+def batches(loader: Any) -> Iterator[dict]:
+    """Yield the loader's batches without letting data loading touch the global torch RNG, which
+    belongs to the model (masking, drop path): resume restores it and data never shifts it."""
+    it = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def fit(cfg: Config) -> dict[str, Any]:
+    """Train `cfg` end to end: run directory, checkpoints, resume, export. Returns final metrics."""
+    validate(cfg)
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    cuda = torch.cuda.is_available()
+    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(t.precision, t.precision)
+    accelerator = Accelerator(
+        cpu=not cuda,  # makes a multi-process launch on a GPU-less machine use gloo (MULTI_CPU)
+        mixed_precision=precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+    )
+    main = accelerator.is_main_process
+    resume_from = prepare_run_dir(cfg, main)
+    accelerator.wait_for_everyone()
+    with run_log(run_dir, main):
+        if main:
+            write_text_atomic(run_dir / "config.json", cfg.to_json())
+        return train(cfg, accelerator, resume_from)
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path, main: bool) -> Iterator[None]:
+    """On the main process, log INFO to the console and to run_dir/train.log for this run."""
+    if not main:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handlers = [logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")]
+    level = root.level
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    quiet = logging.getLogger("accelerate")  # per-file save messages would drown the run's own
+    quiet_level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(level)
+        quiet.setLevel(quiet_level)
+
+
+def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> dict[str, Any]:
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    main = accelerator.is_main_process
+    cuda = accelerator.device.type == "cuda"
+    set_seed(t.seed)
+    spec = METHODS[cfg.method.name]
+    method = spec.build(Backbone(cfg.model.name, **cfg.model.timm_kwargs()), cfg.method)
+    dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
+    loader = build_loader(
+        dataset,
+        t.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+        seed=t.seed,
+    )
+    groups = (
+        method.param_groups()
+        if hasattr(method, "param_groups")
+        else param_groups(method, t.weight_decay)
+    )
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.method.betas, fused=cuda or None)
+    model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            resume_from,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
+    step_fn = torch.compile(model) if t.compile else model
+    plan = make_plan(cfg, accelerator.num_processes, len(loader))
+    if main:
+        log.info(
+            "%d images, effective batch %d = %d per device x %d processes x %d accumulation; "
+            "peak lr %.3g; %d steps (%d per epoch), stopping at %d",
+            len(dataset),
+            plan.effective_batch,
+            t.batch_size,
+            accelerator.num_processes,
+            plan.accum,
+            plan.peak_lr,
+            plan.total_steps,
+            plan.steps_per_epoch,
+            plan.stop_step,
+        )
+    accelerator.init_trackers("tb")
+
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    skips = SkipCounter(cfg.data.max_bad_fraction)
+    bar = tqdm(
+        total=plan.stop_step, initial=state.step, disable=not main, desc="train", dynamic_ncols=True
+    )
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_images, window_steps, window_start = 0, 0, time.perf_counter()
+    first: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+    last_saved = state.step if resume_from is not None else -1
+    n, accum = plan.batches_per_epoch, plan.accum
+    full_windows_end = (n // accum) * accum
+
+    def save() -> None:
+        nonlocal last_saved
+        save_checkpoint(accelerator, run_dir, state.step, t.keep_last)
+        last_saved = state.step
+
+    while state.step < plan.stop_step:
+        skip = state.batch_in_epoch
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch_loader.set_epoch(state.epoch)  # the shuffling order; a skipping loader starts at 0
+        dataset.set_epoch(state.epoch)  # the augmentation seeds
+        for i, batch in enumerate(batches(epoch_loader), start=skip):
+            skipped = batch.pop("skipped", [])
+            skips.update(skipped, len(batch["index"]) - len(skipped))
+            boundary = (i + 1) % accum == 0 or i + 1 == n
+            window = accum if i < full_windows_end else n - full_windows_end
+            sync = contextlib.nullcontext() if boundary else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    out = step_fn(batch)
+                accelerator.backward(out["loss"] / window)
+            window_loss += out["loss"].detach() / window
+            window_images += len(batch["index"]) * accelerator.num_processes
+            if not boundary:
+                continue
+
+            lr = warmup_cosine(
+                state.step, plan.total_steps, plan.warmup_steps, plan.peak_lr, t.min_lr
+            )
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            logging_step = (state.step + 1) % t.log_every == 0 or state.step + 1 == plan.stop_step
+            gnorm = None
+            if t.clip_grad:
+                gnorm = accelerator.clip_grad_norm_(trainable, t.clip_grad)
+            elif logging_step:
+                gnorm = grad_norm(trainable)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(unwrapped, "after_optimizer_step"):
+                unwrapped.after_optimizer_step(state.step, plan.total_steps)
+            state.step += 1
+            state.batch_in_epoch = i + 1
+            window_steps += 1
+            bar.update(1)
+
+            if logging_step:
+                mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(
+                        f"loss is {mean_loss} at step {state.step}; the last good checkpoint is "
+                        f"{latest_checkpoint(run_dir)}"
+                    )
+                elapsed = time.perf_counter() - window_start
+                last = {
+                    "step": state.step,
+                    "epoch": state.epoch + (i + 1) / n,
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "grad_norm": float(gnorm),
+                    "img_per_s": window_images / elapsed,
+                    "skipped_images": skips.total,
+                }
+                last |= {k: float(v) for k, v in out.items() if k != "loss"}
+                first = first or last
+                accelerator.log(last, step=state.step)
+                if main:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_s']:.1f}"
+                    )
+                window_loss.zero_()
+                window_images, window_steps, window_start = 0, 0, time.perf_counter()
+
+            if t.save_every_steps and state.step % t.save_every_steps == 0:
+                save()
+            if state.step >= plan.stop_step:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            every = round(t.save_every_epochs * plan.steps_per_epoch)
+            if every and state.step % every == 0 and last_saved != state.step:
+                save()
+    bar.close()
+
+    if last_saved != state.step:
+        save()
+    if main:
+        exported = (
+            unwrapped.export_backbone()
+            if hasattr(unwrapped, "export_backbone")
+            else unwrapped.backbone
+        )
+        export_backbone(exported, run_dir)
+    result = {
+        "run_dir": str(run_dir),
+        "steps": state.step,
+        "first_loss": first.get("loss"),
+        "final_loss": last.get("loss"),
+        "skipped_images": skips.total,
+    }
+    if main:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"final": result}) + "\n")
+    accelerator.end_training()
+    return result

@@ -1,0 +1,185 @@
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from ssl_vit.backbone import Backbone
+
+NAME = "vit_tiny_patch16_224"
+KW = {"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3}
+
+
+def make() -> tuple[Backbone, torch.nn.Module]:
+    """A backbone and a timm model holding the same (random) weights, both in eval mode."""
+    torch.manual_seed(0)
+    backbone = Backbone(NAME, **KW).eval()
+    with torch.no_grad():  # make the norms non-trivial so a missing/extra norm is visible
+        for name, param in backbone.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    model = timm.create_model(NAME, pretrained=False, num_classes=0, **KW).eval()
+    model.load_state_dict(backbone.state_dict(), strict=True)
+    return backbone, model
+
+
+def images(b=2, h=32, w=32, seed=1):
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_full_forward_equals_timm_forward_features():
+    backbone, model = make()
+    x = images()
+    out = backbone(x)
+    assert out.tokens.shape == (2, 1 + 64, 48) and out.num_prefix == 1
+    assert out.layers == [] and out.attn is None
+    torch.testing.assert_close(out.tokens, model.forward_features(x), atol=1e-5, rtol=0)
+    assert (backbone.embed_dim, backbone.num_heads, backbone.depth) == (48, 3, 2)
+    assert (backbone.patch_size, backbone.grid_size, backbone.num_patches) == (4, (8, 8), 64)
+    assert backbone.num_prefix_tokens == 1 and backbone.in_chans == 3
+
+
+def test_kept_tokens_all_kept_equals_full_path():
+    backbone, _ = make()
+    x = images()
+    full = backbone(x).tokens
+    ids = torch.arange(64).expand(2, 64)
+    torch.testing.assert_close(backbone(x, ids_keep=ids).tokens, full, atol=1e-5, rtol=0)
+    # A per-sample random permutation: attention is permutation-equivariant, so un-permuting the
+    # patch tokens gives the full path back, and cls is unchanged.
+    g = torch.Generator().manual_seed(3)
+    perm = torch.stack([torch.randperm(64, generator=g) for _ in range(2)])
+    out = backbone(x, ids_keep=perm).tokens
+    unperm = torch.empty_like(out[:, 1:])
+    unperm.scatter_(1, perm.unsqueeze(-1).expand(-1, -1, 48), out[:, 1:])
+    torch.testing.assert_close(unperm, full[:, 1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 0], full[:, 0], atol=1e-5, rtol=0)
+
+
+def test_kept_subset_equals_timm_modules_on_gathered_tokens():
+    backbone, model = make()
+    x = images()
+    ids = torch.tensor([[0, 9, 63, 17], [5, 4, 3, 40]])
+    out = backbone(x, ids_keep=ids)
+    # Independent: timm's own embedding, gather row-major positions after the position embedding.
+    with torch.no_grad():
+        tokens = model.patch_embed(x) + model.pos_embed[:, 1:]
+        kept = torch.stack([tokens[i, ids[i]] for i in range(2)])
+        cls = (model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1)
+        ref = model.norm(model.blocks(torch.cat([cls, kept], dim=1)))
+    assert out.tokens.shape == (2, 5, 48)
+    torch.testing.assert_close(out.tokens, ref, atol=1e-5, rtol=0)
+
+
+def test_state_dict_round_trip_with_timm():
+    backbone, model = make()
+    assert list(backbone.state_dict()) == list(model.state_dict())
+    other = Backbone(NAME, **KW).eval()
+    other.load_state_dict(model.state_dict(), strict=True)
+    x = images()
+    torch.testing.assert_close(other(x).tokens, model.forward_features(x), atol=1e-5, rtol=0)
+    exported = backbone.to_timm().eval()
+    torch.testing.assert_close(exported.forward_features(x), backbone(x).tokens, atol=1e-5, rtol=0)
+    config = json.loads(json.dumps(backbone.config_dict()))
+    assert config == {"name": NAME, "kwargs": KW}
+    assert backbone.no_weight_decay() == {"pos_embed", "cls_token"}
+
+
+def test_register_tokens_adopted():
+    kw = {**KW, "reg_tokens": 2}
+    backbone = Backbone(NAME, **kw).eval()
+    model = timm.create_model(NAME, num_classes=0, **kw).eval()
+    model.load_state_dict(backbone.state_dict(), strict=True)
+    x = images()
+    out = backbone(x)
+    assert out.num_prefix == 3 and backbone.no_weight_decay() == {
+        "pos_embed",
+        "cls_token",
+        "reg_token",
+    }
+    torch.testing.assert_close(out.tokens, model.forward_features(x), atol=1e-5, rtol=0)
+
+
+def test_other_resolutions_resample_position_embedding():
+    backbone, model = make()
+    # Square 48 px: a timm model built at 48 px holding the bicubic-resampled position embedding.
+    state = dict(backbone.state_dict())
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (12, 12), (8, 8), 1)
+    big = timm.create_model(NAME, num_classes=0, **{**KW, "img_size": 48}).eval()
+    big.load_state_dict(state, strict=True)
+    x = images(h=48, w=48)
+    out = backbone(x)
+    assert out.tokens.shape == (2, 1 + 144, 48)
+    torch.testing.assert_close(out.tokens, big.forward_features(x), atol=1e-5, rtol=0)
+    # Non-square 32 x 48: timm's dynamic_img_size path.
+    dyn = timm.create_model(NAME, num_classes=0, dynamic_img_size=True, **KW).eval()
+    dyn.load_state_dict(backbone.state_dict(), strict=True)
+    x = images(h=32, w=48)
+    torch.testing.assert_close(backbone(x).tokens, dyn.forward_features(x), atol=1e-5, rtol=0)
+    assert not torch.allclose(backbone.pos_embed[:, 1:], state["pos_embed"][:, 1:65])
+
+
+def test_last_layers_equal_hooks_on_timm_blocks():
+    backbone, model = make()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = images()
+    with torch.no_grad():
+        final = model.forward_features(x)
+        ref = [model.norm(o) for o in seen]
+    out = backbone(x, n_last=2)
+    assert len(out.layers) == 2
+    for got, want in zip(out.layers, ref, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.tokens, final, atol=1e-5, rtol=0)
+    one = backbone(x, n_last=1).layers
+    assert len(one) == 1
+    torch.testing.assert_close(one[0], ref[-1], atol=1e-5, rtol=0)
+    assert not torch.allclose(ref[0], ref[1])
+
+
+def test_attention_probabilities_equal_eager_timm_softmax():
+    backbone, model = make()
+    last = model.blocks[-1].attn
+    last.fused_attn = False  # timm's eager path materialises the softmax; capture it
+    captured = []
+    last.attn_drop.register_forward_hook(lambda m, i, o: captured.append(o))
+    x = images()
+    with torch.no_grad():
+        model.forward_features(x)
+    out = backbone(x, return_attn=True)
+    assert out.attn.shape == (2, 3, 65, 65)
+    torch.testing.assert_close(out.attn.sum(-1), torch.ones(2, 3, 65), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.attn, captured[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.tokens, backbone(x).tokens, atol=1e-6, rtol=0)
+
+
+def test_extra_prefix_token_reaches_blocks_after_cls():
+    backbone, _ = make()
+    seen = []
+    backbone.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = images()
+    plain = backbone(x)
+    extra = torch.randn(2, 1, 48, generator=torch.Generator().manual_seed(7))
+    out = backbone(x, prefix=extra)
+    assert out.num_prefix == 2 and out.tokens.shape == (2, 2 + 64, 48)
+    before, after = seen
+    assert torch.equal(after[:, 1:2], extra)
+    assert torch.equal(after[:, :1], before[:, :1])  # cls + its position embedding
+    assert torch.equal(after[:, 2:], before[:, 1:])  # patch tokens unchanged
+    assert not torch.allclose(out.tokens[:, 0], plain.tokens[:, 0], atol=1e-3)
+
+
+def test_backbone_source_knows_no_methods():
+    source = Path(sys.modules[Backbone.__module__].__file__).read_text()
+    assert re.findall(r"mae|dino|deit", source, flags=re.IGNORECASE) == []
+
+
+def test_rejects_unserialisable_kwargs():
+    with pytest.raises(ValueError, match="JSON"):
+        Backbone(NAME, **KW, act_layer=torch.nn.GELU)

@@ -1,0 +1,325 @@
+"""The training loop end to end on tiny MAE runs: run directory, schedules, accumulation, resume
+after SIGKILL, corrupt images, and two CPU processes against one."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ssl_vit.checkpoint import complete_checkpoints, latest_checkpoint
+from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from ssl_vit.methods.mae import MAEConfig
+from ssl_vit.optim import param_groups, warmup_cosine
+from ssl_vit.trainer import fit, make_plan
+
+TINY_MODEL = dict(
+    name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
+)
+TINY_METHOD = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def tiny(run_dir: Path, **train) -> Config:
+    t = dict(
+        output_dir=str(run_dir),
+        epochs=4,
+        warmup_epochs=1,
+        batch_size=8,
+        base_lr=0.05,
+        log_every=1,
+        save_every_epochs=0,
+    )
+    t.update(train)
+    return Config(
+        model=ModelConfig(**TINY_MODEL),
+        data=DataConfig(synthetic_size=32, num_workers=0),
+        train=TrainConfig(**t),
+        method=MAEConfig(**TINY_METHOD),
+    )
+
+
+def overrides(cfg: Config) -> list[str]:
+    """The command-line form of a config (every field, so a subprocess runs exactly `cfg`)."""
+    args = []
+    for section, fields in cfg.to_dict().items():
+        for key, value in fields.items():
+            if key == "name" and section == "method":
+                continue
+            value = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            args += [f"--{section}.{key}", value]
+    return args
+
+
+def params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "step" in m]
+
+
+def test_run_directory_loss_decrease_and_schedule(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny(run, epochs=6, warmup_epochs=1, save_every_epochs=2, keep_last=2)
+    result = fit(cfg)
+
+    steps_per_epoch = 32 // 8
+    assert result["steps"] == 6 * steps_per_epoch
+    assert Config.from_dict(json.loads((run / "config.json").read_text())) == cfg
+    # checkpoints every 2 epochs, the last 2 kept, each complete
+    assert [p.name for p in complete_checkpoints(run)] == ["step_0000016", "step_0000024"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+
+    # the exported backbone loads strictly into timm and carries the trained weights
+    spec = json.loads((run / "backbone.json").read_text())
+    model = timm.create_model(spec["name"], num_classes=0, **spec["kwargs"])
+    model.load_state_dict(load_file(str(run / "backbone.safetensors")), strict=True)
+    trained = params(run, 24)
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, trained["backbone.blocks.1.mlp.fc2.weight"])
+
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    for r in rows:
+        expected = warmup_cosine(r["step"] - 1, 24, 4, 0.05 * 8 / 256, 0.0)
+        assert r["lr"] == pytest.approx(expected, rel=1e-12)
+        assert r["grad_norm"] > 0 and r["img_per_s"] > 0
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert result["first_loss"] == first and result["final_loss"] == last
+    head = sum(r["loss"] for r in rows[:4]) / 4
+    tail = sum(r["loss"] for r in rows[-4:]) / 4
+    assert tail < 0.8 * head, (head, tail)
+
+
+def test_warmup_cosine_endpoints_and_plan():
+    assert warmup_cosine(0, 100, 10, 1.0, 0.1) == 0.0
+    assert warmup_cosine(5, 100, 10, 1.0, 0.1) == 0.5
+    assert warmup_cosine(10, 100, 10, 1.0, 0.1) == 1.0
+    assert warmup_cosine(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+    cfg = tiny(
+        Path("unused"),
+        batch_size=64,
+        effective_batch=4096,
+        base_lr=1.5e-4,
+        epochs=800,
+        warmup_epochs=40,
+    )
+    plan = make_plan(cfg, num_processes=8, batches_per_epoch=2502)  # ImageNet on 8 GPUs
+    assert (plan.accum, plan.effective_batch) == (8, 4096)
+    assert plan.peak_lr == pytest.approx(2.4e-3)
+    assert plan.steps_per_epoch == 313 and plan.total_steps == 800 * 313
+    assert plan.warmup_steps == 40 * 313
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        make_plan(cfg, num_processes=8, batches_per_epoch=0)
+
+
+def test_weight_decay_exemptions():
+    from ssl_vit.backbone import Backbone
+    from ssl_vit.methods.mae import MAE
+
+    mae = MAE(Backbone(**TINY_MODEL), MAEConfig(**TINY_METHOD))
+    decay, exempt = param_groups(mae, 0.05)
+    names = {id(p): n for n, p in mae.named_parameters()}
+    exempt_names = {names[id(p)] for p in exempt["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert "backbone.cls_token" in exempt_names and "mask_token" in exempt_names
+    assert "backbone.blocks.0.attn.qkv.bias" in exempt_names
+    assert "backbone.norm.weight" in exempt_names
+    assert (
+        "backbone.blocks.0.attn.qkv.weight" in decay_names and "decoder_pred.weight" in decay_names
+    )
+    # fixed sin-cos position embeddings are not optimised at all
+    assert "backbone.pos_embed" not in exempt_names | decay_names
+    assert "decoder_pos_embed" not in exempt_names | decay_names
+    assert (decay["weight_decay"], exempt["weight_decay"]) == (0.05, 0.0)
+    n_trainable = sum(p.requires_grad for p in mae.parameters())
+    assert len(decay["params"]) + len(exempt["params"]) == n_trainable
+
+
+def initial_weight() -> torch.Tensor:
+    """A weight as the trainer initialises it (seed 0), to prove training moved it."""
+    from ssl_vit.backbone import Backbone
+    from ssl_vit.methods.mae import MAE
+
+    torch.manual_seed(0)
+    mae = MAE(Backbone(**TINY_MODEL), MAEConfig(**TINY_METHOD))
+    return mae.backbone.blocks[0].attn.qkv.weight.detach()
+
+
+def test_accumulation_equals_large_batch_and_steps_on_short_epochs(tmp_path):
+    # same absolute lr: the nominal effective batches (16 vs 12) would scale it differently
+    acc = tiny(tmp_path / "acc", batch_size=4, accum_steps=4, epochs=2, warmup_epochs=0, lr=1e-3)
+    big = tiny(tmp_path / "big", batch_size=12, epochs=2, warmup_epochs=0, lr=1e-3)
+    for cfg in (acc, big):
+        cfg.data.synthetic_size = 12  # acc: 3 micro-batches per epoch, fewer than accum_steps
+    assert fit(acc)["steps"] == fit(big)["steps"] == 2  # one optimizer step per short epoch
+    a, b = params(tmp_path / "acc", 2), params(tmp_path / "big", 2)
+    # Adam hides a constant loss scale in the update, so the logged loss and gradient norm
+    # (accumulated over the short window) are compared as well
+    for ma, mb in zip(metrics(tmp_path / "acc"), metrics(tmp_path / "big"), strict=True):
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
+    assert not torch.allclose(b["backbone.blocks.0.attn.qkv.weight"], initial_weight())
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    n = 3  # 4 steps per epoch: the resume lands mid-epoch
+    long_schedule = dict(epochs=40, warmup_epochs=2, save_every_steps=n, keep_last=100)
+    straight = tmp_path / "straight"
+    fit(tiny(straight, max_steps=2 * n, **long_schedule))
+
+    killed = tmp_path / "killed"
+    killed_cfg = tiny(killed, **long_schedule)
+    killed_cfg.data.num_workers = 2  # augmentation does not depend on who loads the images
+    cmd = [sys.executable, "-m", "ssl_vit", "train", *overrides(killed_cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / f"step_{n:07d}" / "complete"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "backbone.safetensors").exists()
+
+    ckpt_n = killed / "checkpoints" / f"step_{n:07d}"
+    control = tmp_path / "control"
+    shutil.copytree(ckpt_n, control / "checkpoints" / ckpt_n.name)
+    resumed_cfg = tiny(killed, max_steps=2 * n, resume=str(ckpt_n), **long_schedule)
+    resumed_cfg.data.num_workers = 2
+    fit(resumed_cfg)
+
+    a, b = params(straight, 2 * n), params(killed, 2 * n)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed parameters differ"
+    losses = {m["step"]: m["loss"] for m in metrics(straight)}
+    resumed = [m for m in metrics(killed) if m["step"] > n]  # the killed run logged steps 1..n+
+    assert [m["step"] for m in resumed[-n:]] == list(range(n + 1, 2 * n + 1))
+    assert [m["loss"] for m in resumed[-n:]] == [losses[s] for s in range(n + 1, 2 * n + 1)]
+
+    # control: the same resume without the saved RNG state draws other masks and diverges
+    for f in (control / "checkpoints" / ckpt_n.name).glob("random_states_*.pkl"):
+        f.unlink()
+    fit(tiny(control, max_steps=2 * n, resume="auto", **long_schedule))
+    c = params(control, 2 * n)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in [
+        ("step_0000010", True),
+        ("step_0000020", True),
+        ("step_0000030", False),
+        ("step_0000040.tmp", True),
+    ]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "complete").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "step_0000020"
+
+
+def test_refuses_output_dir_of_another_run_unless_asked(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("old\n")
+    (run / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="already holds another run"):
+        fit(tiny(run, epochs=1, warmup_epochs=0))
+    assert (run / "metrics.jsonl").read_text() == "old\n"
+    fit(tiny(run, epochs=1, warmup_epochs=0, overwrite=True))
+    assert "old" not in (run / "metrics.jsonl").read_text()
+    assert (run / "notes.txt").read_text() == "keep me"  # only run files are replaced
+
+
+def write_image_folder(root: Path, good: int, bad: dict[str, bytes]) -> list[Path]:
+    g = torch.Generator().manual_seed(0)
+    for i in range(good):
+        cls = root / f"class_{i % 5}"
+        cls.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (40, 40, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(cls / f"img_{i:03d}.{'png' if i % 2 else 'jpg'}")
+    paths = []
+    for name, data in bad.items():
+        p = root / "class_0" / name
+        p.write_bytes(data)
+        paths.append(p)
+    return paths
+
+
+def test_corrupt_images_are_skipped_and_logged(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(buf, format="JPEG")
+    bad = write_image_folder(
+        tmp_path / "images",
+        50,
+        {
+            "garbage.jpg": os.urandom(300),
+            "truncated.jpg": buf.getvalue()[: len(buf.getvalue()) // 2],
+            "empty.png": b"",
+        },
+    )
+    cfg = tiny(tmp_path / "run", epochs=2, warmup_epochs=0, batch_size=53)
+    cfg.data.path = str(tmp_path / "images")
+    result = fit(cfg)
+    assert result["steps"] == 2
+    assert (tmp_path / "run" / "backbone.safetensors").exists()
+    log = (tmp_path / "run" / "train.log").read_text()
+    for p in bad:
+        assert str(p) in log
+    assert result["skipped_images"] == 6  # 3 per epoch, each replaced by a readable image
+
+
+def test_two_processes_equal_one_process_with_double_batch(tmp_path):
+    k = 3
+    one = tiny(tmp_path / "one", batch_size=8, max_steps=k, epochs=4)
+    fit(one)
+    two = tiny(tmp_path / "two", batch_size=4, max_steps=k, epochs=4)
+    # --multi_gpu selects Accelerate's torchrun launcher; without GPUs the processes use gloo
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ssl_vit",
+        "train",
+        *overrides(two),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 processes" not in out.stderr and "x 2 processes" in out.stderr
+    # same effective batch, lr, loss and (all-reduced) gradient norm at every step
+    for m1, m2 in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert m2["lr"] == m1["lr"]
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+    a, b = params(tmp_path / "one", k), params(tmp_path / "two", k)
+    for name in a:  # Adam magnifies float-order noise on near-zero gradients to ~1e-6
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-5)
+    assert not torch.allclose(a["backbone.blocks.0.attn.qkv.weight"], initial_weight())
