@@ -42,10 +42,11 @@ from ssl_vit.config import (
     apply_overrides,
     help_text,
     parse_args,
+    pop_method,
     validate,
 )
 from ssl_vit.methods import METHODS
-from ssl_vit.optim import param_groups
+from ssl_vit.optim import adamw
 
 NUM_CLASSES = 1000
 """Classes of the full-token baseline's head (ImageNet-1k, as the supervised ViT it stands for)."""
@@ -165,16 +166,6 @@ def synthetic_batch(root: BenchRoot, device: torch.device, in_chans: int) -> dic
     }
 
 
-def make_optimizer(module: nn.Module, betas: tuple[float, float], device: torch.device):
-    """AdamW as the trainer builds it: the method's own groups or the project's decay exemptions."""
-    groups = (
-        module.param_groups()
-        if hasattr(module, "param_groups")
-        else param_groups(module, TrainConfig.weight_decay)
-    )
-    return torch.optim.AdamW(groups, lr=LR, betas=betas, fused=device.type == "cuda" or None)
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -207,7 +198,7 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         torch.cuda.reset_peak_memory_stats(dev)
     module = PHASES[phase](root).to(dev).train()
     betas = getattr(root.method, "betas", (0.9, 0.999))
-    optimizer = make_optimizer(module, betas, dev)
+    optimizer = adamw(module, TrainConfig.weight_decay, betas, fused=dev.type == "cuda", lr=LR)
     backbone = next(m for m in module.modules() if isinstance(m, Backbone))
     batch = synthetic_batch(root, dev, backbone.patch_embed.proj.in_channels)
 
@@ -342,8 +333,6 @@ def table(m: dict[str, Any]) -> str:
 
 def configure(argv: list[str]) -> BenchRoot | None:
     """The bench config from `--method NAME` and `--section.field value` flags; None on --help."""
-    from ssl_vit.cli import pop_method
-
     name, rest = pop_method(argv)
     root = BenchRoot(method=METHODS[name].config())
     overrides, want_help = parse_args(rest)

@@ -10,7 +10,15 @@ from __future__ import annotations
 import json
 import sys
 
-from ssl_vit.config import Config, ConfigError, apply_overrides, help_text, parse_args, validate
+from ssl_vit.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    help_text,
+    parse_args,
+    pop_method,
+    validate,
+)
 
 USAGE = """usage: ssl-vit COMMAND [--section.field VALUE ...]
 
@@ -19,26 +27,6 @@ commands:
   bench   time a training step of a method against a full-token supervised step
 
 `ssl-vit COMMAND --help` lists every field of that command with its doc and default."""
-
-
-def pop_method(argv: list[str], default: str = "mae") -> tuple[str, list[str]]:
-    """Take `--method NAME` (or `--method=NAME`) out of argv: it picks the config tree's shape."""
-    from ssl_vit.methods import METHODS
-
-    argv = list(argv)
-    name = default
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            name = argv[i + 1]
-            del argv[i : i + 2]
-            break
-        if arg.startswith("--method="):
-            name = arg.split("=", 1)[1]
-            del argv[i]
-            break
-    if name not in METHODS:
-        raise ConfigError([f"--method: unknown method {name!r}; known: {', '.join(METHODS)}"])
-    return name, argv
 
 
 def configure(cfg: Config, argv: list[str], prog: str) -> Config | None:

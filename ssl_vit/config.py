@@ -218,8 +218,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def options(cfg: Config) -> list[Option]:
-    """Every overridable field of `cfg`, in declaration order."""
+def options(cfg: Any) -> list[Option]:
+    """Every overridable field of `cfg` — a Config, or any dataclass whose fields are sections (a
+    command's own root, like the bench's) — in declaration order."""
     out = []
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
@@ -307,7 +308,7 @@ def convert(value: Any, tp: Any) -> Any:
     raise ValueError(f"unsupported field type {tp!r}")
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Set `section.field` values in place; every unknown or ill-typed key is reported together."""
     known = {o.key: o for o in options(cfg)}
     errors = []
@@ -361,7 +362,27 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], bool]:
     return overrides, want_help
 
 
-def help_text(cfg: Config, prog: str) -> str:
+def pop_method(argv: list[str], default: str = "mae") -> tuple[str, list[str]]:
+    """Take `--method NAME` (or `--method=NAME`) out of argv: it picks the config tree's shape."""
+    from ssl_vit.methods import METHODS
+
+    argv = list(argv)
+    name = default
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            name = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if arg.startswith("--method="):
+            name = arg.split("=", 1)[1]
+            del argv[i]
+            break
+    if name not in METHODS:
+        raise ConfigError([f"--method: unknown method {name!r}; known: {', '.join(METHODS)}"])
+    return name, argv
+
+
+def help_text(cfg: Any, prog: str) -> str:
     """Every field with its type, default and doc, grouped by section."""
     lines = [f"usage: {prog} [--section.field VALUE ...]", ""]
     section = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 
@@ -34,3 +35,16 @@ def warmup_cosine(step: float, total: float, warmup: float, peak: float, final: 
         return peak * step / warmup
     progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw(
+    module: nn.Module, weight_decay: float, betas: tuple[float, float], fused: bool, lr: float = 0.0
+) -> torch.optim.AdamW:
+    """AdamW over the module's own `param_groups()` when it has them, else `param_groups` above;
+    `fused` (one kernel for all tensors) on CUDA."""
+    groups = (
+        module.param_groups()
+        if hasattr(module, "param_groups")
+        else param_groups(module, weight_decay)
+    )
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)

@@ -38,7 +38,7 @@ from ssl_vit.checkpoint import (
 from ssl_vit.config import Config, ConfigError, validate
 from ssl_vit.data import SkipCounter, build_dataset, build_loader
 from ssl_vit.methods import METHODS
-from ssl_vit.optim import param_groups, warmup_cosine
+from ssl_vit.optim import adamw, warmup_cosine
 
 log = logging.getLogger("ssl_vit")
 
@@ -215,12 +215,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         pin_memory=cfg.data.pin_memory,
         seed=t.seed,
     )
-    groups = (
-        method.param_groups()
-        if hasattr(method, "param_groups")
-        else param_groups(method, t.weight_decay)
-    )
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.method.betas, fused=cuda or None)
+    optimizer = adamw(method, t.weight_decay, cfg.method.betas, fused=cuda)
     model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
