@@ -130,8 +130,13 @@ class TrainConfig:
     """Linear warmup length in epochs (per iteration)."""
     weight_decay: float = 0.05
     """AdamW weight decay (never applied to biases, norms, position embeddings and tokens)."""
+    weight_decay_end: float | None = None
+    """Weight decay at the end of a per-iteration cosine schedule from train.weight_decay (DINO:
+    0.04 -> 0.4); none keeps it constant."""
     clip_grad: float = 0.0
-    """Clip the global gradient norm to this value; 0 = no clipping."""
+    """Clip gradients to this norm; 0 = no clipping."""
+    clip_mode: Literal["global", "param"] = "global"
+    """global: the norm of all gradients together; param: each parameter's own (DINO's)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision: auto = bf16 on GPU, fp32 on CPU."""
     compile: bool = False
@@ -248,6 +253,8 @@ def type_name(tp: Any) -> str:
         return "tuple[" + ",".join(type_name(a) for a in typing.get_args(tp)) + "]"
     if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "none"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -466,6 +473,8 @@ def validate(cfg: Config) -> Config:
         e.append(f"train.epochs: must be positive, got {t.epochs}")
     elif t.warmup_epochs > t.epochs:
         e.append(f"train.warmup_epochs: {t.warmup_epochs} exceeds train.epochs {t.epochs}")
+    if t.weight_decay_end is not None and t.weight_decay_end < 0:
+        e.append(f"train.weight_decay_end: must be >= 0, got {t.weight_decay_end}")
     if t.lr == 0 and t.base_lr == 0:
         e.append("train.base_lr: must be positive when train.lr is 0")
     if t.resume and t.resume != "auto" and not Path(t.resume).is_dir():

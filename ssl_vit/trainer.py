@@ -143,8 +143,18 @@ def batches(loader: Any) -> Iterator[dict]:
 
 
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global gradient norm, as a device tensor (no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def clip_per_param_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """DINO's clipping: scale each parameter's gradient to norm <= max_norm on its own, on the
+    device without a host sync. Returns the global norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def fit(cfg: Config) -> dict[str, Any]:
@@ -216,6 +226,8 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         seed=t.seed,
     )
     optimizer = adamw(method, t.weight_decay, cfg.method.betas, fused=cuda)
+    for g in optimizer.param_groups:  # the weight-decay schedule scales each group's own value
+        g["wd_scale"] = g["weight_decay"] / t.weight_decay if t.weight_decay else 0.0
     model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -247,6 +259,8 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     accelerator.init_trackers("tb")
 
     unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "set_schedule"):  # methods with epoch-based schedules (DINO)
+        unwrapped.set_schedule(plan.total_steps, plan.steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     skips = SkipCounter(cfg.data.max_bad_fraction)
     bar = tqdm(
@@ -288,11 +302,20 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
             lr = warmup_cosine(
                 state.step, plan.total_steps, plan.warmup_steps, plan.peak_lr, t.min_lr
             )
+            wd = t.weight_decay
+            if t.weight_decay_end is not None:
+                wd = warmup_cosine(state.step, plan.total_steps, 0, wd, t.weight_decay_end)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
+                g["weight_decay"] = wd * g["wd_scale"]
             logging_step = (state.step + 1) % t.log_every == 0 or state.step + 1 == plan.stop_step
+            if hasattr(unwrapped, "before_optimizer_step"):  # e.g. DINO's frozen last layer
+                unwrapped.before_optimizer_step(state.step)
             gnorm = None
-            if t.clip_grad:
+            if t.clip_grad and t.clip_mode == "param":
+                accelerator.unscale_gradients()
+                gnorm = clip_per_param_(trainable, t.clip_grad)
+            elif t.clip_grad:
                 gnorm = accelerator.clip_grad_norm_(trainable, t.clip_grad)
             elif logging_step:
                 gnorm = grad_norm(trainable)
@@ -318,6 +341,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
                     "epoch": state.epoch + (i + 1) / n,
                     "loss": mean_loss,
                     "lr": lr,
+                    "weight_decay": wd,
                     "grad_norm": float(gnorm),
                     "img_per_s": window_images / elapsed,
                     "skipped_images": skips.total,
@@ -325,6 +349,8 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
                 last |= {k: float(v) for k, v in out.items() if k != "loss"}
                 first = first or last
                 accelerator.log(last, step=state.step)
+                if main and hasattr(unwrapped, "on_log"):  # e.g. DINO's collapse warnings
+                    unwrapped.on_log(last)
                 if main:
                     with open(run_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(last) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -323,3 +324,37 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     for name in a:  # Adam magnifies float-order noise on near-zero gradients to ~1e-6
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-5)
     assert not torch.allclose(a["backbone.blocks.0.attn.qkv.weight"], initial_weight())
+
+
+def test_per_parameter_clipping_matches_hand_values():
+    from ssl_vit.trainer import clip_per_param_
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.1, 0.0, 0.0])  # norms 5 and 0.1
+    total = clip_per_param_([a, b], 1.0)
+    assert total.item() == pytest.approx(math.sqrt(25 + 0.01))
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.8]), atol=1e-6, rtol=0)  # scaled to 1
+    torch.testing.assert_close(b.grad, torch.tensor([0.1, 0.0, 0.0]))  # under the bound: kept
+
+
+def test_weight_decay_schedule_spares_exempt_groups(tmp_path):
+    run = tmp_path / "run"
+    fit(
+        tiny(
+            run,
+            epochs=2,
+            warmup_epochs=0,
+            weight_decay=0.04,
+            weight_decay_end=0.4,
+            clip_grad=0.5,
+            clip_mode="param",
+        )
+    )
+    rows = metrics(run)
+    for r in rows:
+        assert r["weight_decay"] == pytest.approx(warmup_cosine(r["step"] - 1, 8, 0, 0.04, 0.4))
+    assert rows[0]["weight_decay"] == pytest.approx(0.04)
+    opt = torch.load(run / "checkpoints" / "step_0000008" / "optimizer.bin", weights_only=True)
+    decay, exempt = opt["param_groups"]
+    assert decay["weight_decay"] == pytest.approx(rows[-1]["weight_decay"])
+    assert exempt["weight_decay"] == 0.0
