@@ -73,18 +73,27 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, step: int, keep_last:
     return final
 
 
-def export_backbone(backbone: Backbone, run_dir: str | Path) -> Path:
-    """Write `backbone.safetensors` (timm key names) and `backbone.json` (timm name + kwargs)."""
+def export_timm(
+    state: dict[str, Any], name: str, kwargs: dict[str, Any], run_dir: str | Path, stem: str
+) -> Path:
+    """Write `<stem>.safetensors` (timm key names) and `<stem>.json` (timm name + kwargs), each
+    atomically: what `timm.create_model(name, **kwargs)` loads with strict=True."""
     run_dir = Path(run_dir)
-    tensors = {
-        k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()
-    }
-    tmp = run_dir / (BACKBONE_WEIGHTS + ".tmp")
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    weights = run_dir / f"{stem}.safetensors"
+    tmp = weights.with_name(weights.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     _fsync_file(tmp)
-    os.replace(tmp, run_dir / BACKBONE_WEIGHTS)
-    _write_atomic(run_dir / BACKBONE_CONFIG, json.dumps(backbone.config_dict(), indent=2).encode())
-    return run_dir / BACKBONE_WEIGHTS
+    os.replace(tmp, weights)
+    spec = {"name": name, "kwargs": kwargs}
+    _write_atomic(run_dir / f"{stem}.json", json.dumps(spec, indent=2).encode())
+    return weights
+
+
+def export_backbone(backbone: Backbone, run_dir: str | Path) -> Path:
+    """backbone.safetensors + backbone.json, for timm.create_model(name, num_classes=0)."""
+    spec = backbone.config_dict()
+    return export_timm(backbone.state_dict(), spec["name"], spec["kwargs"], run_dir, "backbone")
 
 
 def load_backbone(path: str | Path) -> Backbone:

@@ -77,6 +77,8 @@ class DataConfig:
     for a Hugging Face Hub dataset."""
     split: str = "train"
     """Split to train on: a sub-folder of an image folder, or a Hugging Face split name."""
+    val_split: str = "val"
+    """Labeled split that evaluations run on (synthetic: its own held-out images)."""
     image_column: str = "image"
     """Image column of a Hugging Face dataset."""
     label_column: str = "label"
@@ -145,6 +147,9 @@ class TrainConfig:
     """Seed of initialisation, data order, augmentation and masking."""
     log_every: int = 20
     """Log loss, lr, grad norm and img/s every this many optimizer steps."""
+    eval_every_epochs: int = 0
+    """Evaluate on data.val_split every this many epochs and at the end: top-1/top-5 for methods
+    that classify, k-NN (k=20, T=0.07) of the exported backbone for the others; 0 = never."""
     save_every_epochs: float = 1
     """Save a resumable checkpoint every this many epochs (0 = only at the end)."""
     save_every_steps: int = 0
@@ -459,6 +464,7 @@ def validate(cfg: Config) -> Config:
         "effective_batch",
         "max_steps",
         "save_every_steps",
+        "eval_every_epochs",
         "lr",
         "min_lr",
         "base_lr",

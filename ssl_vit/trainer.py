@@ -31,18 +31,28 @@ from ssl_vit.checkpoint import (
     BACKBONE_WEIGHTS,
     CHECKPOINTS,
     export_backbone,
+    export_timm,
     latest_checkpoint,
     save_checkpoint,
     write_text_atomic,
 )
 from ssl_vit.config import Config, ConfigError, validate
 from ssl_vit.data import SkipCounter, build_dataset, build_loader
+from ssl_vit.eval.accuracy import classification_metrics, eval_loader
 from ssl_vit.methods import METHODS
 from ssl_vit.optim import adamw, warmup_cosine
 
 log = logging.getLogger("ssl_vit")
 
-RUN_FILES = ("config.json", "metrics.jsonl", "train.log", BACKBONE_WEIGHTS, BACKBONE_CONFIG)
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "train.log",
+    BACKBONE_WEIGHTS,
+    BACKBONE_CONFIG,
+    "classifier.safetensors",
+    "classifier.json",
+)
 RUN_DIRS = (CHECKPOINTS, "tb")
 
 
@@ -157,6 +167,31 @@ def clip_per_param_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def exported_backbone(method: nn.Module) -> Backbone:
+    """The backbone a method exports: its own choice (DINO: the teacher's), else `.backbone`."""
+    return method.export_backbone() if hasattr(method, "export_backbone") else method.backbone
+
+
+def evaluate(cfg: Config, accelerator: Accelerator, method: nn.Module) -> dict[str, float]:
+    """Validation metrics of the model being trained, computed on every process: top-1/top-5 of
+    `method.predict` when it classifies, else k-NN of its exported backbone. Runs in eval mode
+    under a forked RNG, so whether and when it runs never changes the training itself."""
+    was_training = method.training
+    method.eval()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if hasattr(method, "predict"):
+                loader = eval_loader(cfg, cfg.data.val_split, accelerator)
+                metrics = classification_metrics(method.predict, loader, accelerator)
+                return {f"val_{k}": v for k, v in metrics.items()}
+            from ssl_vit.eval.knn import knn_eval  # written with the DINO method
+
+            return knn_eval(exported_backbone(method), cfg, accelerator)
+    finally:
+        method.train(was_training)
+
+
 def fit(cfg: Config) -> dict[str, Any]:
     """Train `cfg` end to end: run directory, checkpoints, resume, export. Returns final metrics."""
     validate(cfg)
@@ -216,6 +251,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     spec = METHODS[cfg.method.name]
     method = spec.build(Backbone(cfg.model.name, **cfg.model.timm_kwargs()), cfg.method)
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
+    sampler = spec.sampler(cfg, len(dataset), accelerator.num_processes) if spec.sampler else None
     loader = build_loader(
         dataset,
         t.batch_size,
@@ -224,6 +260,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         num_workers=cfg.data.num_workers,
         pin_memory=cfg.data.pin_memory,
         seed=t.seed,
+        sampler=sampler,
     )
     optimizer = adamw(method, t.weight_decay, cfg.method.betas, fused=cuda)
     for g in optimizer.param_groups:  # the weight-decay schedule scales each group's own value
@@ -271,6 +308,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     first: dict[str, Any] = {}
     last: dict[str, Any] = {}
     last_saved = state.step if resume_from is not None else -1
+    last_eval: dict[str, Any] = {}
     n, accum = plan.batches_per_epoch, plan.accum
     full_windows_end = (n // accum) * accum
 
@@ -278,6 +316,19 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         nonlocal last_saved
         save_checkpoint(accelerator, run_dir, state.step, t.keep_last)
         last_saved = state.step
+
+    def log_metrics(metrics: dict[str, Any]) -> None:
+        accelerator.log(metrics, step=state.step)
+        if main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def run_eval() -> None:
+        nonlocal last_eval
+        last_eval = {"step": state.step, "epoch": state.epoch}
+        last_eval |= evaluate(cfg, accelerator, unwrapped)
+        log_metrics(last_eval)
+        log.info("evaluation at step %d: %s", state.step, last_eval)
 
     while state.step < plan.stop_step:
         skip = state.batch_in_epoch
@@ -348,12 +399,10 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
                 }
                 last |= {k: float(v) for k, v in out.items() if k != "loss"}
                 first = first or last
-                accelerator.log(last, step=state.step)
+                log_metrics(last)
                 if main and hasattr(unwrapped, "on_log"):  # e.g. DINO's collapse warnings
                     unwrapped.on_log(last)
                 if main:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(last) + "\n")
                     bar.set_postfix(
                         loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_s']:.1f}"
                     )
@@ -367,6 +416,8 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
+            if t.eval_every_epochs and state.epoch % t.eval_every_epochs == 0:
+                run_eval()
             every = round(t.save_every_epochs * plan.steps_per_epoch)
             if every and state.step % every == 0 and last_saved != state.step:
                 save()
@@ -374,20 +425,19 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
 
     if last_saved != state.step:
         save()
+    if t.eval_every_epochs and last_eval.get("step") != state.step:
+        run_eval()
     if main:
-        exported = (
-            unwrapped.export_backbone()
-            if hasattr(unwrapped, "export_backbone")
-            else unwrapped.backbone
-        )
-        export_backbone(exported, run_dir)
+        export_backbone(exported_backbone(unwrapped), run_dir)
+        if hasattr(unwrapped, "export_classifier"):
+            export_timm(*unwrapped.export_classifier(), run_dir, "classifier")
     result = {
         "run_dir": str(run_dir),
         "steps": state.step,
         "first_loss": first.get("loss"),
         "final_loss": last.get("loss"),
         "skipped_images": skips.total,
-    }
+    } | {k: v for k, v in last_eval.items() if k not in ("step", "epoch")}
     if main:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"final": result}) + "\n")

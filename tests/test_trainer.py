@@ -69,7 +69,7 @@ def params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [m for m in map(json.loads, lines) if "step" in m]
+    return [m for m in map(json.loads, lines) if "loss" in m]
 
 
 def test_run_directory_loss_decrease_and_schedule(tmp_path):

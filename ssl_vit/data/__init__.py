@@ -12,7 +12,7 @@ from ssl_vit.data.datasets import (
 )
 from ssl_vit.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from ssl_vit.data.synthetic import SyntheticImages
-from ssl_vit.data.transforms import View, single_view
+from ssl_vit.data.transforms import View, eval_view, single_view
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -21,6 +21,7 @@ __all__ = [
     "SkipCounter",
     "SyntheticImages",
     "View",
+    "eval_view",
     "build_dataset",
     "build_loader",
     "collate",

@@ -215,17 +215,20 @@ def build_loader(
     num_workers: int,
     pin_memory: bool,
     seed: int,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
     """A plain DataLoader over `dataset` with `collate`.
 
     Its own generator (seeded by `seed`) drives shuffling and worker seeds, so creating an
     iterator leaves the global torch RNG alone. Workers are not persistent, so a `set_epoch`
-    made before each epoch reaches the fresh workers.
+    made before each epoch reaches the fresh workers. A `sampler` (e.g. repeated augmentation)
+    replaces the shuffling.
     """
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),

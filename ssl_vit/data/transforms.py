@@ -54,3 +54,28 @@ def single_view(data_cfg: DataConfig, img_size: int) -> View:
             ]
         ),
     )
+
+
+def eval_view(data_cfg: DataConfig, img_size: int, crop_ratio: float = 0.875) -> View:
+    """The evaluation view of every protocol: resize the short side to img_size / crop_ratio
+    (256 for 224), center crop img_size, normalise. Deterministic.
+
+    image -> {"images": float32 (3, img_size, img_size)}.
+    """
+    return View(
+        "images",
+        v2.Compose(
+            [
+                v2.Resize(
+                    int(img_size / crop_ratio),
+                    interpolation=data_cfg.interpolation,
+                    antialias=True,
+                ),
+                v2.CenterCrop(img_size),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(data_cfg.mean, data_cfg.std),
+                v2.ToPureTensor(),
+            ]
+        ),
+    )

@@ -16,6 +16,9 @@ class MethodSpec(NamedTuple):
     """build(backbone, method_cfg) -> nn.Module with training_step(batch) -> {"loss", ...}."""
     view: Callable[..., Callable[[Any], dict]]
     """view(cfg: Config) -> per-sample transform: image -> {"images": ...} or {"crops": [...]}."""
+    sampler: Callable[..., Any] | None = None
+    """sampler(cfg, dataset_len, num_processes) -> the global sample order of an epoch (with
+    set_epoch), e.g. repeated augmentation; None = shuffling."""
 
 
 METHODS: dict[str, MethodSpec] = {

@@ -1,0 +1,1 @@
+"""Evaluators: accuracy of classifiers, k-NN, linear probing and fine-tuning of any backbone."""

@@ -1,0 +1,62 @@
+"""Evaluation loaders and top-k accuracy, shared by the trainer's monitor and the evaluators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.data_loader import prepare_data_loader
+from torch import Tensor
+
+from ssl_vit.config import Config
+from ssl_vit.data import DataError, build_dataset, build_loader, eval_view
+
+
+def eval_loader(cfg: Config, split: str, accelerator: Any, batch_size: int = 0) -> Any:
+    """The `split` of cfg.data through the evaluation view (resize + center crop), in order,
+    sharded over the processes. Not registered with the accelerator, so training checkpoints
+    never depend on which evaluations ran."""
+    dataset = build_dataset(
+        cfg.data,
+        eval_view(cfg.data, cfg.model.img_size),
+        split,
+        seed=cfg.train.seed,
+        image_size=cfg.model.img_size,
+    )
+    loader = build_loader(
+        dataset,
+        batch_size or cfg.train.batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory,
+        seed=cfg.train.seed,
+    )
+    return prepare_data_loader(
+        loader,
+        accelerator.device,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        put_on_device=True,
+    )
+
+
+@torch.no_grad()
+def classification_metrics(
+    predict: Callable[[Tensor], Tensor], loader: Any, accelerator: Any
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of `predict`: images (B, C, H, W) -> logits (B, classes), over
+    every image of `loader` once (the padding of uneven shards is dropped by the gather)."""
+    correct1 = correct5 = count = 0
+    for batch in loader:
+        with accelerator.autocast():
+            logits = predict(batch["images"])
+        logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+        if (labels < 0).any():
+            raise DataError("accuracy needs a labeled split; this one has unlabeled images")
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct1 += (top[:, 0] == labels).sum()
+        correct5 += (top == labels[:, None]).any(dim=-1).sum()
+        count += len(labels)
+    return {"top1": 100.0 * float(correct1) / count, "top5": 100.0 * float(correct5) / count}
