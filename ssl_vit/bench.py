@@ -46,7 +46,7 @@ from ssl_vit.config import (
     validate,
 )
 from ssl_vit.methods import METHODS
-from ssl_vit.optim import adamw
+from ssl_vit.optim import build_optimizer
 
 NUM_CLASSES = 1000
 """Classes of the full-token baseline's head (ImageNet-1k, as the supervised ViT it stands for)."""
@@ -157,11 +157,23 @@ class PhaseResult:
         return dict(zip(PHASE_METRICS, values, strict=True))
 
 
-def synthetic_batch(root: BenchRoot, device: torch.device, in_chans: int) -> dict[str, Tensor]:
-    """{"images": (B, C, H, W) standard normal, "labels": (B,) in [0, NUM_CLASSES)} on `device`."""
+def synthetic_batch(root: BenchRoot, device: torch.device, in_chans: int) -> dict[str, Any]:
+    """Standard-normal pixels on `device` in the structure the method's view gives one image
+    ({"images"} for MAE, {"crops": [...]} for DINO), each tensor batched to bench.batch_size; plus
+    "images" (B, C, img_size, img_size) for the full-token phase and "labels" in [0, NUM_CLASSES).
+    """
     b, s = root.bench.batch_size, root.model.img_size
+    view = METHODS[root.method.name].view(Config(model=root.model, method=root.method))
+    item = view(torch.zeros(in_chans, s, s, dtype=torch.uint8))
+
+    def batched(x: Any) -> Any:
+        if isinstance(x, list):
+            return [batched(t) for t in x]
+        return torch.randn(b, *x.shape, device=device)
+
     return {
         "images": torch.randn(b, in_chans, s, s, device=device),
+        **{key: batched(value) for key, value in item.items()},
         "labels": torch.randint(0, NUM_CLASSES, (b,), device=device),
     }
 
@@ -198,25 +210,34 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         torch.cuda.reset_peak_memory_stats(dev)
     module = PHASES[phase](root).to(dev).train()
     betas = getattr(root.method, "betas", (0.9, 0.999))
-    optimizer = adamw(module, TrainConfig.weight_decay, betas, fused=dev.type == "cuda", lr=LR)
+    optimizer = build_optimizer(
+        module, "adamw", TrainConfig.weight_decay, betas=betas, fused=dev.type == "cuda", lr=LR
+    )
     backbone = next(m for m in module.modules() if isinstance(m, Backbone))
     batch = synthetic_batch(root, dev, backbone.patch_embed.proj.in_channels)
+    total = root.bench.warmup + root.bench.steps
+    if hasattr(module, "set_schedule"):  # as the trainer does (DINO's epoch-based schedules)
+        module.set_schedule(total, total)
 
-    def step() -> Tensor:
+    # The trainer's before_optimizer_step is left out: it only drops gradients early in a run
+    # (DINO's frozen last layer), and the bench times the steady state.
+    def step(i: int) -> Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = module.training_step(batch)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if hasattr(module, "after_optimizer_step"):  # e.g. DINO's EMA teacher update
+            module.after_optimizer_step(i, total)
         return loss.detach()
 
-    for _ in range(root.bench.warmup):
-        step()
+    for i in range(root.bench.warmup):
+        step(i)
     synchronize(dev)
     times = []
-    for _ in range(root.bench.steps):
+    for i in range(root.bench.warmup, total):
         start = time.perf_counter()
-        loss = step()
+        loss = step(i)
         synchronize(dev)
         times.append(time.perf_counter() - start)
     return PhaseResult(

@@ -130,8 +130,12 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay."""
     warmup_epochs: float = 40
     """Linear warmup length in epochs (per iteration)."""
+    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    """adamw (with the method's betas), sgd or lars (with train.momentum)."""
+    momentum: float = 0.9
+    """Momentum of sgd and lars."""
     weight_decay: float = 0.05
-    """AdamW weight decay (never applied to biases, norms, position embeddings and tokens)."""
+    """Weight decay (never applied to biases, norms, position embeddings and tokens)."""
     weight_decay_end: float | None = None
     """Weight decay at the end of a per-iteration cosine schedule from train.weight_decay (DINO:
     0.04 -> 0.4); none keeps it constant."""
@@ -469,6 +473,7 @@ def validate(cfg: Config) -> Config:
         "min_lr",
         "base_lr",
         "weight_decay",
+        "momentum",
         "clip_grad",
         "save_every_epochs",
         "warmup_epochs",

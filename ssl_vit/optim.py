@@ -37,14 +37,31 @@ def warmup_cosine(step: float, total: float, warmup: float, peak: float, final: 
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adamw(
-    module: nn.Module, weight_decay: float, betas: tuple[float, float], fused: bool, lr: float = 0.0
-) -> torch.optim.AdamW:
-    """AdamW over the module's own `param_groups()` when it has them, else `param_groups` above;
-    `fused` (one kernel for all tensors) on CUDA."""
+def build_optimizer(
+    module: nn.Module,
+    name: str,
+    weight_decay: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    momentum: float = 0.9,
+    fused: bool = False,
+    lr: float = 0.0,
+) -> torch.optim.Optimizer:
+    """The optimizer over the module's own `param_groups()` when it has them, else
+    `param_groups` above. adamw (MAE, DINO, DeiT; `fused`: one kernel for all tensors, on CUDA),
+    sgd with momentum (DINO linear probe), or lars (MAE linear probe: timm's LARS, trust
+    coefficient 0.001, adapting every group unless the group sets always_adapt False)."""
     groups = (
         module.param_groups()
         if hasattr(module, "param_groups")
         else param_groups(module, weight_decay)
     )
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lr, momentum=momentum, trust_coeff=0.001, always_adapt=True)
+    raise ValueError(f"train.optimizer: unknown optimizer {name!r}")

@@ -40,7 +40,7 @@ from ssl_vit.config import Config, ConfigError, validate
 from ssl_vit.data import SkipCounter, build_dataset, build_loader
 from ssl_vit.eval.accuracy import classification_metrics, eval_loader
 from ssl_vit.methods import METHODS
-from ssl_vit.optim import adamw, warmup_cosine
+from ssl_vit.optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger("ssl_vit")
 
@@ -262,7 +262,9 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         seed=t.seed,
         sampler=sampler,
     )
-    optimizer = adamw(method, t.weight_decay, cfg.method.betas, fused=cuda)
+    optimizer = build_optimizer(
+        method, t.optimizer, t.weight_decay, betas=cfg.method.betas, momentum=t.momentum, fused=cuda
+    )
     for g in optimizer.param_groups:  # the weight-decay schedule scales each group's own value
         g["wd_scale"] = g["weight_decay"] / t.weight_decay if t.weight_decay else 0.0
     model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
