@@ -2,6 +2,7 @@
 
 ssl-vit train --method mae [--section.field value ...]
 ssl-vit bench --method mae [--section.field value ...]
+ssl-vit knn --checkpoint RUN_DIR [--section.field value ...]
 accelerate launch recipes/mae_vitb.py [--section.field value ...]
 """
 
@@ -25,6 +26,7 @@ USAGE = """usage: ssl-vit COMMAND [--section.field VALUE ...]
 commands:
   train   pretrain with a method's default config (--method mae); recipes/ hold the papers' recipes
   bench   time a training step of a method against a full-token supervised step
+  knn     weighted k-NN accuracy of a run's backbone (--checkpoint RUN_DIR|backbone.safetensors)
 
 `ssl-vit COMMAND --help` lists every field of that command with its doc and default."""
 
@@ -40,16 +42,17 @@ def configure(cfg: Config, argv: list[str], prog: str) -> Config | None:
 
 def run_recipe(cfg: Config, argv: list[str] | None = None) -> dict | None:
     """Entry point of a recipe file: overrides from the command line, then train."""
+    from ssl_vit.data import DataError
     from ssl_vit.trainer import fit
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = configure(cfg, argv, sys.argv[0])
-    except ConfigError as e:
+        if cfg is None:
+            return None
+        result = fit(cfg)
+    except (ConfigError, DataError) as e:  # the user's input at fault: the message, no trace
         sys.exit(f"error: {e}")
-    if cfg is None:
-        return None
-    result = fit(cfg)
     print(json.dumps(result), flush=True)
     return result
 
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from ssl_vit.bench import main as bench_main
 
             return bench_main(rest)
+        if command == "knn":
+            from ssl_vit.eval.knn import main as knn_main
+
+            return knn_main(rest)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

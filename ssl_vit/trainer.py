@@ -123,7 +123,11 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
         return latest_checkpoint(run_dir)
     if t.resume:
         return Path(t.resume)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    # config.json and train.log alone are what a start that failed before training leaves
+    started = run_dir.is_dir() and any(
+        p.name not in ("config.json", "train.log") for p in run_dir.iterdir()
+    )
+    if started:
         if not t.overwrite:
             raise ConfigError(
                 [

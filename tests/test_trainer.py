@@ -247,6 +247,12 @@ def test_refuses_output_dir_of_another_run_unless_asked(tmp_path):
     fit(tiny(run, epochs=1, warmup_epochs=0, overwrite=True))
     assert "old" not in (run / "metrics.jsonl").read_text()
     assert (run / "notes.txt").read_text() == "keep me"  # only run files are replaced
+    # what a start that failed before training leaves (config + log) does not block a retry
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "config.json").write_text("{}")
+    (failed / "train.log").write_text("error\n")
+    assert fit(tiny(failed, epochs=1, warmup_epochs=0))["steps"] == 4
 
 
 def write_image_folder(root: Path, good: int, bad: dict[str, bytes]) -> list[Path]:
