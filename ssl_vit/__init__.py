@@ -2,7 +2,13 @@
 Accelerate loop."""
 
 from ssl_vit.backbone import Backbone, BackboneOutput
-from ssl_vit.checkpoint import export_backbone, latest_checkpoint, load_backbone
+from ssl_vit.checkpoint import (
+    CheckpointError,
+    export_backbone,
+    latest_checkpoint,
+    load_backbone,
+    load_pretrained,
+)
 from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from ssl_vit.methods import METHODS
 from ssl_vit.methods.mae import MAE, MAEConfig
@@ -13,6 +19,7 @@ __all__ = [
     "MAE",
     "Backbone",
     "BackboneOutput",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -23,4 +30,5 @@ __all__ = [
     "fit",
     "latest_checkpoint",
     "load_backbone",
+    "load_pretrained",
 ]

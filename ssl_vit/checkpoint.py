@@ -9,16 +9,33 @@ moment leaves its previous good state loadable.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
+import pickle
 import re
 import shutil
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import timm
+import torch
 from safetensors.torch import load_file, save_file
+from timm.models import get_arch_name
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import Tensor
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.config import (
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    help_text,
+    parse_args,
+)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"
@@ -110,12 +127,7 @@ def load_backbone(path: str | Path) -> Backbone:
     spec = json.loads(config.read_text())
     backbone = Backbone(spec["name"], **spec["kwargs"])
     state = load_file(str(weights))
-    result = backbone.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{weights}: does not match {spec['name']} {spec['kwargs']}: missing "
-            f"{result.missing_keys[:20]}, unexpected {result.unexpected_keys[:20]}"
-        )
+    load_strict(backbone, state, weights, list(state))
     return backbone
 
 
@@ -143,3 +155,495 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: any checkpoint users bring to `--checkpoint` -> a Backbone, loaded safely and strictly.
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and says why."""
+
+
+WHICH = ("teacher", "student")
+_WRAPPERS = ("module.", "backbone.")
+_DROPPED = re.compile(r"^(head|head_dist)\.|^(mask_token|dist_token)$|^decoder_")
+"""Method state that is not the backbone: classifier / DINO / distillation heads, the MAE mask
+token and decoder, the DeiT distillation token."""
+_STANDARD_VITS = {
+    192: ("tiny", 3),
+    384: ("small", 6),
+    768: ("base", 12),
+    1024: ("large", 16),
+    1280: ("huge", 16),
+}
+"""Width -> (timm size name, attention heads) of the standard ViT sizes (Ti, S, B, L, H)."""
+
+
+def load_pretrained(
+    checkpoint: str | Path, *, model: ModelConfig | None = None, which: str = "teacher"
+) -> Backbone:
+    """The Backbone held by any checkpoint `--checkpoint` accepts.
+
+    checkpoint: our run directory, or a `.safetensors` with its JSON beside (`backbone.json` for
+    `backbone.safetensors`; `<stem>.json` holding {"name", "kwargs"} for an export); an official
+    MAE (pretrain, `_full`, visualize, training), DINO (`_pretrain` backbone, full training) or
+    DeiT (plain or distilled) `.pth`; any timm-named ViT state dict (.pth or .safetensors).
+    `NAME=PATH` names the timm architecture of the file at PATH (e.g.
+    `vit_small_patch16_224.dino=weights.safetensors`; a tag after the dot is ignored and
+    `deit_*_distilled_*` builds `deit_*_*`); NAME is built at its own image size unless `model`
+    gives one. Nothing is downloaded.
+
+    Architecture: from the JSON for our files, from NAME when given, else inferred from the
+    tensor shapes (width, depth, patch, grid, MLP ratio, qkv bias; heads from the standard ViT
+    sizes Ti/S/B/L/H). Every non-zero field of `model` but `name` (img_size, patch_size,
+    embed_dim, depth, num_heads, drop_path) overrides it; the position embedding is resampled
+    (bicubic, timm's checkpoint_filter_fn) when the grid changes.
+
+    Key mapping, then strict loading: the state dict is `model` (MAE, DeiT), `teacher` or
+    `student` (`which`; DINO training checkpoints) or `state_dict` of the file, else the file
+    itself; `module.` and `backbone.` prefixes are stripped; dropped: `head.*`, `head_dist.*`
+    (classifier, DINO and distillation heads), `mask_token`, `decoder_*` (MAE decoder),
+    `dist_token` with its position in `pos_embed` (DeiT distilled). Every other key must match
+    the backbone exactly, or CheckpointError lists the missing, unexpected and mis-shaped keys.
+
+    Loading is safe: `torch.load(weights_only=True)`, allowing only argparse.Namespace (the
+    `args` of official training checkpoints) beyond tensors and plain containers; a file holding
+    any other pickled object is refused without being unpickled.
+    """
+    if which not in WHICH:
+        raise CheckpointError(f"which: expected one of {list(WHICH)}, got {which!r}")
+    path, arch = parse_checkpoint(checkpoint)
+    if path.is_dir():
+        weights = path / BACKBONE_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(
+                f"{path}: a directory without {BACKBONE_WEIGHTS} (a run directory has "
+                f"{BACKBONE_WEIGHTS} and {BACKBONE_CONFIG} once training has finished)"
+            )
+        spec_file: Path | None = weights.with_name(BACKBONE_CONFIG)
+        if not spec_file.is_file():
+            raise CheckpointError(f"{spec_file}: not found (written beside {weights})")
+        path = weights
+    else:
+        spec_file = path.with_suffix(".json") if path.suffix == ".safetensors" else None
+    obj = read_checkpoint(path)
+    state, top_keys = _select_state(obj, which, path)
+    state = backbone_keys(state)
+    if arch is not None:
+        name, kwargs = arch, {}
+    elif spec_file is not None and spec_file.is_file():
+        name, kwargs = _read_spec(spec_file)
+        name, kwargs = architecture(name), {k: v for k, v in kwargs.items() if k != "num_classes"}
+    else:
+        try:
+            name, kwargs = infer_architecture(state, model.num_heads if model else 0)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{path}: {e}; the file's top-level keys: {top_keys[:20]}"
+            ) from None
+    if model is not None:
+        kwargs = _override(kwargs, model)
+    try:
+        backbone = Backbone(name, **kwargs)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot build the ViT {name} {kwargs}: {e}") from None
+    # timm's own loader: patch-embed layout and bicubic pos-embed resampling to this grid.
+    state = checkpoint_filter_fn(state, backbone)
+    load_strict(backbone, state, path, top_keys)
+    return backbone
+
+
+def parse_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None]:
+    """(path, timm architecture or None) of a `--checkpoint` value: a path, or NAME=PATH."""
+    text = str(checkpoint)
+    if Path(text).exists():
+        return Path(text), None
+    name, eq, file = text.partition("=")
+    if eq and timm.is_model(name):
+        if not Path(file).exists():
+            raise CheckpointError(f"{file}: not found (the weights file of {text!r})")
+        return Path(file), architecture(name)
+    if timm.is_model(text):
+        raise CheckpointError(
+            f"{text!r} is a timm model name: give its weights file as {text}=PATH "
+            "(nothing is downloaded)"
+        )
+    raise CheckpointError(
+        f"{text}: not found (expected a run directory, a checkpoint file or NAME=PATH)"
+    )
+
+
+def architecture(name: str) -> str:
+    """The timm architecture a backbone of `name` is built as: no pretrained tag, and a DeiT
+    distilled name as its plain ViT (the distillation token is method state)."""
+    return get_arch_name(name).replace("_distilled", "")
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The object in a safetensors or torch.save file, loaded without running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    try:
+        if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, JSON header
+            return load_file(str(path))
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(
+                path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04")
+            )
+    except pickle.UnpicklingError as e:
+        reason = str(e).partition("WeightsUnpickler error:")[2].split("\n\nCheck the doc")[0]
+        reason = " ".join(reason.split()) or str(e)
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", reason):
+            raise CheckpointError(
+                f"{path}: refused: it holds a pickled object ({found[1]}) other than tensors, "
+                "containers and argparse.Namespace, which could run code when loaded; nothing "
+                "in it was run. If you trust the file, re-save only its state dict."
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch or safetensors checkpoint ({reason})"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch or safetensors checkpoint ({type(e).__name__}: {e})"
+        ) from None
+
+
+def backbone_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Timm backbone names: `module.`/`backbone.` prefixes stripped, method state dropped
+    (`_DROPPED`), and a distillation token's position taken out of `pos_embed`."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPERS):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    if "dist_token" in out and "pos_embed" in out:  # DeiT order: cls, dist, patches
+        pos = out["pos_embed"]
+        out["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
+    return {k: v for k, v in out.items() if not _DROPPED.search(k)}
+
+
+def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[str, dict[str, Any]]:
+    """(timm name, kwargs) of the cls-token ViT a timm-named state dict holds, from its shapes.
+
+    Heads are not in the shapes: `num_heads`, else the standard ViT size of that width.
+    """
+    patch = state.get("patch_embed.proj.weight")
+    pos = state.get("pos_embed")
+    blocks = {int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if patch is None or patch.ndim != 4 or pos is None or "cls_token" not in state or not blocks:
+        raise CheckpointError(
+            "cannot infer a ViT architecture: no cls_token, pos_embed, 4-d "
+            "patch_embed.proj.weight and blocks.* keys (name it with NAME=PATH)"
+        )
+    dim, in_chans, p = patch.shape[0], patch.shape[1], patch.shape[-1]
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid * grid != pos.shape[1] - 1:
+        raise CheckpointError(f"pos_embed {tuple(pos.shape)} is not cls + a square patch grid")
+    size, heads = _STANDARD_VITS.get(dim, ("base", 0))
+    heads = num_heads or heads
+    if not heads:
+        raise CheckpointError(
+            f"width {dim} is no standard ViT size ({sorted(_STANDARD_VITS)}): give the number "
+            "of attention heads (--model.num_heads / --load.num_heads)"
+        )
+    name = f"vit_{size}_patch{p}_224"
+    kwargs: dict[str, Any] = dict(
+        img_size=grid * p, patch_size=p, embed_dim=dim, depth=max(blocks) + 1, num_heads=heads
+    )
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None and fc1.shape[0] != 4 * dim:
+        kwargs["mlp_ratio"] = fc1.shape[0] / dim
+    if "blocks.0.attn.qkv.bias" not in state:
+        kwargs["qkv_bias"] = False
+    if in_chans != 3:
+        kwargs["in_chans"] = in_chans
+    return (name if timm.is_model(name) else "vit_base_patch16_224"), kwargs
+
+
+def load_strict(
+    backbone: Backbone, state: dict[str, Tensor], source: Path | str, top_keys: list[str]
+) -> None:
+    """load_state_dict(strict=True), after one error listing every mismatch (first 20 each)."""
+    want = backbone.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    misshaped = [k for k in want if k in state and state[k].shape != want[k].shape]
+    if missing or unexpected or misshaped:
+
+        def listing(title: str, keys: list[str], describe: Any) -> str:
+            more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+            lines = "".join(f"\n    {k} {describe(k)}" for k in keys[:20])
+            return f"\n  {title} ({len(keys)}):{lines}{more}"
+
+        def shape(t: Tensor) -> tuple[int, ...]:
+            return tuple(t.shape)
+
+        raise CheckpointError(
+            f"{source}: does not fit {backbone.name} {backbone.timm_kwargs} (after the key "
+            "mapping: module./backbone. prefixes stripped; heads, mask/dist tokens and decoder "
+            "dropped)"
+            + listing("missing", missing, lambda k: shape(want[k]))
+            + listing("unexpected", unexpected, lambda k: shape(state[k]))
+            + listing(
+                "mis-shaped",
+                misshaped,
+                lambda k: f"checkpoint {shape(state[k])} vs model {shape(want[k])}",
+            )
+            + f"\n  the file's top-level keys: {top_keys[:20]}"
+        )
+    backbone.load_state_dict(state, strict=True)
+
+
+def _select_state(obj: Any, which: str, path: Path) -> tuple[dict[str, Tensor], list[str]]:
+    """(the state dict holding the backbone, the file's top-level keys)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    top_keys = [str(k) for k in obj]
+    if which in obj:
+        state = obj[which]
+    elif which == "student":
+        raise CheckpointError(
+            f"{path}: no 'student' network (a DINO training checkpoint has one); "
+            f"the file's top-level keys: {top_keys[:20]}"
+        )
+    elif "model" in obj:
+        state = obj["model"]
+    elif "state_dict" in obj:
+        state = obj["state_dict"]
+    else:
+        state = obj
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path}: no state dict (a dict of tensors) found; the file's top-level keys: "
+            f"{top_keys[:20]}"
+        )
+    return state, top_keys
+
+
+def _read_spec(path: Path) -> tuple[str, dict[str, Any]]:
+    """(timm name, timm kwargs) of a backbone.json, classifier.json or export JSON."""
+    try:
+        spec = json.loads(path.read_text())
+        return str(spec["name"]), dict(spec["kwargs"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a {{'name', 'kwargs'}} JSON ({e})") from None
+
+
+def _override(kwargs: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
+    """kwargs with every non-zero architecture field of `model` (not its name) put in."""
+    kwargs = dict(kwargs)
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(model, key):
+            kwargs[key] = getattr(model, key)
+    if model.drop_path:
+        kwargs["drop_path_rate"] = model.drop_path
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# `ssl-vit export` (-> a timm-named safetensors) and `ssl-vit import` (-> a run-like directory).
+
+CHECKPOINT_HELP = """--checkpoint: a run directory or its backbone.safetensors; an official MAE,
+DINO or DeiT .pth; a timm-named state dict (.pth / .safetensors); or NAME=PATH to name the
+timm architecture of the file at PATH (e.g. vit_small_patch16_224.dino=weights.safetensors)."""
+
+
+@dataclass
+class LoadConfig:
+    which: Literal["teacher", "student"] = "teacher"
+    """Network of a DINO training checkpoint whose backbone is taken."""
+    img_size: int = 0
+    """Build the backbone for this image size (position embedding resampled, bicubic); 0 keeps
+    the checkpoint's."""
+    num_heads: int = 0
+    """Attention heads; 0 takes them from the checkpoint's JSON or timm name, else from the
+    standard ViT size of its width."""
+
+    def model(self) -> ModelConfig:
+        """The overrides as load_pretrained's `model` (zero fields keep the checkpoint's)."""
+        return ModelConfig(img_size=self.img_size, num_heads=self.num_heads)
+
+    def errors(self) -> list[str]:
+        return [
+            f"load.{k}: must be >= 0, got {getattr(self, k)}"
+            for k in ("img_size", "num_heads")
+            if getattr(self, k) < 0
+        ]
+
+
+@dataclass
+class ExportOutput:
+    path: str = ""
+    """The .safetensors file to write (required); the timm name and kwargs go to the .json beside
+    it: `timm.create_model(name, **kwargs)` loads it with strict=True."""
+    what: Literal["auto", "backbone", "classifier"] = "auto"
+    """auto: a run directory's classifier when it wrote classifier.safetensors, else the
+    backbone."""
+
+
+@dataclass
+class ExportRoot:
+    """What `ssl-vit export` runs."""
+
+    output: ExportOutput = field(default_factory=ExportOutput)
+    load: LoadConfig = field(default_factory=LoadConfig)
+
+
+@dataclass
+class ImportOutput:
+    dir: str = ""
+    """Directory to write backbone.safetensors + backbone.json into (required; created), usable
+    as --checkpoint by every command."""
+    overwrite: bool = False
+    """Replace a backbone already in output.dir."""
+
+
+@dataclass
+class ImportRoot:
+    """What `ssl-vit import` runs."""
+
+    output: ImportOutput = field(default_factory=ImportOutput)
+    load: LoadConfig = field(default_factory=LoadConfig)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    what: str = "auto",
+    model: ModelConfig | None = None,
+    which: str = "teacher",
+) -> dict[str, Any]:
+    """Write `output` (.safetensors, timm names) and its .json (timm name + kwargs, num_classes
+    included), checked to load with strict=True into `timm.create_model(name, **kwargs)`.
+
+    The backbone of any checkpoint load_pretrained takes (num_classes=0), or the classifier of a
+    run directory that wrote classifier.safetensors (`what`: auto | backbone | classifier).
+    Returns what was written.
+    """
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise CheckpointError(f"{output}: the export must be a .safetensors file")
+    classifier = Path(checkpoint) / "classifier.safetensors"
+    if what == "classifier" and not classifier.is_file():
+        raise CheckpointError(
+            f"{classifier}: not found (only a run directory that trained a classifier has one)"
+        )
+    if what == "classifier" or (what == "auto" and classifier.is_file()):
+        if (model is not None and _override({}, model)) or which != "teacher":
+            raise CheckpointError(
+                "the load options (image size, heads, which) apply to backbone exports only"
+            )
+        kind, source = "classifier", classifier
+        state, _ = _select_state(read_checkpoint(classifier), which, classifier)
+        name, kwargs = _read_spec(classifier.with_suffix(".json"))
+    else:
+        backbone = load_pretrained(checkpoint, model=model, which=which)
+        kind, source = "backbone", Path(str(checkpoint))
+        state = backbone.state_dict()
+        name, kwargs = backbone.name, {**backbone.timm_kwargs, "num_classes": 0}
+    try:
+        timm.create_model(name, pretrained=False, **kwargs).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: does not load into timm {name} {kwargs}: {e}") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    weights = export_timm(state, name, kwargs, output.parent, output.stem)
+    return {
+        "exported": kind,
+        "weights": str(weights),
+        "config": str(weights.with_suffix(".json")),
+        "name": name,
+        "kwargs": kwargs,
+        "params": sum(t.numel() for t in state.values()),
+    }
+
+
+def import_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    model: ModelConfig | None = None,
+    which: str = "teacher",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the backbone of any accepted checkpoint as `output_dir`/backbone.safetensors +
+    backbone.json, so that it is a run-like directory every command takes. Returns what was
+    written."""
+    out = Path(output_dir)
+    if (out / BACKBONE_WEIGHTS).exists() and not overwrite:
+        raise CheckpointError(f"{out}: already holds {BACKBONE_WEIGHTS} (overwrite replaces it)")
+    backbone = load_pretrained(checkpoint, model=model, which=which)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = export_backbone(backbone, out)
+    return {
+        "imported": str(checkpoint),
+        "weights": str(weights),
+        "config": str(out / BACKBONE_CONFIG),
+        **backbone.config_dict(),
+        "params": sum(p.numel() for p in backbone.parameters()),
+    }
+
+
+def pop_checkpoint(argv: list[str]) -> tuple[str, list[str]]:
+    """Take `--checkpoint VALUE` (or `--checkpoint=VALUE`) out of argv; '' when absent."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--checkpoint" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith("--checkpoint="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return "", argv
+
+
+def export_main(argv: list[str]) -> int:
+    """`ssl-vit export --checkpoint X --output.path F.safetensors`: one JSON line; 2 on errors."""
+
+    def run(checkpoint: str, root: ExportRoot) -> dict[str, Any]:
+        if not root.output.path:
+            raise ConfigError(["--output.path: required (the .safetensors file to write)"])
+        o, load = root.output, root.load
+        return export_checkpoint(
+            checkpoint, o.path, what=o.what, model=load.model(), which=load.which
+        )
+
+    return _command(argv, ExportRoot(), "ssl-vit export --checkpoint CHECKPOINT", run)
+
+
+def import_main(argv: list[str]) -> int:
+    """`ssl-vit import --checkpoint X --output.dir D`: one JSON line; 2 on errors."""
+
+    def run(checkpoint: str, root: ImportRoot) -> dict[str, Any]:
+        if not root.output.dir:
+            raise ConfigError(["--output.dir: required (the directory to write the backbone to)"])
+        o, load = root.output, root.load
+        return import_checkpoint(
+            checkpoint, o.dir, model=load.model(), which=load.which, overwrite=o.overwrite
+        )
+
+    return _command(argv, ImportRoot(), "ssl-vit import --checkpoint CHECKPOINT", run)
+
+
+def _command(argv: list[str], root: Any, prog: str, run: Any) -> int:
+    """Parse `--checkpoint` and `--section.field` flags into `root`, run, print one JSON line."""
+    try:
+        checkpoint, rest = pop_checkpoint(argv)
+        overrides, want_help = parse_args(rest)
+        if want_help:
+            print(help_text(root, prog) + "\n\n" + CHECKPOINT_HELP)
+            return 0
+        apply_overrides(root, overrides)
+        errors = root.load.errors()
+        if not checkpoint:
+            errors.append("--checkpoint: required")
+        if errors:
+            raise ConfigError(errors)
+        result = run(checkpoint, root)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0

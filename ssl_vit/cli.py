@@ -3,6 +3,9 @@
 ssl-vit train --method mae [--section.field value ...]
 ssl-vit bench --method mae [--section.field value ...]
 ssl-vit knn --checkpoint RUN_DIR [--section.field value ...]
+ssl-vit export --checkpoint CHECKPOINT --output.path FILE.safetensors [--section.field value ...]
+ssl-vit import --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
+ssl-vit visualize {attention,mae,pos-embed,attention-distance} --checkpoint CHECKPOINT [...]
 accelerate launch recipes/mae_vitb.py [--section.field value ...]
 """
 
@@ -27,6 +30,9 @@ commands:
   train   pretrain with a method's default config (--method mae); recipes/ hold the papers' recipes
   bench   time a training step of a method against a full-token supervised step
   knn     weighted k-NN accuracy of a run's backbone (--checkpoint RUN_DIR|backbone.safetensors)
+  export  a run's backbone (or classifier) or any checkpoint -> timm-named safetensors + JSON
+  import  any checkpoint (official MAE/DINO/DeiT .pth, NAME=PATH) -> backbone.safetensors + JSON
+  visualize  attention | mae | pos-embed | attention-distance pictures of a checkpoint -> PNG
 
 `ssl-vit COMMAND --help` lists every field of that command with its doc and default."""
 
@@ -78,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             from ssl_vit.eval.knn import main as knn_main
 
             return knn_main(rest)
+        if command in ("export", "import"):
+            from ssl_vit.checkpoint import export_main, import_main
+
+            return (export_main if command == "export" else import_main)(rest)
+        if command == "visualize":
+            from ssl_vit.viz.commands import main as visualize_main
+
+            return visualize_main(rest)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -154,6 +154,9 @@ class TrainConfig:
     eval_every_epochs: int = 0
     """Evaluate on data.val_split every this many epochs and at the end: top-1/top-5 for methods
     that classify, k-NN (k=20, T=0.07) of the exported backbone for the others; 0 = never."""
+    image_every_epochs: int = 0
+    """Write MAE reconstructions and attention maps of 8 fixed validation images to TensorBoard
+    every this many epochs and at the end; 0 = never."""
     save_every_epochs: float = 1
     """Save a resumable checkpoint every this many epochs (0 = only at the end)."""
     save_every_steps: int = 0
@@ -469,6 +472,7 @@ def validate(cfg: Config) -> Config:
         "max_steps",
         "save_every_steps",
         "eval_every_epochs",
+        "image_every_epochs",
         "lr",
         "min_lr",
         "base_lr",

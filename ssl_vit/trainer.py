@@ -300,6 +300,11 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
             plan.stop_step,
         )
     accelerator.init_trackers("tb")
+    viz_images = None
+    if main and t.image_every_epochs:
+        from ssl_vit.viz import dataset_images, tensorboard_images  # matplotlib only when asked
+
+        viz_images = dataset_images(cfg.data, 8, cfg.model.img_size).to(accelerator.device)
 
     unwrapped = accelerator.unwrap_model(model)
     if hasattr(unwrapped, "set_schedule"):  # methods with epoch-based schedules (DINO)
@@ -328,6 +333,12 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         if main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+    def log_images() -> None:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        summaries = tensorboard_images(unwrapped, viz_images, cfg.data.mean, cfg.data.std)
+        for tag, image in summaries.items():
+            writer.add_image(tag, image, state.step)
 
     def run_eval() -> None:
         nonlocal last_eval
@@ -422,12 +433,18 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
+            if viz_images is not None and state.epoch % t.image_every_epochs == 0:
+                log_images()
             if t.eval_every_epochs and state.epoch % t.eval_every_epochs == 0:
                 run_eval()
             every = round(t.save_every_epochs * plan.steps_per_epoch)
             if every and state.step % every == 0 and last_saved != state.step:
                 save()
     bar.close()
+    if viz_images is not None and not (
+        state.batch_in_epoch == 0 and state.epoch % t.image_every_epochs == 0
+    ):
+        log_images()  # the final model, unless the last epoch's end just logged it
 
     if last_saved != state.step:
         save()

@@ -364,3 +364,17 @@ def test_weight_decay_schedule_spares_exempt_groups(tmp_path):
     decay, exempt = opt["param_groups"]
     assert decay["weight_decay"] == pytest.approx(rows[-1]["weight_decay"])
     assert exempt["weight_decay"] == 0.0
+
+
+def test_tensorboard_holds_image_summaries_and_training_is_unchanged(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plain, pictured = tmp_path / "plain", tmp_path / "pictured"
+    fit(tiny(plain, epochs=2, warmup_epochs=0))
+    fit(tiny(pictured, epochs=2, warmup_epochs=0, image_every_epochs=1))
+    events = EventAccumulator(str(next((pictured / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["attention", "mae_reconstruction"]
+    assert [e.step for e in events.Images("mae_reconstruction")] == [4, 8]
+    a, b = params(plain, 8), params(pictured, 8)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the pictures never touch the training RNG

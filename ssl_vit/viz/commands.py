@@ -1,0 +1,306 @@
+"""`ssl-vit visualize`: pictures of what a checkpoint learned, one PNG per command.
+
+    ssl-vit visualize attention --checkpoint CKPT [--image PATH] [--threshold 0.6]
+    ssl-vit visualize mae --checkpoint RUN_DIR [--num_images 4 --data.path ...]
+    ssl-vit visualize pos-embed --checkpoint CKPT
+    ssl-vit visualize attention-distance --checkpoint CKPT [--num_images 128]
+
+CKPT is anything `--checkpoint` accepts (`load_pretrained`); `mae` needs the decoder: our MAE run
+directory or an official `*_full.pth` / visualize file. A command's own options are `--viz.field`
+or just `--field`; images come from `--data.*` (the synthetic dataset by default). Each command
+writes its PNG to --output and prints one JSON line saying what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from matplotlib.figure import Figure
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.checkpoint import CheckpointError, load_pretrained
+from ssl_vit.config import ConfigError, DataConfig, apply_overrides, help_text, parse_args
+from ssl_vit.data import DataError
+from ssl_vit.viz.attention import (
+    cls_attention_maps,
+    layer_attentions,
+    mean_attention_distance,
+    threshold_mask,
+)
+from ssl_vit.viz.images import dataset_images, load_image, to_pixels
+from ssl_vit.viz.pos_embed import patch_pos_embed, pos_embed_similarity
+from ssl_vit.viz.reconstruction import PANELS, load_mae, mae_panels
+from ssl_vit.viz.render import (
+    dim_outside,
+    distance_figure,
+    heat_overlay,
+    panel_grid,
+    pos_embed_figure,
+    save,
+)
+
+
+@dataclass
+class AttentionConfig:
+    image: str = ""
+    """Image file; '' = the first image of data.val_split of data.path."""
+    threshold: float = 0.0
+    """Also show, per map, the fewest patches holding this fraction of its attention mass (DINO
+    shows 0.6); 0 = no mask row."""
+    img_size: int = 0
+    """Resize the image's short side to this (then crop to whole patches); 0 = the model's own."""
+    output: str = "attention.png"
+    """PNG to write."""
+
+    def errors(self) -> list[str]:
+        e = _non_negative(self, "img_size")
+        if not 0 <= self.threshold <= 1:
+            e.append(f"viz.threshold: must be in [0, 1], got {self.threshold}")
+        return e
+
+
+@dataclass
+class MAEVizConfig:
+    num_images: int = 4
+    """Images (rows) from data.val_split of data.path."""
+    mask_ratio: float = 0.0
+    """Fraction of patches removed; 0 = the one the model was trained with."""
+    seed: int = 0
+    """Seed of the masks."""
+    norm_pix: Literal["auto", "true", "false"] = "auto"
+    """Whether the decoder predicts norm-pix patches; auto = from the run's config (official
+    files: their args, else false for visualize checkpoints, true for the others)."""
+    output: str = "mae.png"
+    """PNG to write."""
+
+    def errors(self) -> list[str]:
+        e = _positive(self, "num_images")
+        if not 0 <= self.mask_ratio < 1:
+            e.append(f"viz.mask_ratio: must be in [0, 1), got {self.mask_ratio}")
+        return e
+
+
+@dataclass
+class PosEmbedConfig:
+    output: str = "pos_embed.png"
+    """PNG to write."""
+
+    def errors(self) -> list[str]:
+        return []
+
+
+@dataclass
+class DistanceConfig:
+    num_images: int = 128
+    """Images averaged over (the ViT paper: 128), from data.val_split of data.path."""
+    batch_size: int = 32
+    """Images per forward pass."""
+    img_size: int = 0
+    """Image side; 0 = the model's own."""
+    output: str = "attention_distance.png"
+    """PNG to write."""
+
+    def errors(self) -> list[str]:
+        return _positive(self, "num_images", "batch_size") + _non_negative(self, "img_size")
+
+
+def _positive(cfg: Any, *keys: str) -> list[str]:
+    return [f"viz.{k}: must be >= 1, got {getattr(cfg, k)}" for k in keys if getattr(cfg, k) < 1]
+
+
+def _non_negative(cfg: Any, *keys: str) -> list[str]:
+    return [f"viz.{k}: must be >= 0, got {getattr(cfg, k)}" for k in keys if getattr(cfg, k) < 0]
+
+
+@dataclass
+class VizRoot:
+    """What one `ssl-vit visualize` command runs: its own options and, when it reads images, the
+    data (mean / std also de-normalise the pictures)."""
+
+    viz: Any = None
+    """The command's options (AttentionConfig, ...)."""
+    data: DataConfig | None = field(default_factory=DataConfig)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _native_size(backbone: Backbone) -> int:
+    return backbone.grid_size[0] * backbone.patch_size
+
+
+@torch.no_grad()
+def attention(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
+    """Image | each head's last-block cls->patch attention | their mean, overlaid; with a
+    threshold, a second row keeping the fewest patches that hold that fraction of each map."""
+    c, d = root.viz, root.data
+    backbone = load_pretrained(checkpoint).to(_device()).eval()
+    if backbone.num_prefix_tokens < 1:
+        raise CheckpointError(f"{checkpoint}: the backbone has no cls token to show attention of")
+    p = backbone.patch_size
+    size = c.img_size or _native_size(backbone)
+    if c.image:
+        x = load_image(c.image, size, p, d.mean, d.std)
+    else:
+        x = dataset_images(d, 1, size)
+    x = x.to(_device())
+    out = backbone(x, return_attn=True)
+    grid = (x.shape[-2] // p, x.shape[-1] // p)
+    maps = cls_attention_maps(out.attn, out.num_prefix, grid)[0]  # (heads, h, w)
+    maps = torch.cat([maps, maps.mean(dim=0, keepdim=True)])
+    titles = [f"head {i + 1}" for i in range(backbone.num_heads)] + ["mean"]
+    image = to_pixels(x[0], d.mean, d.std).cpu()
+    rows = [
+        [("image", image)]
+        + [(t, heat_overlay(image, m)) for t, m in zip(titles, maps, strict=True)]
+    ]
+    if c.threshold:
+        masks = threshold_mask(maps.flatten(1), c.threshold).unflatten(1, grid).cpu()
+        rows.append(
+            [(f"{c.threshold:g} of the mass", None)]
+            + [
+                (f"{t}: {int(m.sum())} patches", dim_outside(image, m))
+                for t, m in zip(titles, masks, strict=True)
+            ]
+        )
+    source = c.image or f"{d.path}:{d.val_split}[0]"
+    return panel_grid(rows), {"image": source, "heads": backbone.num_heads, "grid": list(grid)}
+
+
+@torch.no_grad()
+def mae(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
+    """Rows of original | masked | reconstruction | reconstruction + visible patches."""
+    c, d = root.viz, root.data
+    model = load_mae(checkpoint, c.norm_pix).to(_device())
+    if c.mask_ratio:
+        model.cfg.mask_ratio = c.mask_ratio
+    x = dataset_images(d, c.num_images, _native_size(model.backbone)).to(_device())
+    gen = torch.Generator().manual_seed(c.seed)
+    noise = torch.rand(c.num_images, model.backbone.num_patches, generator=gen).to(_device())
+    panels = mae_panels(model, x, noise, d.mean, d.std).cpu()
+    rows = [
+        [(PANELS[j] if i == 0 else "", panels[i, j]) for j in range(len(PANELS))]
+        for i in range(c.num_images)
+    ]
+    info = {
+        "num_images": c.num_images,
+        "mask_ratio": model.cfg.mask_ratio,
+        "norm_pix": model.cfg.norm_pix_loss,
+        "columns": list(PANELS),
+    }
+    return panel_grid(rows), info
+
+
+def pos_embed(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
+    """Cosine similarity of each patch's position embedding to all others, grid of grids."""
+    backbone = load_pretrained(checkpoint)
+    sim = pos_embed_similarity(patch_pos_embed(backbone))
+    return pos_embed_figure(sim, backbone.grid_size), {"grid": list(backbone.grid_size)}
+
+
+@torch.no_grad()
+def attention_distance(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
+    """Mean attention distance (pixels) per head per layer, averaged over num_images images."""
+    c, d = root.viz, root.data
+    backbone = load_pretrained(checkpoint).to(_device()).eval()
+    p = backbone.patch_size
+    size = c.img_size or _native_size(backbone)
+    if size % p:
+        raise ConfigError([f"viz.img_size: {size} is not a multiple of the patch size {p}"])
+    grid = (size // p, size // p)
+
+    def per_head(attn: torch.Tensor) -> torch.Tensor:  # (B, heads, T, T) -> (heads,) summed
+        return mean_attention_distance(attn, backbone.num_prefix_tokens, grid, p).sum(dim=0)
+
+    total = torch.zeros(backbone.depth, backbone.num_heads)
+    for chunk in dataset_images(d, c.num_images, size).split(c.batch_size):
+        total += torch.stack(layer_attentions(backbone, chunk.to(_device()), per_head)).cpu()
+    distances = total / c.num_images
+    info = {
+        "num_images": c.num_images,
+        "image_px": size,
+        "mean_distance_px": [[round(v, 3) for v in layer] for layer in distances.tolist()],
+    }
+    return distance_figure(distances, size), info
+
+
+COMMANDS: dict[str, tuple[type, bool, Callable[[str, VizRoot], tuple[Figure, dict]]]] = {
+    "attention": (AttentionConfig, True, attention),
+    "mae": (MAEVizConfig, True, mae),
+    "pos-embed": (PosEmbedConfig, False, pos_embed),
+    "attention-distance": (DistanceConfig, True, attention_distance),
+}
+"""Command -> (its options, whether it reads images (a data section), what it draws)."""
+
+USAGE = (__doc__ or "").split("\n\n", 1)[1]
+
+
+def _pop(argv: list[str], flag: str) -> tuple[str, list[str]]:
+    """Take `flag VALUE` (or `flag=VALUE`) out of argv; '' when absent."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return "", argv
+
+
+def configure(command: str, argv: list[str]) -> tuple[str, VizRoot] | None:
+    """(checkpoint, config) of one command from its flags; None when --help was printed.
+    A flag without a section (`--threshold`) is the command's own (`--viz.threshold`)."""
+    options, reads_images, _ = COMMANDS[command]
+    checkpoint, rest = _pop(argv, "--checkpoint")
+    rest = [
+        f"--viz.{a[2:]}"
+        if a.startswith("--") and "." not in a.split("=")[0] and a != "--help"
+        else a
+        for a in rest
+    ]
+    root = VizRoot(viz=options(), data=DataConfig() if reads_images else None)
+    overrides, want_help = parse_args(rest)
+    if want_help:
+        prog = f"ssl-vit visualize {command} --checkpoint CKPT [--FIELD VALUE = --viz.FIELD VALUE]"
+        print(help_text(root, prog))
+        return None
+    apply_overrides(root, overrides)
+    errors = root.viz.errors()
+    if not checkpoint:
+        errors.append("--checkpoint: required (a run directory or any checkpoint file)")
+    if errors:
+        raise ConfigError(errors)
+    return checkpoint, root
+
+
+def main(argv: list[str]) -> int:
+    """`ssl-vit visualize COMMAND ...`: exit status 0, or 2 on a usage, config, data or
+    checkpoint error (printed to stderr)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: ssl-vit visualize COMMAND --checkpoint CKPT [...]\n\n{USAGE}")
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(
+            f"error: unknown visualize command {command!r}; known: {list(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        parsed = configure(command, argv[1:])
+        if parsed is None:
+            return 0
+        checkpoint, root = parsed
+        fig, info = COMMANDS[command][2](checkpoint, root)
+        width, height = save(fig, root.viz.output)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = {"command": f"visualize {command}", "checkpoint": str(checkpoint)}
+    result |= {"output": root.viz.output, "width": width, "height": height, **info}
+    print(json.dumps(result), flush=True)
+    return 0

@@ -1,0 +1,54 @@
+"""Images in and out of the visualisations: files and dataset samples as normalised model inputs,
+and normalised tensors back to displayable pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from ssl_vit.config import DataConfig
+from ssl_vit.data import DataError, build_dataset, eval_view, open_image
+
+
+def to_pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(..., C, H, W) normalised as (x - mean) / std per channel -> displayable values in [0, 1]."""
+    shape = (-1, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return (x * s + m).clamp(0, 1)
+
+
+def load_image(
+    path: str | Path, short_side: int, patch_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """An image file -> (1, 3, H, W) normalised: short side resized to `short_side` (bicubic),
+    aspect kept, then centre-cropped to multiples of the patch (as DINO's visualize_attention)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    image = v2.Compose(
+        [
+            v2.Resize(short_side, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )(open_image(path))
+    h, w = (s - s % patch_size for s in image.shape[-2:])
+    if not h or not w:
+        raise ValueError(f"{path}: smaller than one {patch_size}px patch after resizing")
+    return v2.Normalize(mean, std)(v2.CenterCrop((h, w))(image))[None]
+
+
+def dataset_images(data_cfg: DataConfig, n: int, img_size: int, split: str = "") -> Tensor:
+    """The first n images (n, 3, img_size, img_size) of a split (default data_cfg.val_split)
+    through the evaluation view (resize, centre crop, normalise): a fixed, deterministic set."""
+    split = split or data_cfg.val_split
+    dataset = build_dataset(data_cfg, eval_view(data_cfg, img_size), split, image_size=img_size)
+    if len(dataset) < n:
+        raise DataError(
+            f"split {split!r} of {data_cfg.path!r} has {len(dataset)} images; {n} asked"
+        )
+    return torch.stack([dataset[i]["images"] for i in range(n)])
