@@ -3,6 +3,8 @@
 ssl-vit train --method mae [--section.field value ...]
 ssl-vit bench --method mae [--section.field value ...]
 ssl-vit knn --checkpoint RUN_DIR [--section.field value ...]
+ssl-vit linprobe --checkpoint CHECKPOINT [--protocol mae|dino] [--section.field value ...]
+ssl-vit finetune --checkpoint CHECKPOINT [--section.field value ...]
 ssl-vit export --checkpoint CHECKPOINT --output.path FILE.safetensors [--section.field value ...]
 ssl-vit import --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
 ssl-vit visualize {attention,mae,pos-embed,attention-distance} --checkpoint CHECKPOINT [...]
@@ -30,6 +32,8 @@ commands:
   train   pretrain with a method's default config (--method mae); recipes/ hold the papers' recipes
   bench   time a training step of a method against a full-token supervised step
   knn     weighted k-NN accuracy of a run's backbone (--checkpoint RUN_DIR|backbone.safetensors)
+  linprobe  linear probe of a frozen backbone, MAE or DINO protocol (--checkpoint, --protocol)
+  finetune  fine-tune a backbone end to end, MAE protocol (--checkpoint CHECKPOINT)
   export  a run's backbone (or classifier) or any checkpoint -> timm-named safetensors + JSON
   import  any checkpoint (official MAE/DINO/DeiT .pth, NAME=PATH) -> backbone.safetensors + JSON
   visualize  attention | mae | pos-embed | attention-distance pictures of a checkpoint -> PNG
@@ -84,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             from ssl_vit.eval.knn import main as knn_main
 
             return knn_main(rest)
+        if command == "linprobe":
+            from ssl_vit.eval.linear_probe import main as linprobe_main
+
+            return linprobe_main(rest)
+        if command == "finetune":
+            from ssl_vit.eval.finetune import main as finetune_main
+
+            return finetune_main(rest)
         if command in ("export", "import"):
             from ssl_vit.checkpoint import export_main, import_main
 

@@ -52,6 +52,8 @@ RUN_FILES = (
     BACKBONE_CONFIG,
     "classifier.safetensors",
     "classifier.json",
+    "classifier_best.safetensors",
+    "classifier_best.json",
 )
 RUN_DIRS = (CHECKPOINTS, "tb")
 
@@ -196,6 +198,22 @@ def evaluate(cfg: Config, accelerator: Accelerator, method: nn.Module) -> dict[s
         method.train(was_training)
 
 
+def as_best(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The summary of the best evaluation: best_val_top1, best_val_top5, best_val_head (the lr
+    grid's head, for a linear probe), best_step and best_epoch."""
+    keys = ("val_top1", "val_top5", "val_head", "step", "epoch")
+    return {f"best_{k}": evaluation[k] for k in keys if k in evaluation}
+
+
+def best_evaluation(run_dir: Path) -> dict[str, Any]:
+    """The best top-1 evaluation logged so far in run_dir/metrics.jsonl, so that a resumed run
+    keeps comparing against it; {} when there is none."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    evals = [r for r in rows if "val_top1" in r]
+    return as_best(max(evals, key=lambda r: r["val_top1"])) if evals else {}
+
+
 def fit(cfg: Config) -> dict[str, Any]:
     """Train `cfg` end to end: run directory, checkpoints, resume, export. Returns final metrics."""
     validate(cfg)
@@ -253,7 +271,11 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     cuda = accelerator.device.type == "cuda"
     set_seed(t.seed)
     spec = METHODS[cfg.method.name]
-    method = spec.build(Backbone(cfg.model.name, **cfg.model.timm_kwargs()), cfg.method)
+    # evaluators start from a pretrained checkpoint; pretext methods from a fresh backbone
+    backbone = spec.backbone(cfg) if spec.backbone else Backbone(
+        cfg.model.name, **cfg.model.timm_kwargs()
+    )
+    method = spec.build(backbone, cfg.method)
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
     sampler = spec.sampler(cfg, len(dataset), accelerator.num_processes) if spec.sampler else None
     loader = build_loader(
@@ -270,7 +292,8 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         method, t.optimizer, t.weight_decay, betas=cfg.method.betas, momentum=t.momentum, fused=cuda
     )
     for g in optimizer.param_groups:  # the weight-decay schedule scales each group's own value
-        g["wd_scale"] = g["weight_decay"] / t.weight_decay if t.weight_decay else 0.0
+        wd_scale = g["weight_decay"] / t.weight_decay if t.weight_decay else 0.0
+        g.setdefault("wd_scale", wd_scale)  # a method's param_groups() may give it directly
     model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -320,6 +343,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     last: dict[str, Any] = {}
     last_saved = state.step if resume_from is not None else -1
     last_eval: dict[str, Any] = {}
+    best_eval = best_evaluation(run_dir) if resume_from is not None else {}
     n, accum = plan.batches_per_epoch, plan.accum
     full_windows_end = (n // accum) * accum
 
@@ -341,16 +365,21 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
             writer.add_image(tag, image, state.step)
 
     def run_eval() -> None:
-        nonlocal last_eval
+        nonlocal last_eval, best_eval
         last_eval = {"step": state.step, "epoch": state.epoch}
         last_eval |= evaluate(cfg, accelerator, unwrapped)
         log_metrics(last_eval)
         log.info("evaluation at step %d: %s", state.step, last_eval)
+        if last_eval.get("val_top1", -1.0) > best_eval.get("best_val_top1", -1.0):
+            best_eval = as_best(last_eval)
+            if main and hasattr(unwrapped, "export_classifier"):
+                export_timm(*unwrapped.export_classifier(), run_dir, "classifier_best")
 
     while state.step < plan.stop_step:
         skip = state.batch_in_epoch
+        loader.set_epoch(state.epoch)  # the shuffling order, held by the sampler both loaders share
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        epoch_loader.set_epoch(state.epoch)  # the shuffling order; a skipping loader starts at 0
+        epoch_loader.set_epoch(state.epoch)  # a skipping loader would reset it to its epoch 0
         dataset.set_epoch(state.epoch)  # the augmentation seeds
         for i, batch in enumerate(batches(epoch_loader), start=skip):
             skipped = batch.pop("skipped", [])
@@ -460,7 +489,9 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         "first_loss": first.get("loss"),
         "final_loss": last.get("loss"),
         "skipped_images": skips.total,
+        "peak_lr": plan.peak_lr,
     } | {k: v for k, v in last_eval.items() if k not in ("step", "epoch")}
+    result |= best_eval
     if main:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"final": result}) + "\n")

@@ -46,8 +46,12 @@ def eval_loader(cfg: Config, split: str, accelerator: Any, batch_size: int = 0) 
 def classification_metrics(
     predict: Callable[[Tensor], Tensor], loader: Any, accelerator: Any
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of `predict`: images (B, C, H, W) -> logits (B, classes), over
-    every image of `loader` once (the padding of uneven shards is dropped by the gather)."""
+    """Top-1 / top-5 accuracy (%) of `predict`: images (B, C, H, W) -> logits (B, classes), or
+    (B, heads, classes) for several heads over the same images (a linear probe's lr grid), over
+    every image of `loader` once (the padding of uneven shards is dropped by the gather).
+
+    With several heads: top1/top5 of the head with the best top-1 (the first on ties), `head` its
+    index, and top1_h{i}/top5_h{i} of every head i."""
     correct1 = correct5 = count = 0
     for batch in loader:
         with accelerator.autocast():
@@ -55,8 +59,16 @@ def classification_metrics(
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
         if (labels < 0).any():
             raise DataError("accuracy needs a labeled split; this one has unlabeled images")
+        logits = logits if logits.ndim == 3 else logits[:, None]  # (B, heads, classes)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct1 += (top[:, 0] == labels).sum()
-        correct5 += (top == labels[:, None]).any(dim=-1).sum()
+        correct1 += (top[..., 0] == labels[:, None]).sum(dim=0)
+        correct5 += (top == labels[:, None, None]).any(dim=-1).sum(dim=0)
         count += len(labels)
-    return {"top1": 100.0 * float(correct1) / count, "top5": 100.0 * float(correct5) / count}
+    top1, top5 = (100.0 * c.double() / count for c in (correct1, correct5))
+    best = int(top1.argmax())
+    out = {"top1": float(top1[best]), "top5": float(top5[best])}
+    if len(top1) > 1:
+        out["head"] = best
+        for i in range(len(top1)):
+            out[f"top1_h{i}"], out[f"top5_h{i}"] = float(top1[i]), float(top5[i])
+    return out

@@ -1,11 +1,17 @@
-"""The explicit table of pretext methods: name -> (config dataclass, model builder, data view)."""
+"""The explicit table of pretext methods and evaluators: name -> (config dataclass, model builder,
+data view, ...); evaluators (linprobe, finetune) train through the same loop."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ssl_vit.data.transforms import single_view
+from ssl_vit.data.samplers import RepeatedAugSampler
+from ssl_vit.data.transforms import single_view, supervised_view
+from ssl_vit.eval.finetune import FineTune, FineTuneConfig, finetune_view
+from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig, pretrained_backbone
+from ssl_vit.methods.deit import DeiT, DeiTConfig
+from ssl_vit.methods.dino import DINO, DINOConfig, dino_view
 from ssl_vit.methods.mae import MAE, MAEConfig
 
 
@@ -19,8 +25,33 @@ class MethodSpec(NamedTuple):
     sampler: Callable[..., Any] | None = None
     """sampler(cfg, dataset_len, num_processes) -> the global sample order of an epoch (with
     set_epoch), e.g. repeated augmentation; None = shuffling."""
+    backbone: Callable[..., Any] | None = None
+    """backbone(cfg: Config) -> the Backbone to build on, e.g. an evaluator's pretrained one;
+    None = a fresh Backbone(cfg.model.name, **cfg.model.timm_kwargs())."""
 
 
 METHODS: dict[str, MethodSpec] = {
     "mae": MethodSpec(MAEConfig, MAE, lambda cfg: single_view(cfg.data, cfg.model.img_size)),
+    "dino": MethodSpec(DINOConfig, DINO, dino_view),
+    "deit": MethodSpec(
+        DeiTConfig,
+        DeiT,
+        lambda cfg: supervised_view(
+            cfg.data,
+            cfg.model.img_size,
+            auto_augment=cfg.method.auto_augment,
+            color_jitter=cfg.method.color_jitter,
+            re_prob=cfg.method.reprob,
+        ),
+        lambda cfg, n, processes: RepeatedAugSampler(
+            n, processes, cfg.train.batch_size, cfg.method.repeated_aug, cfg.train.seed
+        ),
+    ),
+    "linprobe": MethodSpec(
+        LinearProbeConfig,
+        LinearProbe,
+        lambda cfg: single_view(cfg.data, cfg.model.img_size),
+        backbone=pretrained_backbone,
+    ),
+    "finetune": MethodSpec(FineTuneConfig, FineTune, finetune_view, backbone=pretrained_backbone),
 }

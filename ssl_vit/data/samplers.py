@@ -1,0 +1,53 @@
+"""Repeated augmentation (Hoffer et al. 2020; DeiT's `RASampler`) for Accelerate's batch sharding.
+
+DeiT's RASampler repeats every index of a shuffled epoch `repeats` times ([a, a, a, b, b, b, ...])
+and deals that list round-robin to the processes (`rep[rank::P]`), each keeping its first
+len(dataset) / P indices: about len(dataset) / repeats distinct images per epoch, each in
+`repeats` differently augmented copies that land on different processes where P > 1.
+
+Accelerate does not shard a sampler: `accelerator.prepare` keeps one global order and hands whole
+batches round-robin (process r gets batches r, r + P, ...). So this sampler yields the global order
+that, dealt out that way, gives each process exactly RASampler's stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+class RepeatedAugSampler(Sampler[int]):
+    """The global sample order of an epoch of repeated augmentation, for `num_processes` processes
+    that each take whole batches of `batch_size` in turn.
+
+    An epoch has len(dataset) samples; with drop_last batching, the samples taken are a prefix of
+    the repeated list, so every drawn index appears `repeats` times (but at most one, cut at the
+    end), its copies on processes q % P for the copies' positions q. Deterministic in
+    (seed, epoch): call `set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self, dataset_len: int, num_processes: int, batch_size: int, repeats: int = 3, seed: int = 0
+    ):
+        self.n, self.p, self.b, self.repeats = dataset_len, num_processes, batch_size, repeats
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        rep = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
+        # Global position k is item o of batch j, which process j % P takes as its step j // P:
+        # that process's local position t = (j // P) * b + o, where RASampler puts rep[t * P + r].
+        k = torch.arange(self.n)
+        j, o = k // self.b, k % self.b
+        t = (j // self.p) * self.b + o
+        return iter(rep[(t * self.p + j % self.p) % len(rep)].tolist())

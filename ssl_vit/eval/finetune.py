@@ -1,0 +1,225 @@
+"""End-to-end fine-tuning of a pretrained backbone: MAE's protocol (its main_finetune.py).
+
+Layer-wise lr decay from timm's `param_groups_layer_decay` (lr x decay^(depth + 1 - layer id): patch
+embed, cls token and position embedding are layer 0, block i is i + 1, the final norm / fc_norm and
+the head depth + 1), drop path (model.drop_path), and DeiT's supervised training with no teacher
+(methods/deit.py: RandAugment, random erasing, Mixup / CutMix, label smoothing, optional model EMA)
+of a classifier that averages the patch tokens through a fresh fc_norm, the final norm dropped
+(timm's global_pool='avg'), or reads the cls token; head init std 2e-5. An image size other than
+the checkpoint's resamples the position embedding (bicubic). The run exports classifier.safetensors
++ .json (last) and classifier_best.* (best top-1), which `timm.create_model(name, **kwargs)` loads
+with strict=True.
+
+    ssl-vit finetune --checkpoint runs/mae_vitb [--model.img_size 384 --section.field value ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from timm.layers import trunc_normal_
+from timm.optim import param_groups_layer_decay
+from torch import Tensor, nn
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
+from ssl_vit.data.transforms import View, supervised_view
+from ssl_vit.eval.linear_probe import run_evaluator
+from ssl_vit.methods.deit import DeiT, DeiTConfig
+
+
+@dataclass
+class FineTuneConfig:
+    name: ClassVar[str] = "finetune"
+    checkpoint: str = ""
+    """The pretrained backbone: a run directory, a backbone.safetensors, an official MAE / DINO /
+    DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
+    which: Literal["teacher", "student"] = "teacher"
+    """Network of a DINO training checkpoint whose backbone is fine-tuned."""
+    num_classes: int = 0
+    """Classes of the head; 0 = those of the training split (`ssl-vit finetune` counts them)."""
+    global_pool: Literal["avg", "token"] = "avg"
+    """avg: mean of the patch tokens through a fresh fc_norm, the final norm dropped (MAE); token:
+    the cls token after the final norm."""
+    layer_decay: float = 0.65
+    """Layer-wise lr decay: layer l (0 = embeddings, depth + 1 = head) trains at lr x
+    layer_decay^(depth + 1 - l); 1 = off."""
+    head_init_std: float = 2e-5
+    """Std of the head's truncated-normal weight init (bias 0)."""
+    mixup: float = 0.8
+    """Mixup alpha, 0 = off (targets become soft)."""
+    cutmix: float = 1.0
+    """CutMix alpha, 0 = off."""
+    mixup_switch_prob: float = 0.5
+    """Probability of CutMix instead of Mixup for a batch when both are on."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the (mixed) targets."""
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment policy of the training view ('' = off)."""
+    color_jitter: float = 0.0
+    """Colour jitter strength, applied only when auto_augment is off (MAE: none)."""
+    reprob: float = 0.25
+    """Random-erasing probability (per-pixel random values)."""
+    model_ema: bool = False
+    """Keep an exponential moving average of the classifier (saved in the checkpoints)."""
+    model_ema_decay: float = 0.9999
+    """EMA decay per optimizer step."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+    def deit(self) -> DeiTConfig:
+        """The DeiT configuration this fine-tune trains with: no teacher, no repeated aug."""
+        shared = (
+            "num_classes mixup cutmix mixup_switch_prob label_smoothing auto_augment "
+            "color_jitter reprob model_ema model_ema_decay betas"
+        )
+        kw = {k: getattr(self, k) for k in shared.split()}
+        return DeiTConfig(distillation="none", repeated_aug=1, **kw)
+
+    def errors(self, cfg: Any) -> list[str]:
+        """Every invalid value, each message naming its key; `cfg` is the whole run Config."""
+        e = []
+        if not self.checkpoint:
+            e.append("method.checkpoint: required (--checkpoint RUN_DIR|FILE|NAME=PATH)")
+        if not 0 < self.layer_decay <= 1:
+            e.append(f"method.layer_decay: must be in (0, 1], got {self.layer_decay}")
+        if self.head_init_std <= 0:
+            e.append(f"method.head_init_std: must be positive, got {self.head_init_std}")
+        return e + self.deit().errors(cfg)
+
+
+def avg_pool_backbone(backbone: Backbone) -> Backbone:
+    """The backbone as timm builds it with global_pool='avg' (MAE's fine-tune): the final norm
+    dropped and a fresh fc_norm (LayerNorm 1/0) to apply after the pool; every other weight
+    copied. Its state dict is that of timm.create_model(name, num_classes=0, global_pool='avg')."""
+    if backbone.timm_kwargs.get("global_pool") == "avg":
+        return backbone
+    pooled = Backbone(backbone.name, **backbone.timm_kwargs, global_pool="avg")
+    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("norm.")}
+    fresh = {k: v for k, v in pooled.state_dict().items() if k.startswith("fc_norm.")}
+    pooled.load_state_dict(state | fresh)
+    return pooled.to(next(backbone.parameters()).device)
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head on the pooled tokens, as timm's VisionTransformer.forward_head;
+    DeiT's student interface: forward(images) -> (logits, None)."""
+
+    dist_token = None  # no distillation token (DeiT's forward and export read it)
+
+    def __init__(
+        self, backbone: Backbone, num_classes: int, global_pool: str, head_init_std: float
+    ):
+        super().__init__()
+        if global_pool == "token" and isinstance(backbone.norm, nn.Identity):
+            raise ValueError("global_pool token: this backbone has no final norm (an avg export)")
+        self.backbone, self.global_pool = backbone, global_pool
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        trunc_normal_(self.head.weight, std=head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, None]:
+        """(B, C, H, W) -> (B, classes) logits, None."""
+        out = self.backbone(images)
+        if self.global_pool == "avg":
+            x = self.backbone.fc_norm(out.tokens[:, out.num_prefix :].mean(dim=1))
+        else:
+            x = out.tokens[:, 0]
+        return self.head(x), None
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer ids for timm's param_groups_layer_decay, numbered as MAE's lr_decay.py: the
+        embeddings 0, blocks.i i + 1, everything unmatched (final norm / fc_norm, head) last."""
+        return {
+            "stem": r"^backbone\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+            "blocks": [(r"^backbone\.blocks\.(\d+)", None)],
+        }
+
+
+class FineTune(nn.Module):
+    """DeiT's supervised training (no teacher) of a `Classifier` on the pretrained backbone, with
+    layer-wise lr decay."""
+
+    def __init__(self, backbone: Backbone, cfg: FineTuneConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.global_pool == "avg":
+            backbone = avg_pool_backbone(backbone)
+        classifier = Classifier(backbone, cfg.num_classes, cfg.global_pool, cfg.head_init_std)
+        self.deit = DeiT(backbone, cfg.deit(), student=classifier)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.deit.backbone
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.deit.training_step(batch)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.deit.training_step(batch)
+
+    def predict(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, classes) logits of the classifier being trained."""
+        return self.deit.predict(images)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        self.deit.after_optimizer_step(step, total_steps)
+
+    def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+        """(state dict, timm name, kwargs incl. global_pool and num_classes) for timm."""
+        return self.deit.export_classifier()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """timm's layer-decay groups over the classifier (not the EMA): lr_scale per layer, and
+        no weight decay (wd_scale 0) for biases, norms, tokens and the position embedding."""
+        groups = param_groups_layer_decay(
+            self.deit.student,
+            weight_decay=1.0,  # the trainer applies train.weight_decay x wd_scale each step
+            no_weight_decay_list=[f"backbone.{n}" for n in self.backbone.no_weight_decay()],
+            layer_decay=self.cfg.layer_decay,
+        )
+        for g in groups:
+            g["wd_scale"] = g["weight_decay"]
+        return groups
+
+
+def finetune_view(cfg: Config) -> View:
+    """The training view: DeiT's (RandAugment, random erasing; Mixup / CutMix run on the batch)."""
+    m = cfg.method
+    return supervised_view(
+        cfg.data,
+        cfg.model.img_size,
+        auto_augment=m.auto_augment,
+        color_jitter=m.color_jitter,
+        re_prob=m.reprob,
+    )
+
+
+def finetune_config() -> Config:
+    """MAE's fine-tune settings (REFERENCE.md) but the batch: train.effective_batch stays
+    batch_size x processes, the lr following it (recipes/finetune_mae_vitb.py sets 1024)."""
+    return Config(
+        model=ModelConfig(drop_path=0.1),
+        data=DataConfig(crop_scale=(0.08, 1.0), interpolation="bicubic", hflip=0.5),
+        train=TrainConfig(
+            output_dir="runs/finetune",
+            epochs=100,
+            warmup_epochs=5,
+            optimizer="adamw",
+            base_lr=5e-4,
+            lr_batch_divisor=256,
+            min_lr=1e-6,
+            weight_decay=0.05,
+            eval_every_epochs=1,
+        ),
+        method=FineTuneConfig(),
+    )
+
+
+PROG = "ssl-vit finetune --checkpoint CHECKPOINT"
+
+
+def main(argv: list[str]) -> int:
+    """`ssl-vit finetune --checkpoint C [--section.field value ...]`."""
+    return run_evaluator(finetune_config(), argv, PROG)

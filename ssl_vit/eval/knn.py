@@ -1,0 +1,215 @@
+"""Weighted k-NN classification on frozen features: DINO's protocol (its eval_knn.py).
+
+Every training image's cls feature, L2-normalised, is kept in a bank gathered from all processes;
+each validation image takes its k most cosine-similar bank entries, which vote for their labels
+with weight exp(similarity / T). Queries stay sharded: each process classifies its own share and
+only the per-image hits are gathered.
+
+    ssl-vit knn --checkpoint runs/dino_vits16 [--knn.k 10,20 --data.path /data/imagenet ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    help_text,
+    parse_args,
+)
+from ssl_vit.data import DataError
+from ssl_vit.eval.accuracy import eval_loader
+from ssl_vit.eval.features import features
+
+
+def knn_votes(sim: Tensor, neighbor_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
+    """sim, neighbor_labels (M, k): each query's neighbours' cosine similarities and labels ->
+    (M, num_classes) votes, the per-class sums of exp(sim / temperature)."""
+    votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=sim.dtype)
+    return votes.scatter_add_(1, neighbor_labels, (sim / temperature).exp())
+
+
+def knn_hits(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    labels: Tensor,
+    ks: Sequence[int],
+    temperature: float,
+    num_classes: int,
+) -> Tensor:
+    """bank (N, D), queries (M, D) L2-normalised; labels (N,), (M,) -> (M, len(ks), 2) bool: for
+    each k, whether the label is the top vote and among the top min(5, k) (ties: lower class)."""
+    sim, idx = (queries @ bank.T).topk(min(max(ks), len(bank)), dim=1)  # sorted, nearest first
+    out = []
+    for k in ks:
+        votes = knn_votes(sim[:, :k], bank_labels[idx[:, :k]], temperature, num_classes)
+        top = votes.argsort(dim=1, descending=True, stable=True)[:, : min(5, k)]
+        hit = top == labels[:, None]
+        out.append(torch.stack([hit[:, 0], hit.any(dim=1)], dim=-1))
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def embed(backbone: Backbone, images: Tensor, accelerator: Any) -> Tensor:
+    """(B, C, H, W) -> (B, D) L2-normalised float32 cls features."""
+    with accelerator.autocast():
+        return F.normalize(features(backbone, images).float(), dim=-1)
+
+
+def knn_eval(
+    backbone: Backbone,
+    cfg: Config,
+    accelerator: Any,
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """k-NN top-1 / top-5 accuracy (%) of `backbone` (on accelerator.device): bank = cfg.data.split,
+    queries = cfg.data.val_split, both through the evaluation view. Keys knn_top1, knn_top5 for
+    ks[0] and knn_top1_k{k}, knn_top5_k{k} for the others. The same dict on every process."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        bank, bank_labels = [], []
+        for batch in eval_loader(cfg, cfg.data.split, accelerator):
+            gathered = accelerator.gather_for_metrics(
+                (embed(backbone, batch["images"], accelerator), batch["labels"])
+            )
+            bank.append(gathered[0])
+            bank_labels.append(gathered[1])
+        bank_t, bank_labels_t = torch.cat(bank), torch.cat(bank_labels)
+        if (bank_labels_t < 0).any():
+            raise DataError(f"k-NN needs a labeled bank; split {cfg.data.split!r} is unlabeled")
+        num_classes = int(bank_labels_t.max()) + 1
+        hits = []
+        for batch in eval_loader(cfg, cfg.data.val_split, accelerator):
+            if (batch["labels"] < 0).any():
+                raise DataError(f"k-NN needs labels; split {cfg.data.val_split!r} is unlabeled")
+            q = embed(backbone, batch["images"], accelerator)
+            h = knn_hits(bank_t, bank_labels_t, q, batch["labels"], ks, temperature, num_classes)
+            hits.append(accelerator.gather_for_metrics(h))
+    finally:
+        backbone.train(was_training)
+    acc = 100.0 * torch.cat(hits).float().mean(dim=0)  # (len(ks), 2)
+    out = {}
+    for i, k in enumerate(ks):
+        suffix = "" if i == 0 else f"_k{k}"
+        out[f"knn_top1{suffix}"], out[f"knn_top5{suffix}"] = acc[i].tolist()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `ssl-vit knn`
+
+
+@dataclass
+class KNNConfig:
+    k: tuple[int, ...] = (20,)
+    """Neighbours that vote; several (e.g. 10,20,100,200) give one result each."""
+    temperature: float = 0.07
+    """Vote weight exp(similarity / temperature)."""
+    batch_size: int = 256
+    """Images per device per forward pass."""
+    img_size: int = 0
+    """Evaluation resolution (resize to img_size / 0.875, center crop); 0 = the backbone's own."""
+
+
+@dataclass
+class KNNRoot:
+    """What `ssl-vit knn` runs: the protocol and the labeled data (data.split is the bank,
+    data.val_split the queries)."""
+
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+PROG = "ssl-vit knn --checkpoint RUN_DIR|backbone.safetensors"
+
+
+def pop_checkpoint(argv: list[str]) -> tuple[str, list[str]]:
+    """Take `--checkpoint PATH` (or `--checkpoint=PATH`) out of argv; '' when absent."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--checkpoint" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith("--checkpoint="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return "", argv
+
+
+def configure(argv: list[str]) -> tuple[str, KNNRoot] | None:
+    """(checkpoint, config) from the command line; None when --help was printed."""
+    checkpoint, rest = pop_checkpoint(argv)
+    root = KNNRoot()
+    overrides, want_help = parse_args(rest)
+    if want_help:
+        print(help_text(root, PROG))
+        return None
+    apply_overrides(root, overrides)
+    k = root.knn
+    e = []
+    if not checkpoint:
+        e.append("--checkpoint: required (a run directory or a backbone.safetensors)")
+    elif not Path(checkpoint).exists():
+        e.append(f"--checkpoint: {checkpoint!r} does not exist")
+    if not k.k or min(k.k) < 1:
+        e.append(f"knn.k: each must be >= 1, got {k.k}")
+    for key in ("temperature", "batch_size"):
+        if getattr(k, key) <= 0:
+            e.append(f"knn.{key}: must be positive, got {getattr(k, key)}")
+    if k.img_size < 0:
+        e.append(f"knn.img_size: must be >= 0, got {k.img_size}")
+    if e:
+        raise ConfigError(e)
+    return checkpoint, root
+
+
+def main(argv: list[str]) -> int:
+    """`ssl-vit knn ...`: print the metrics as one JSON line and write knn.json beside the
+    backbone. Exit status 0, or 2 on a config or data error (printed to stderr)."""
+    from accelerate import Accelerator
+
+    from ssl_vit.checkpoint import load_backbone
+
+    try:
+        parsed = configure(argv)
+        if parsed is None:
+            return 0
+        checkpoint, root = parsed
+        backbone = load_backbone(checkpoint)
+        cuda = torch.cuda.is_available()
+        accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+        img_size = root.knn.img_size or backbone.grid_size[0] * backbone.patch_size
+        cfg = Config(
+            model=ModelConfig(name=backbone.name, img_size=img_size),
+            data=root.data,
+            train=TrainConfig(batch_size=root.knn.batch_size),
+        )
+        metrics = knn_eval(
+            backbone.to(accelerator.device), cfg, accelerator, root.knn.k, root.knn.temperature
+        )
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = {"checkpoint": checkpoint, "k": list(root.knn.k), **metrics}
+    if accelerator.is_main_process:
+        line = json.dumps(result)
+        path = Path(checkpoint)
+        (path if path.is_dir() else path.parent).joinpath("knn.json").write_text(line + "\n")
+        print(line, flush=True)
+    return 0

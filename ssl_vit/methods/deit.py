@@ -1,0 +1,236 @@
+"""DeiT (Touvron et al., 2012.12877): a distillation token, with its own position embedding and
+head, learns from a frozen teacher; inference averages the two heads. Without distillation there
+is no token and no teacher: plain supervised training of a ViT classifier (reused by fine-tuning).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data.mixup import Mixup, mixup_target
+from timm.layers import trunc_normal_
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.checkpoint import read_checkpoint
+
+
+@dataclass
+class DeiTConfig:
+    name: ClassVar[str] = "deit"
+    distillation: Literal["none", "soft", "hard"] = "none"
+    """none: supervised, one head; soft: KL to the teacher's softmax(x/tau); hard: CE to argmax."""
+    alpha: float = 0.5
+    """Weight of the distillation loss; the class-token loss gets 1 - alpha."""
+    tau: float = 1.0
+    """Soft-distillation temperature."""
+    teacher: str = "regnety_160"
+    """timm name of the teacher (RegNetY-16GF); unused for an ssl_vit export (its JSON names it)."""
+    teacher_weights: str = ""
+    """Teacher weights, needed to distil: a state-dict file (.safetensors, .pth) for `teacher`, or
+    an ssl_vit run directory / its classifier.safetensors (beside classifier.json)."""
+    teacher_img_size: int = 0
+    """Teacher input side; the (mixed) images are resized to it, bicubic. 0 = the student's."""
+    num_classes: int = 1000
+    """Number of classes of the heads (and of the teacher's output)."""
+    mixup: float = 0.8
+    """Mixup alpha, 0 = off (timm Mixup on the device; targets become soft)."""
+    cutmix: float = 1.0
+    """CutMix alpha, 0 = off."""
+    mixup_switch_prob: float = 0.5
+    """Probability of CutMix instead of Mixup for a batch when both are on."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the (mixed) targets."""
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment policy of the training view ('' = off)."""
+    color_jitter: float = 0.3
+    """Colour jitter strength (timm applies it only when auto_augment is off, as in DeiT)."""
+    reprob: float = 0.25
+    """Random-erasing probability (per-pixel random values)."""
+    repeated_aug: int = 3
+    """Repeated augmentation: each sampled image appears this many times per epoch; 1 = off."""
+    model_ema: bool = True
+    """Keep an exponential moving average of the student (saved in checkpoints)."""
+    model_ema_decay: float = 0.99996
+    """EMA decay per optimizer step."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas used to train this method."""
+
+    def errors(self, cfg: Any) -> list[str]:
+        """Every invalid value, each message naming its key; `cfg` is the whole run Config."""
+        rules = {
+            "in [0, 1]": (lambda v: 0 <= v <= 1, "alpha mixup_switch_prob reprob label_smoothing"),
+            "in [0, 1)": (lambda v: 0 <= v < 1, "model_ema_decay"),
+            "positive": (lambda v: v > 0, "tau num_classes repeated_aug"),
+            ">= 0": (lambda v: v >= 0, "mixup cutmix color_jitter teacher_img_size"),
+        }
+        e = [
+            f"method.{k}: must be {rule}, got {getattr(self, k)}"
+            for rule, (ok, keys) in rules.items()
+            for k in keys.split()
+            if not ok(getattr(self, k))
+        ]
+        if cfg.data.path == "synthetic" and self.num_classes < cfg.data.synthetic_classes:
+            e.append(f"method.num_classes: {self.num_classes} < data.synthetic_classes")
+        w = self.teacher_weights
+        if self.distillation != "none" and not (w and Path(w).exists()):
+            e.append(f"method.teacher_weights: {w!r} is no file; distilling needs the teacher")
+        if (self.mixup > 0 or self.cutmix > 0) and cfg.train.batch_size % 2:
+            e.append(f"train.batch_size: Mixup needs an even batch, got {cfg.train.batch_size}")
+        if not all(0 <= b < 1 for b in self.betas):
+            e.append(f"method.betas: each must be in [0, 1), got {self.betas}")
+        return e
+
+
+def load_teacher(cfg: DeiTConfig) -> nn.Module:
+    """The frozen teacher: an ssl_vit classifier export (run directory, or classifier.safetensors
+    beside classifier.json), else timm's `cfg.teacher` loaded strictly from a state-dict file
+    (.safetensors, or .pth/.pt, where official DeiT/timm files wrap it in "model"/"state_dict")."""
+    path = Path(cfg.teacher_weights)
+    weights = path / "classifier.safetensors" if path.is_dir() else path
+    spec = {"name": cfg.teacher, "kwargs": {"num_classes": cfg.num_classes}}
+    if weights.name == "classifier.safetensors" and weights.with_suffix(".json").is_file():
+        spec = json.loads(weights.with_suffix(".json").read_text())
+    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    state = read_checkpoint(weights)  # safely: tensors, containers and argparse.Namespace only
+    model.load_state_dict(state.get("model", state.get("state_dict", state)))
+    if model.num_classes != cfg.num_classes:
+        raise ValueError(f"teacher {weights}: {model.num_classes} classes, not {cfg.num_classes}")
+    return model
+
+
+class Student(nn.Module):
+    """Backbone + class head on the cls token; distilled, + a learned distillation token with its
+    own position embedding, right after cls (as timm's VisionTransformerDistilled), + its head."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, distilled: bool):
+        super().__init__()
+        self.backbone, dim = backbone, backbone.embed_dim
+        self.head = nn.Linear(dim, num_classes)
+        self.dist_token = self.dist_pos_embed = self.head_dist = None
+        if distilled:
+            if backbone.num_prefix_tokens != 1 or backbone.no_embed_class:
+                raise ValueError("distillation needs a ViT with a cls token only, in pos_embed")
+            self.dist_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
+            self.dist_pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
+            self.head_dist = nn.Linear(dim, num_classes)
+        for head in filter(None, (self.head, self.head_dist)):  # timm's ViT head init
+            trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, C, H, W) -> class-head logits (B, K), distillation-head logits (B, K) or None."""
+        if self.dist_token is None:
+            return self.head(self.backbone(images).tokens[:, 0]), None
+        prefix = (self.dist_token + self.dist_pos_embed).expand(images.shape[0], -1, -1)
+        x = self.backbone(images, prefix=prefix).tokens
+        return self.head(x[:, 0]), self.head_dist(x[:, 1])
+
+
+class DeiT(nn.Module):
+    """The student being trained, its frozen teacher (distilled) and its EMA (model_ema).
+
+    `student` replaces the cls-token Student (fine-tuning's pooled classifier): a module with
+    `.backbone`, `.head`, `.dist_token = None` and forward(images) -> (logits, None)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        cfg: DeiTConfig,
+        teacher: nn.Module | None = None,
+        student: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.cfg, distilled = cfg, cfg.distillation != "none"
+        if student is None:
+            student = Student(backbone, cfg.num_classes, distilled)
+        self.student = student
+        if distilled and teacher is None:
+            teacher = load_teacher(cfg)
+        self.teacher = teacher.requires_grad_(False).eval() if distilled else None
+        self.ema = None
+        if cfg.model_ema:
+            self.ema = ModelEmaV3(self.student, decay=cfg.model_ema_decay).requires_grad_(False)
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            kw = {"label_smoothing": cfg.label_smoothing, "num_classes": cfg.num_classes}
+            self.mixup = Mixup(cfg.mixup, cfg.cutmix, switch_prob=cfg.mixup_switch_prob, **kw)
+        self.criterion = SoftTargetCrossEntropy()
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.student.backbone
+
+    def train(self, mode: bool = True) -> DeiT:
+        """Set the student's mode; the teacher and the EMA always stay in eval mode."""
+        super().train(mode)
+        for frozen in (self.teacher, self.ema):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """batch["images"] (B, C, H, W), batch["labels"] (B,). Mixup/CutMix (numpy's global RNG)
+        mixes the images in place; the teacher sees the mixed images, as in the official code."""
+        images, labels, cfg = batch["images"], batch["labels"], self.cfg
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        else:
+            targets = mixup_target(labels, cfg.num_classes, smoothing=cfg.label_smoothing)
+        cls, dist = self.student(images)
+        base = self.criterion(cls, targets)
+        if dist is None:
+            return {"loss": base}
+        with torch.no_grad():  # under the trainer's autocast, at the teacher's own input size
+            size = cfg.teacher_img_size or images.shape[-1]
+            if size != images.shape[-1]:
+                images = F.interpolate(images, (size, size), mode="bicubic", antialias=True)
+            teacher = self.teacher(images).float()
+        if cfg.distillation == "soft":  # the official reduction: summed KL / numel of the logits
+            t = cfg.tau
+            log_p, log_q = F.log_softmax(dist / t, dim=-1), F.log_softmax(teacher / t, dim=-1)
+            kd = F.kl_div(log_p, log_q, reduction="sum", log_target=True) * t * t / dist.numel()
+        else:
+            kd = F.cross_entropy(dist, teacher.argmax(dim=-1))
+        loss = (1 - cfg.alpha) * base + cfg.alpha * kd
+        return {"loss": loss, "cls_loss": base.detach(), "distill_loss": kd.detach()}
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.training_step(batch)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, K) logits; distilled: the mean of the two heads (DeiT inference)."""
+        cls, dist = self.student(images)
+        return cls if dist is None else (cls + dist) / 2
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.student)
+
+    def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+        """(state dict, timm name, kwargs): `timm.create_model(name, **kwargs)` loads it strictly:
+        the backbone's ViT with a head; distilled, timm's `deit_*_distilled_patch16_224` sized as
+        the backbone (pos_embed over cls, dist and patches; dist_token; head_dist)."""
+        s, bb = self.student, self.student.backbone
+        state = bb.state_dict() | {f"head.{k}": v for k, v in s.head.state_dict().items()}
+        kwargs = {**bb.timm_kwargs, "num_classes": self.cfg.num_classes}
+        if s.dist_token is None:
+            return state, bb.name, kwargs
+        pos = state["pos_embed"]
+        state["pos_embed"] = torch.cat([pos[:, :1], s.dist_pos_embed.detach(), pos[:, 1:]], dim=1)
+        state["dist_token"] = s.dist_token.detach()
+        state |= {f"head_dist.{k}": v for k, v in s.head_dist.state_dict().items()}
+        kwargs |= {k: getattr(bb, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+        kwargs["img_size"] = bb.grid_size[0] * bb.patch_size
+        size = re.search(r"(tiny|small|base)", bb.name)
+        return state, f"deit_{size[1] if size else 'base'}_distilled_patch16_224", kwargs
