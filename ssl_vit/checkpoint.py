@@ -35,6 +35,7 @@ from ssl_vit.config import (
     apply_overrides,
     help_text,
     parse_args,
+    pop_flag,
 )
 
 CHECKPOINTS = "checkpoints"
@@ -588,17 +589,6 @@ def import_checkpoint(
     }
 
 
-def pop_checkpoint(argv: list[str]) -> tuple[str, list[str]]:
-    """Take `--checkpoint VALUE` (or `--checkpoint=VALUE`) out of argv; '' when absent."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--checkpoint" and i + 1 < len(argv):
-            return argv[i + 1], argv[:i] + argv[i + 2 :]
-        if arg.startswith("--checkpoint="):
-            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
-    return "", argv
-
-
 def export_main(argv: list[str]) -> int:
     """`ssl-vit export --checkpoint X --output.path F.safetensors`: one JSON line; 2 on errors."""
 
@@ -630,7 +620,7 @@ def import_main(argv: list[str]) -> int:
 def _command(argv: list[str], root: Any, prog: str, run: Any) -> int:
     """Parse `--checkpoint` and `--section.field` flags into `root`, run, print one JSON line."""
     try:
-        checkpoint, rest = pop_checkpoint(argv)
+        checkpoint, rest = pop_flag(argv, "--checkpoint")
         overrides, want_help = parse_args(rest)
         if want_help:
             print(help_text(root, prog) + "\n\n" + CHECKPOINT_HELP)

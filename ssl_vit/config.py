@@ -381,24 +381,27 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], bool]:
     return overrides, want_help
 
 
+def pop_flag(argv: list[str], flag: str, default: str = "") -> tuple[str, list[str]]:
+    """Take `--flag VALUE` (or `--flag=VALUE`) out of argv: (value or `default`, the rest).
+
+    For the flags that choose a command's shape before the `--section.field` overrides are parsed
+    (--method, --checkpoint, --protocol)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return default, list(argv)
+
+
 def pop_method(argv: list[str], default: str = "mae") -> tuple[str, list[str]]:
-    """Take `--method NAME` (or `--method=NAME`) out of argv: it picks the config tree's shape."""
+    """Take `--method NAME` out of argv: it picks the config tree's shape."""
     from ssl_vit.methods import METHODS
 
-    argv = list(argv)
-    name = default
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            name = argv[i + 1]
-            del argv[i : i + 2]
-            break
-        if arg.startswith("--method="):
-            name = arg.split("=", 1)[1]
-            del argv[i]
-            break
+    name, rest = pop_flag(argv, "--method", default)
     if name not in METHODS:
         raise ConfigError([f"--method: unknown method {name!r}; known: {', '.join(METHODS)}"])
-    return name, argv
+    return name, rest
 
 
 def help_text(cfg: Any, prog: str) -> str:

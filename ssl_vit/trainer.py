@@ -272,8 +272,8 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     set_seed(t.seed)
     spec = METHODS[cfg.method.name]
     # evaluators start from a pretrained checkpoint; pretext methods from a fresh backbone
-    backbone = spec.backbone(cfg) if spec.backbone else Backbone(
-        cfg.model.name, **cfg.model.timm_kwargs()
+    backbone = (
+        spec.backbone(cfg) if spec.backbone else Backbone(cfg.model.name, **cfg.model.timm_kwargs())
     )
     method = spec.build(backbone, cfg.method)
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)

@@ -31,6 +31,7 @@ from ssl_vit.config import (
     apply_overrides,
     help_text,
     parse_args,
+    pop_flag,
 )
 from ssl_vit.data import DataError
 from ssl_vit.eval.accuracy import eval_loader
@@ -141,20 +142,9 @@ class KNNRoot:
 PROG = "ssl-vit knn --checkpoint RUN_DIR|backbone.safetensors"
 
 
-def pop_checkpoint(argv: list[str]) -> tuple[str, list[str]]:
-    """Take `--checkpoint PATH` (or `--checkpoint=PATH`) out of argv; '' when absent."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--checkpoint" and i + 1 < len(argv):
-            return argv[i + 1], argv[:i] + argv[i + 2 :]
-        if arg.startswith("--checkpoint="):
-            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
-    return "", argv
-
-
 def configure(argv: list[str]) -> tuple[str, KNNRoot] | None:
     """(checkpoint, config) from the command line; None when --help was printed."""
-    checkpoint, rest = pop_checkpoint(argv)
+    checkpoint, rest = pop_flag(argv, "--checkpoint")
     root = KNNRoot()
     overrides, want_help = parse_args(rest)
     if want_help:

@@ -27,7 +27,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import CHECKPOINT_HELP, CheckpointError, load_pretrained, pop_checkpoint
+from ssl_vit.checkpoint import CHECKPOINT_HELP, CheckpointError, load_pretrained
 from ssl_vit.config import (
     Config,
     ConfigError,
@@ -37,6 +37,7 @@ from ssl_vit.config import (
     apply_overrides,
     help_text,
     parse_args,
+    pop_flag,
 )
 from ssl_vit.data import DataError, build_dataset, eval_view
 from ssl_vit.eval.features import Pool, feature_dim, features
@@ -254,7 +255,7 @@ def run_evaluator(cfg: Config, argv: list[str] | None = None, prog: str | None =
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        checkpoint, rest = pop_checkpoint(argv)
+        checkpoint, rest = pop_flag(argv, "--checkpoint")
         overrides, want_help = parse_args(rest)
         if want_help:
             print(help_text(cfg, prog or sys.argv[0]) + "\n\n" + CHECKPOINT_HELP + FROM_CHECKPOINT)
@@ -277,20 +278,9 @@ def run_evaluator(cfg: Config, argv: list[str] | None = None, prog: str | None =
 PROG = "ssl-vit linprobe --checkpoint CHECKPOINT [--protocol mae|dino]"
 
 
-def pop_protocol(argv: list[str]) -> tuple[str, list[str]]:
-    """Take `--protocol NAME` (or `--protocol=NAME`) out of argv; 'mae' when absent."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--protocol" and i + 1 < len(argv):
-            return argv[i + 1], argv[:i] + argv[i + 2 :]
-        if arg.startswith("--protocol="):
-            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
-    return "mae", argv
-
-
 def main(argv: list[str]) -> int:
     """`ssl-vit linprobe --checkpoint C [--protocol mae|dino] [--section.field value ...]`."""
-    protocol, rest = pop_protocol(argv)
+    protocol, rest = pop_flag(argv, "--protocol", "mae")
     if protocol not in ("mae", "dino"):
         print(f"error: --protocol: expected mae or dino, got {protocol!r}", file=sys.stderr)
         return 2

@@ -24,7 +24,14 @@ from matplotlib.figure import Figure
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.checkpoint import CheckpointError, load_pretrained
-from ssl_vit.config import ConfigError, DataConfig, apply_overrides, help_text, parse_args
+from ssl_vit.config import (
+    ConfigError,
+    DataConfig,
+    apply_overrides,
+    help_text,
+    parse_args,
+    pop_flag,
+)
 from ssl_vit.data import DataError
 from ssl_vit.viz.attention import (
     cls_attention_maps,
@@ -241,21 +248,11 @@ COMMANDS: dict[str, tuple[type, bool, Callable[[str, VizRoot], tuple[Figure, dic
 USAGE = (__doc__ or "").split("\n\n", 1)[1]
 
 
-def _pop(argv: list[str], flag: str) -> tuple[str, list[str]]:
-    """Take `flag VALUE` (or `flag=VALUE`) out of argv; '' when absent."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1], argv[:i] + argv[i + 2 :]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
-    return "", argv
-
-
 def configure(command: str, argv: list[str]) -> tuple[str, VizRoot] | None:
     """(checkpoint, config) of one command from its flags; None when --help was printed.
     A flag without a section (`--threshold`) is the command's own (`--viz.threshold`)."""
     options, reads_images, _ = COMMANDS[command]
-    checkpoint, rest = _pop(argv, "--checkpoint")
+    checkpoint, rest = pop_flag(argv, "--checkpoint")
     rest = [
         f"--viz.{a[2:]}"
         if a.startswith("--") and "." not in a.split("=")[0] and a != "--help"
