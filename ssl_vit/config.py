@@ -262,7 +262,10 @@ def type_name(tp: Any) -> str:
     if origin is Literal:
         return "{" + ",".join(str(a) for a in typing.get_args(tp)) + "}"
     if origin is tuple:
-        return "tuple[" + ",".join(type_name(a) for a in typing.get_args(tp)) + "]"
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"tuple[{type_name(args[0])},...]"
+        return "tuple[" + ",".join(type_name(a) for a in args) + "]"
     if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in typing.get_args(tp))
     if tp is type(None):

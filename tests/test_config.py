@@ -158,3 +158,10 @@ def test_recipe_help_and_typo_from_the_command_line():
     )
     assert bad.returncode != 0
     assert "--train.epoch: unknown option; did you mean --train.epochs" in bad.stderr
+
+
+def test_type_names_in_help():
+    from ssl_vit.config import type_name
+
+    assert type_name(tuple[int, ...]) == "tuple[int,...]"
+    assert type_name(float | None) == "float | none"
