@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -62,6 +63,15 @@ class Backbone(nn.Module):
         if ph != pw:
             raise ValueError(f"only square patches are supported, got {ph}x{pw}")
         self.patch_size: int = ph
+        self.grad_checkpointing = False
+        """Recompute each block in the backward pass instead of storing its activations."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (timm's method name): while gradients are
+        recorded, each block keeps only its input and is re-run (same RNG: drop path and dropout
+        draw the same) in the backward pass. Gradients are unchanged; memory drops to one block's
+        activations plus the block inputs, for about one more forward pass of compute."""
+        self.grad_checkpointing = enable
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -111,15 +121,24 @@ class Backbone(nn.Module):
         num_prefix = n_own + (0 if prefix is None else prefix.shape[1])
         x = self.norm_pre(self.patch_drop(self.pos_drop(x)))
 
-        layers, attn = [], None
+        layers, attn = [], []
         for i, block in enumerate(self.blocks):
-            if return_attn and i == self.depth - 1:
-                attn = attention_probs(block, x)
-            x = block(x)
+            # read inside the block's call, where a sharding wrapper (FSDP) has gathered its weights
+            hook = (
+                block.register_forward_pre_hook(lambda b, a: attn.append(attention_probs(b, a[0])))
+                if return_attn and i == self.depth - 1
+                else None
+            )
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if hook is not None:
+                hook.remove()
             if i >= self.depth - n_last:
                 layers.append(self.norm(x))
         x = layers[-1] if n_last > 0 else self.norm(x)
-        return BackboneOutput(x, num_prefix, layers, attn)
+        return BackboneOutput(x, num_prefix, layers, attn[0] if attn else None)
 
     def to_timm(self) -> nn.Module:
         """A timm VisionTransformer (num_classes=0) holding a copy of these weights."""

@@ -1,14 +1,24 @@
-"""`ssl-vit bench`: time a method's training step against a full-token step of the same encoder.
+"""`ssl-vit bench`: time a method's training step, with and without its data pipeline.
 
     ssl-vit bench --method mae --model.name vit_base_patch16_224 --bench.batch_size 64
+    ssl-vit bench --method dino --bench.modes compute,e2e,loader --data.num_workers 8
 
 A step is forward + backward + AdamW step (fused on GPU, the project's param groups), as the
-trainer runs it, on synthetic images held on the device, so neither data loading nor host copies
-are timed. The baseline is "supervised ViT": the same backbone on all tokens, cls token -> linear
-head (1000 classes) -> cross-entropy, with the same optimizer. Each phase runs in its own freshly
-spawned process, so the peak memory of one never counts against the other: on GPU the peak
-allocated memory, on CPU the peak resident set of the process (which includes ~0.3-0.5 GiB of
-Python and library code). A table goes to stderr and the metrics as one JSON line to stdout.
+trainer runs it. `--bench.modes` picks what is timed:
+
+* compute: the step on synthetic tensors held on the device (no data loading, no host copies),
+  and, with bench.baseline, a "supervised ViT" step of the same encoder for scale: all tokens,
+  cls token -> linear head (1000 classes) -> cross-entropy, same optimizer;
+* e2e: the same step fed by the real pipeline: the method's view and the trainer's DataLoader
+  (`ssl_vit.data.build_loader`) over data.path with data.num_workers, then the host-to-device copy;
+* loader: the DataLoader alone (no model), for the MAE, DINO and DeiT views: img/s and img/s per
+  worker.
+
+Each step phase runs in its own freshly spawned process, so the peak memory of one never counts
+against another: on GPU the peak allocated memory, on CPU the peak resident set of the process
+(which includes ~0.3-0.5 GiB of Python and library code, and not the loader workers). Each phase
+also reports its analytic training FLOPs per image (`ssl_vit.flops`), the achieved TFLOP/s and,
+given a device peak, the MFU. A table goes to stderr and the metrics as one JSON line to stdout.
 """
 
 from __future__ import annotations
@@ -26,17 +36,19 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_vit import flops
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import (
     Config,
     ConfigError,
+    DataConfig,
     ModelConfig,
     TrainConfig,
     apply_overrides,
@@ -45,10 +57,11 @@ from ssl_vit.config import (
     pop_method,
     validate,
 )
+from ssl_vit.data import DataError, build_dataset, build_loader
 from ssl_vit.methods import METHODS
 from ssl_vit.optim import build_optimizer
 
-NUM_CLASSES = 1000
+NUM_CLASSES = flops.FULL_TOKEN_CLASSES
 """Classes of the full-token baseline's head (ImageNet-1k, as the supervised ViT it stands for)."""
 LR = 1e-4
 """Learning rate of the timed steps; its value does not change the cost (non-zero: weights move)."""
@@ -57,10 +70,16 @@ PHASE_METRICS = (
     "step_time_mean_s",
     "img_per_s",
     "ms_per_img",
+    "tflops",
+    "mfu",
     "peak_mem_mib",
     "loss",
 )
-"""What each phase reports (PhaseResult.metrics)."""
+"""What each phase reports (PhaseResult.metrics); tflops is achieved TFLOP/s at the median."""
+LOADER_METRICS = ("img_per_s", "img_per_s_per_worker", "batch_time_s")
+"""What the loader mode reports per view, as `loader_<view>_<metric>`."""
+Mode = Literal["compute", "e2e", "loader"]
+ViewName = Literal["mae", "dino", "deit"]
 
 
 @dataclass
@@ -70,25 +89,57 @@ class BenchConfig:
     steps: int = 10
     """Timed steps per phase (median and mean are reported)."""
     warmup: int = 3
-    """Untimed steps before timing (allocator, kernel selection, lazy init)."""
+    """Untimed steps before timing (allocator, kernel selection, lazy init, torch.compile)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 autocast on CUDA, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available, else cpu."""
+    modes: tuple[Mode, ...] = ("compute",)
+    """What to time, comma-separated: compute = the step on synthetic tensors already on the
+    device; e2e = the same step fed by the real pipeline (the method's view, the trainer's
+    DataLoader over data.path with data.num_workers, the copy to the device); loader = the
+    DataLoader alone for each of bench.loader_views."""
     baseline: bool = True
-    """Also time the full-token supervised step of the same encoder and report the ratio."""
+    """With the compute mode, also time the full-token supervised step of the same encoder and
+    report the ratio."""
+    loader_views: tuple[ViewName, ...] = ("mae", "dino", "deit")
+    """Views the loader mode times: mae (crop, flip), dino (multi-crop), deit (RandAugment,
+    random erasing). The benched method's view takes its --method.* fields; the others their
+    defaults."""
+    loader_batches: int = 40
+    """Batches timed per view by the loader mode, after max(bench.warmup, data.num_workers)
+    untimed ones that start every worker; keep it well above data.num_workers."""
+    peak_tflops: float = 0.0
+    """Device peak TFLOP/s for MFU; 0 = the GPU's dense peak at the run's precision from
+    ssl_vit/flops.py's table (a CPU or an unknown GPU has none: MFU is then null)."""
     output: str = ""
     """Also write the final metrics as JSON to this file ('' = stdout only)."""
 
 
 @dataclass
+class BenchTrainConfig:
+    compile: bool = False
+    """Compile the step's module with torch.compile, as train.compile does (compilation falls in
+    the warmup steps)."""
+
+
+@dataclass
 class BenchRoot:
-    """What `ssl-vit bench` runs: the encoder, the method (picked by --method) and the timing."""
+    """What `ssl-vit bench` runs: the encoder, the data, the method (picked by --method) and the
+    timing."""
 
     bench: BenchConfig = field(default_factory=BenchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: BenchTrainConfig = field(default_factory=BenchTrainConfig)
     method: Any = None
     """The method's own config dataclass; its class attribute `name` picks the method."""
+
+
+def run_config(root: BenchRoot, method: Any = None) -> Config:
+    """The training Config the bench stands for (views, samplers and validation read it)."""
+    train = TrainConfig(batch_size=root.bench.batch_size, compile=root.train.compile)
+    return Config(model=root.model, data=root.data, train=train, method=method or root.method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,25 +160,74 @@ class FullTokenClassifier(nn.Module):
         feats = out.tokens[:, 0] if out.num_prefix else out.tokens.mean(dim=1)
         return {"loss": F.cross_entropy(self.head(feats), batch["labels"])}
 
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.training_step(batch)
+
 
 def build_backbone(root: BenchRoot) -> Backbone:
-    return Backbone(root.model.name, **root.model.timm_kwargs())
+    """As the trainer builds it, with model.grad_checkpointing when set (its recompute is not
+    counted in the FLOPs: MFU counts model FLOPs)."""
+    backbone = Backbone(root.model.name, **root.model.timm_kwargs())
+    if getattr(root.model, "grad_checkpointing", False):
+        backbone.set_grad_checkpointing(True)
+    return backbone
 
 
 def build_method(root: BenchRoot) -> nn.Module:
-    return METHODS[root.method.name].build(build_backbone(root), root.method)
+    """The method as the trainer builds it. A distilling DeiT without teacher_weights gets a
+    randomly initialised timm `method.teacher`: its weights do not change the cost."""
+    cfg, extra = root.method, {}
+    if cfg.name == "deit" and cfg.distillation != "none" and not cfg.teacher_weights:
+        extra["teacher"] = timm.create_model(cfg.teacher, num_classes=cfg.num_classes)
+    return METHODS[cfg.name].build(build_backbone(root), cfg, **extra)
 
 
 def build_full_token(root: BenchRoot) -> nn.Module:
     return FullTokenClassifier(build_backbone(root))
 
 
-PHASES: dict[str, Callable[[BenchRoot], nn.Module]] = {
-    "method": build_method,
-    "full_token": build_full_token,
+def vit_dims(module: nn.Module) -> flops.ViTDims | None:
+    """The dims of the module's backbone; None for a ViT with non-standard blocks (uncounted)."""
+    try:
+        return flops.ViTDims.of(module.backbone)
+    except ValueError:
+        return None
+
+
+def method_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:
+    """Analytic step FLOPs of the method (None for the evaluators); a DeiT teacher's forward
+    counted by FlopCounterMode on one image (a CNN, or any classifier: no analytic count here)."""
+    dims = vit_dims(module) if root.method.name in flops.METHOD_FLOPS else None
+    if dims is None:
+        return None
+    teacher, teacher_flops = getattr(module, "teacher", None), 0
+    if root.method.name == "deit" and teacher is not None:
+        size = root.method.teacher_img_size or root.model.img_size
+        teacher_flops = flops.counted_forward_flops(teacher, (1, dims.in_chans, size, size))
+    return flops.step_flops(root.model, root.method, teacher_flops, dims)
+
+
+def full_token_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:
+    dims = vit_dims(module)
+    return None if dims is None else flops.full_token_flops(dims, root.model.img_size)
+
+
+class Phase(NamedTuple):
+    build: Callable[[BenchRoot], nn.Module]
+    """Builds the module whose training_step is timed."""
+    count: Callable[[BenchRoot, nn.Module], flops.StepFlops | None]
+    """Its training FLOPs per image."""
+    feed: Literal["synthetic", "loader"]
+    """synthetic: one batch of device tensors, reused; loader: the real pipeline, per step."""
+
+
+PHASES: dict[str, Phase] = {
+    "method": Phase(build_method, method_flops, "synthetic"),
+    "e2e": Phase(build_method, method_flops, "loader"),
+    "full_token": Phase(build_full_token, full_token_flops, "synthetic"),
 }
-"""Phase name -> module builder. The method phase's metrics are reported unprefixed, the others'
-under `<phase>_`."""
+"""Phase name -> how to build, count and feed it. The method's compute phase reports its metrics
+unprefixed, the others under `<phase>_`."""
 
 
 @dataclass
@@ -142,15 +242,22 @@ class PhaseResult:
     """The GPU's name, or the CPU's."""
     threads: int
     """Torch intra-op CPU threads of the phase's process."""
+    step_flops: flops.StepFlops | None = None
+    """Analytic FLOPs per image of the step (None where the method has no count)."""
 
-    def metrics(self, batch_size: int) -> dict[str, float | None]:
-        """PHASE_METRICS: median, mean step time; img/s, ms/img at the median; memory; loss."""
+    def metrics(self, batch_size: int, peak_tflops: float | None = None) -> dict[str, Any]:
+        """PHASE_METRICS: median, mean step time; img/s, ms/img, TFLOP/s, MFU at the median;
+        memory; loss."""
         median = statistics.median(self.step_times_s)
+        img_per_s = batch_size / median
+        count = None if self.step_flops is None else self.step_flops.train
         values = (
             median,
             statistics.fmean(self.step_times_s),
-            batch_size / median,
+            img_per_s,
             1e3 * median / batch_size,
+            None if count is None else flops.achieved_tflops(count, img_per_s),
+            None if count is None else flops.mfu(count, img_per_s, peak_tflops),
             self.peak_mem_mib,
             self.loss,
         )
@@ -160,10 +267,12 @@ class PhaseResult:
 def synthetic_batch(root: BenchRoot, device: torch.device, in_chans: int) -> dict[str, Any]:
     """Standard-normal pixels on `device` in the structure the method's view gives one image
     ({"images"} for MAE, {"crops": [...]} for DINO), each tensor batched to bench.batch_size; plus
-    "images" (B, C, img_size, img_size) for the full-token phase and "labels" in [0, NUM_CLASSES).
+    "images" (B, C, img_size, img_size) for the full-token phase and "labels" in [0, K), K the
+    fewer of NUM_CLASSES and the method's num_classes (DeiT's one-hot targets need label < K).
     """
     b, s = root.bench.batch_size, root.model.img_size
-    view = METHODS[root.method.name].view(Config(model=root.model, method=root.method))
+    classes = min(NUM_CLASSES, getattr(root.method, "num_classes", NUM_CLASSES))
+    view = METHODS[root.method.name].view(run_config(root))
     item = view(torch.zeros(in_chans, s, s, dtype=torch.uint8))
 
     def batched(x: Any) -> Any:
@@ -174,8 +283,56 @@ def synthetic_batch(root: BenchRoot, device: torch.device, in_chans: int) -> dic
     return {
         "images": torch.randn(b, in_chans, s, s, device=device),
         **{key: batched(value) for key, value in item.items()},
-        "labels": torch.randint(0, NUM_CLASSES, (b,), device=device),
+        "labels": torch.randint(0, classes, (b,), device=device),
     }
+
+
+def real_loader(
+    root: BenchRoot, method: Any, batches: int, pin_memory: bool = True
+) -> torch.utils.data.DataLoader:
+    """The trainer's DataLoader (data.num_workers workers, `collate`) over data.path through the
+    view of `method` (a method config), for one process, holding exactly `batches` batches.
+
+    Its order is the method's epoch order (shuffled, or e.g. repeated augmentation) repeated over
+    epochs as needed, cut to `batches` x bench.batch_size. So the loader ends right after the last
+    batch the bench takes: no worker restart between epochs inside a timed window, and no worker
+    stopped in the middle of a batch at the end.
+    """
+    cfg = run_config(root, method)
+    b, spec = root.bench.batch_size, METHODS[method.name]
+    dataset = build_dataset(cfg.data, spec.view(cfg), seed=0, image_size=cfg.model.img_size)
+    if len(dataset) < b:
+        raise DataError(f"data.path: {len(dataset)} images, fewer than bench.batch_size {b}")
+    base = spec.sampler(cfg, len(dataset), 1) if spec.sampler else None
+    generator, order, epoch = torch.Generator().manual_seed(0), [], 0
+    while len(order) < batches * b:
+        if base is None:
+            order += torch.randperm(len(dataset), generator=generator).tolist()
+        else:
+            base.set_epoch(epoch)
+            order += list(base)
+        epoch += 1
+    return build_loader(
+        dataset,
+        b,
+        shuffle=False,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        pin_memory=pin_memory and cfg.data.pin_memory,
+        seed=0,
+        sampler=order[: batches * b],
+    )
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Tensors (in dicts and lists) to `device`; non-blocking, which pays off from pinned memory."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, list):
+        return [to_device(v, device) for v in x]
+    return x
 
 
 def synchronize(device: torch.device) -> None:
@@ -203,27 +360,39 @@ def peak_memory_mib(device: torch.device) -> float | None:
 
 
 def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> PhaseResult:
-    """Build the phase's module and optimizer, run warmup then timed steps; in a fresh process."""
+    """Build the phase's module and optimizer, run warmup then timed steps; in a fresh process.
+
+    A loader-fed phase times each step from asking the loader for its batch to the synchronised
+    end of the optimizer step, so waiting on the workers and the device copy count."""
     torch.manual_seed(0)
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    module = PHASES[phase](root).to(dev).train()
+    spec = PHASES[phase]
+    module = spec.build(root).to(dev).train()
+    step_flops = spec.count(root, module)
     betas = getattr(root.method, "betas", (0.9, 0.999))
     optimizer = build_optimizer(
         module, "adamw", TrainConfig.weight_decay, betas=betas, fused=dev.type == "cuda", lr=LR
     )
-    backbone = next(m for m in module.modules() if isinstance(m, Backbone))
-    batch = synthetic_batch(root, dev, backbone.patch_embed.proj.in_channels)
     total = root.bench.warmup + root.bench.steps
+    if spec.feed == "loader":
+        batches = (to_device(batch, dev) for batch in real_loader(root, root.method, total))
+    else:
+        backbone = next(m for m in module.modules() if isinstance(m, Backbone))
+        batch = synthetic_batch(root, dev, backbone.patch_embed.proj.in_channels)
+        batches = (batch for _ in range(total))
     if hasattr(module, "set_schedule"):  # as the trainer does (DINO's epoch-based schedules)
         module.set_schedule(total, total)
+    # as the trainer compiles: forward = training_step, static shapes (one graph, no recompile)
+    step_fn = torch.compile(module, dynamic=False) if root.train.compile else module
 
     # The trainer's before_optimizer_step is left out: it only drops gradients early in a run
     # (DINO's frozen last layer), and the bench times the steady state.
     def step(i: int) -> Tensor:
+        batch = next(batches)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = module.training_step(batch)["loss"]
+            loss = step_fn(batch)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -241,20 +410,61 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         synchronize(dev)
         times.append(time.perf_counter() - start)
     return PhaseResult(
-        times, float(loss), peak_memory_mib(dev), device_name(dev), torch.get_num_threads()
+        times,
+        float(loss),
+        peak_memory_mib(dev),
+        device_name(dev),
+        torch.get_num_threads(),
+        step_flops,
     )
 
 
-def run_isolated(phase: str, root: BenchRoot, device: str, precision: str) -> PhaseResult:
-    """`run_phase` in a freshly spawned process, so its peak memory is its own."""
+@dataclass
+class LoaderResult:
+    img_per_s: float
+    """Images per second delivered by the DataLoader, over the timed batches."""
+    workers: int
+    """Loader worker processes (0 = loaded in the main process)."""
+    batch_time_s: float
+    """Mean seconds per batch."""
+
+    def metrics(self) -> dict[str, float]:
+        """LOADER_METRICS; per worker divides by max(workers, 1): 0 workers is one process."""
+        per_worker = self.img_per_s / max(self.workers, 1)
+        values = (self.img_per_s, per_worker, self.batch_time_s)
+        return dict(zip(LOADER_METRICS, values, strict=True))
+
+
+def run_loader(root: BenchRoot) -> dict[str, LoaderResult]:
+    """Iterate the real DataLoader of each of bench.loader_views, no model: warm up every worker,
+    then time bench.loader_batches batches. Collation included; no pinning or device copy."""
+    b, workers = root.bench.batch_size, root.data.num_workers
+    warm, n = max(root.bench.warmup, workers), root.bench.loader_batches
+    results = {}
+    for name in root.bench.loader_views:
+        method = root.method if root.method.name == name else METHODS[name].config()
+        # host-side throughput: no pinning (nor the CUDA context it would create)
+        batches = iter(real_loader(root, method, warm + n, pin_memory=False))
+        for _ in range(warm):
+            next(batches)
+        start = time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        elapsed = time.perf_counter() - start
+        results[name] = LoaderResult(n * b / elapsed, workers, elapsed / n)
+        next(batches, None)  # its end: the workers, idle, stop
+    return results
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, what: str) -> Any:
+    """`fn(*args)` in a freshly spawned process, so its peak memory is its own."""
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         try:
-            return pool.submit(run_phase, phase, root, device, precision).result()
+            return pool.submit(fn, *args).result()
         except BrokenProcessPool:
             raise RuntimeError(
-                f"the {phase} phase's process died (out of memory? try a smaller "
-                "--bench.batch_size)"
+                f"the {what} process died (out of memory? try a smaller --bench.batch_size)"
             ) from None
 
 
@@ -274,29 +484,58 @@ def resolve(bench: BenchConfig) -> tuple[str, str]:
 
 
 def check(root: BenchRoot) -> None:
-    """Raise ConfigError listing every invalid value (model and method checks are the trainer's)."""
+    """Raise ConfigError listing every invalid value (model, data and method checks are the
+    trainer's; its train.batch_size is bench.batch_size here; no DeiT teacher weights needed)."""
     errors = []
     try:
-        validate(Config(model=root.model, method=root.method))
+        validate(run_config(root))
     except ConfigError as e:
-        errors += e.errors
+        errors += [
+            err.replace("train.batch_size", "bench.batch_size")
+            for err in e.errors
+            if not err.startswith("method.teacher_weights:")
+        ]
     b = root.bench
-    for key in ("batch_size", "steps"):
+    for key in ("batch_size", "steps", "loader_batches"):
         if getattr(b, key) < 1:
             errors.append(f"bench.{key}: must be >= 1, got {getattr(b, key)}")
     if b.warmup < 0:
         errors.append(f"bench.warmup: must be >= 0, got {b.warmup}")
+    if b.peak_tflops < 0:
+        errors.append(f"bench.peak_tflops: must be >= 0, got {b.peak_tflops}")
+    for key in ("modes", "loader_views"):
+        if not getattr(b, key):
+            errors.append(f"bench.{key}: name at least one")
     if b.device == "cuda" and not torch.cuda.is_available():
         errors.append("bench.device: cuda asked for, but torch sees no CUDA device")
     if errors:
         raise ConfigError(errors)
 
 
+def peak(
+    root: BenchRoot, device: str, name: str, precision: str
+) -> tuple[float | None, str | None]:
+    """(peak TFLOP/s, where it comes from): --bench.peak_tflops, else the table's dense peak of
+    the GPU `name`; (None, None) on CPU (no CPU peak is guessed) or for an unknown GPU."""
+    if root.bench.peak_tflops:
+        return root.bench.peak_tflops, "--bench.peak_tflops"
+    found = flops.device_peak_tflops(name, precision) if device == "cuda" else None
+    return found if found else (None, None)
+
+
 def summarize(
-    root: BenchRoot, device: str, precision: str, results: dict[str, PhaseResult]
+    root: BenchRoot,
+    device: str,
+    precision: str,
+    results: dict[str, PhaseResult],
+    loader: dict[str, LoaderResult] | None = None,
 ) -> dict[str, Any]:
-    """The final metrics: run description, then per phase step time, img/s, memory, loss."""
+    """The final metrics: run description, FLOPs and peak, then per phase step time, img/s,
+    TFLOP/s, MFU, memory, loss; the loader's img/s per view."""
     b = root.bench
+    first = next(iter(results.values()), None)
+    name = first.device_name if first else ""
+    peak_tflops, peak_source = peak(root, device, name, precision)
     metrics: dict[str, Any] = {
         "method": root.method.name,
         "method_config": dataclasses.asdict(root.method),
@@ -305,20 +544,41 @@ def summarize(
         "batch_size": b.batch_size,
         "steps": b.steps,
         "warmup": b.warmup,
+        "modes": list(b.modes),
         "precision": precision,
+        "compile": root.train.compile,
         "device": device,
-        "device_name": results["method"].device_name,
-        "threads": results["method"].threads,
+        "device_name": name or None,
+        "threads": first.threads if first else torch.get_num_threads(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "peak_mem_kind": "cuda_max_allocated" if device == "cuda" else "process_peak_rss",
+        "data_path": root.data.path,
+        "num_workers": root.data.num_workers,
+        "peak_tflops": peak_tflops,
+        "peak_source": peak_source,
+    }
+    counted = {p: r.step_flops for p, r in results.items() if r.step_flops is not None}
+    method = counted.get("method") or counted.get("e2e")
+    metrics |= {
+        "flops_per_img": method.train if method else None,
+        "forward_flops_per_img": method.forward if method else None,
+        "full_token_flops_per_img": counted["full_token"].train
+        if "full_token" in counted
+        else None,
     }
     for phase in PHASES:
         r = results.get(phase)
-        values = r.metrics(b.batch_size) if r else dict.fromkeys(PHASE_METRICS)
+        values = r.metrics(b.batch_size, peak_tflops) if r else dict.fromkeys(PHASE_METRICS)
         metrics |= {prefixed(phase, k): v for k, v in values.items()}
-    base = metrics[prefixed("full_token", "step_time_s")]
-    metrics["ratio"] = metrics["step_time_s"] / base if base else None
+    base, e2e = (metrics[prefixed(p, "step_time_s")] for p in ("full_token", "e2e"))
+    step = metrics["step_time_s"]
+    metrics["ratio"] = step / base if step and base else None
+    metrics["e2e_over_compute"] = e2e / step if step and e2e else None
+    metrics["loader_views"] = list(loader) if loader is not None else []
+    metrics["loader_batches"] = b.loader_batches if loader is not None else None
+    for view, result in (loader or {}).items():
+        metrics |= {f"loader_{view}_{k}": v for k, v in result.metrics().items()}
     return metrics
 
 
@@ -330,25 +590,65 @@ def prefixed(phase: str, key: str) -> str:
 def table(m: dict[str, Any]) -> str:
     """The metrics as a human-readable table."""
     kw = ", ".join(f"{k}={v}" for k, v in m["model_kwargs"].items())
-    lines = [
-        f"{m['method']} on {m['model']} ({kw}), batch {m['batch_size']}, {m['precision']} on "
-        f"{m['device']} ({m['device_name']}, {m['threads']} threads), torch {m['torch']}, "
-        f"median of {m['steps']} steps after {m['warmup']} warmup",
-        f"{'phase':<12}{'step med (s)':>14}{'step mean (s)':>15}{'img/s':>10}{'ms/img':>10}"
-        f"{'peak mem (MiB)':>16}{'loss':>10}",
-    ]
-    for phase in PHASES:
-        v = {k: m[prefixed(phase, k)] for k in PHASE_METRICS}
-        if v["step_time_s"] is None:
-            continue
-        mem = "n/a" if v["peak_mem_mib"] is None else f"{v['peak_mem_mib']:.0f}"
+    compiled = ", compiled" if m.get("compile") else ""
+    lines = []
+    rows = [p for p in PHASES if m[prefixed(p, "step_time_s")] is not None]
+    if rows:
         lines.append(
-            f"{m['method'] if phase == 'method' else phase:<12}{v['step_time_s']:>14.4f}"
-            f"{v['step_time_mean_s']:>15.4f}{v['img_per_s']:>10.1f}{v['ms_per_img']:>10.2f}"
-            f"{mem:>16}{v['loss']:>10.4f}"
+            f"{m['method']} on {m['model']} ({kw}), batch {m['batch_size']}, {m['precision']}"
+            f"{compiled} on {m['device']} ({m['device_name']}, {m['threads']} threads), torch "
+            f"{m['torch']}, median of {m['steps']} steps after {m['warmup']} warmup"
+        )
+        lines.append(
+            f"{'phase':<12}{'feed':<12}{'step med (s)':>14}{'step mean (s)':>15}{'img/s':>10}"
+            f"{'ms/img':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak mem (MiB)':>16}{'loss':>10}"
+        )
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    for phase in rows:
+        v = {k: m[prefixed(phase, k)] for k in PHASE_METRICS}
+        feed = "synthetic" if PHASES[phase].feed == "synthetic" else f"loader/{m['num_workers']}w"
+        lines.append(
+            f"{m['method'] if phase == 'method' else phase:<12}{feed:<12}"
+            f"{v['step_time_s']:>14.4f}{v['step_time_mean_s']:>15.4f}{v['img_per_s']:>10.1f}"
+            f"{v['ms_per_img']:>10.2f}{fmt(v['tflops'], '.3g'):>10}{fmt(v['mfu'], '.1%'):>8}"
+            f"{fmt(v['peak_mem_mib'], '.0f'):>16}{v['loss']:>10.4f}"
+        )
+    if m["flops_per_img"] is not None or m["full_token_flops_per_img"] is not None:
+        parts = []
+        if m["flops_per_img"] is not None:
+            parts.append(
+                f"{m['method']} step {m['flops_per_img'] / 1e9:.4g} G "
+                f"(forward {m['forward_flops_per_img'] / 1e9:.4g} G)"
+            )
+        if m["full_token_flops_per_img"] is not None:
+            parts.append(f"full-token step {m['full_token_flops_per_img'] / 1e9:.4g} G")
+        lines.append("analytic FLOPs per image: " + ", ".join(parts))
+    if rows:
+        source = m["peak_source"]
+        lines.append(
+            f"MFU against {m['peak_tflops']} TFLOP/s ({source})"
+            if source
+            else "MFU: n/a (no known device peak; give --bench.peak_tflops)"
         )
     if m["ratio"] is not None:
         lines.append(f"ratio {m['method']} / full-token step time: {m['ratio']:.3f}")
+    if m["e2e_over_compute"] is not None:
+        lines.append(f"e2e / compute step time: {m['e2e_over_compute']:.3f}")
+    if m["loader_views"]:
+        lines.append(
+            f"data loader alone: {m['data_path']} at {m['model_kwargs']['img_size']} px, batch "
+            f"{m['batch_size']}, {m['num_workers']} workers, {m['loader_batches']} batches timed"
+        )
+        lines.append(f"{'view':<12}{'img/s':>10}{'img/s/worker':>14}{'s/batch':>10}")
+        for view in m["loader_views"]:
+            v = {k: m[f"loader_{view}_{k}"] for k in LOADER_METRICS}
+            lines.append(
+                f"{view:<12}{v['img_per_s']:>10.1f}{v['img_per_s_per_worker']:>14.1f}"
+                f"{v['batch_time_s']:>10.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -366,30 +666,43 @@ def configure(argv: list[str]) -> BenchRoot | None:
     return root
 
 
+def phases(bench: BenchConfig) -> list[str]:
+    """The step phases the modes ask for, in PHASES order."""
+    wanted = {
+        "method": "compute" in bench.modes,
+        "e2e": "e2e" in bench.modes,
+        "full_token": "compute" in bench.modes and bench.baseline,
+    }
+    return [p for p in PHASES if wanted[p]]
+
+
 def bench(root: BenchRoot) -> dict[str, Any]:
     """Run every phase of `root` (each in its own process) and return the final metrics."""
     device, precision = resolve(root.bench)
-    phases = [p for p in PHASES if root.bench.baseline or p == "method"]
     results = {}
-    for phase in phases:
+    for phase in phases(root.bench):
         print(f"bench: timing the {phase} step ...", file=sys.stderr, flush=True)
-        results[phase] = run_isolated(phase, root, device, precision)
-    metrics = summarize(root, device, precision, results)
+        results[phase] = run_isolated(run_phase, phase, root, device, precision, what=phase)
+    loader = None
+    if "loader" in root.bench.modes:
+        print("bench: timing the data loader ...", file=sys.stderr, flush=True)
+        loader = run_isolated(run_loader, root, what="loader")
+    metrics = summarize(root, device, precision, results, loader)
     if not all(math.isfinite(r.loss) for r in results.values()):
         print("bench: warning: a non-finite loss; times may not be representative", file=sys.stderr)
     return metrics
 
 
 def main(argv: list[str]) -> int:
-    """`ssl-vit bench ...`: exit status 0, or 2 on a config error (printed to stderr)."""
+    """`ssl-vit bench ...`: exit status 0, or 2 on a config or data error (printed to stderr)."""
     try:
         root = configure(argv)
-    except ConfigError as e:
+        if root is None:
+            return 0
+        metrics = bench(root)
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if root is None:
-        return 0
-    metrics = bench(root)
     print(table(metrics), file=sys.stderr, flush=True)
     line = json.dumps(metrics)
     if root.bench.output:

@@ -10,6 +10,7 @@ moment leaves its previous good state loadable.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models import get_arch_name
 from timm.models.vision_transformer import checkpoint_filter_fn
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import (
@@ -42,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_CONFIG = "backbone.json"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -89,6 +91,26 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, step: int, keep_last:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def exclude_from_state_dict(module: nn.Module, child: str) -> None:
+    """Leave submodule `child` (a frozen teacher, rebuilt from its own file; or None) out of
+    `module.state_dict()`, so out of the training checkpoints Accelerate writes, and let
+    `module.load_state_dict` take state dicts without it: absent keys keep the child's values.
+    Torch's state-dict hooks, so it holds at any prefix (DDP's `module.`) and for any caller."""
+    module.register_state_dict_post_hook(functools.partial(_drop_child, child))
+    module.register_load_state_dict_pre_hook(functools.partial(_fill_child, child))
+
+
+def _drop_child(child: str, module: nn.Module, state: dict, prefix: str, _: Any) -> None:
+    for key in [k for k in state if k.startswith(f"{prefix}{child}.")]:
+        del state[key]
+
+
+def _fill_child(child: str, module: nn.Module, state: dict, prefix: str, *_: Any) -> None:
+    if (sub := getattr(module, child)) is not None:
+        for key, value in sub.state_dict(prefix=f"{prefix}{child}.").items():
+            state.setdefault(key, value)
 
 
 def export_timm(
@@ -232,7 +254,7 @@ def load_pretrained(
     state, top_keys = _select_state(obj, which, path)
     state = backbone_keys(state)
     if arch is not None:
-        name, kwargs = arch, {}
+        name, kwargs = architecture(arch), {}
     elif spec_file is not None and spec_file.is_file():
         name, kwargs = _read_spec(spec_file)
         name, kwargs = architecture(name), {k: v for k, v in kwargs.items() if k != "num_classes"}
@@ -256,7 +278,7 @@ def load_pretrained(
 
 
 def parse_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None]:
-    """(path, timm architecture or None) of a `--checkpoint` value: a path, or NAME=PATH."""
+    """(path, timm model name as given or None) of a `--checkpoint` value: a path, or NAME=PATH."""
     text = str(checkpoint)
     if Path(text).exists():
         return Path(text), None
@@ -264,7 +286,7 @@ def parse_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None]:
     if eq and timm.is_model(name):
         if not Path(file).exists():
             raise CheckpointError(f"{file}: not found (the weights file of {text!r})")
-        return Path(file), architecture(name)
+        return Path(file), name
     if timm.is_model(text):
         raise CheckpointError(
             f"{text!r} is a timm model name: give its weights file as {text}=PATH "
@@ -327,6 +349,31 @@ def backbone_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in out.items() if not _DROPPED.search(k)}
 
 
+def classifier_keys(
+    backbone: Backbone,
+    head: nn.Module,
+    num_classes: int,
+    distilled: tuple[Tensor, Tensor, nn.Module] | None = None,
+) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+    """(state dict, timm name, kwargs) of a ViT classifier that `timm.create_model(name, **kwargs)`
+    loads strictly: the backbone's ViT with `head`. With `distilled` = (dist_token, its position
+    embedding, head_dist): timm's `deit_*_distilled_patch16_224` sized as the backbone, pos_embed
+    over cls, dist and patches (what `backbone_keys` undoes)."""
+    state = backbone.state_dict() | {f"head.{k}": v for k, v in head.state_dict().items()}
+    kwargs = {**backbone.timm_kwargs, "num_classes": num_classes}
+    if distilled is None:
+        return state, backbone.name, kwargs
+    dist_token, dist_pos_embed, head_dist = distilled
+    pos = state["pos_embed"]
+    state["pos_embed"] = torch.cat([pos[:, :1], dist_pos_embed.detach(), pos[:, 1:]], dim=1)
+    state["dist_token"] = dist_token.detach()
+    state |= {f"head_dist.{k}": v for k, v in head_dist.state_dict().items()}
+    kwargs |= {k: getattr(backbone, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
+    kwargs["img_size"] = backbone.grid_size[0] * backbone.patch_size
+    size = re.search(r"(tiny|small|base)", backbone.name)
+    return state, f"deit_{size[1] if size else 'base'}_distilled_patch16_224", kwargs
+
+
 def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[str, dict[str, Any]]:
     """(timm name, kwargs) of the cls-token ViT a timm-named state dict holds, from its shapes.
 
@@ -369,42 +416,50 @@ def load_strict(
     backbone: Backbone, state: dict[str, Tensor], source: Path | str, top_keys: list[str]
 ) -> None:
     """load_state_dict(strict=True), after one error listing every mismatch (first 20 each)."""
-    want = backbone.state_dict()
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    misshaped = [k for k in want if k in state and state[k].shape != want[k].shape]
-    if missing or unexpected or misshaped:
-
-        def listing(title: str, keys: list[str], describe: Any) -> str:
-            more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
-            lines = "".join(f"\n    {k} {describe(k)}" for k in keys[:20])
-            return f"\n  {title} ({len(keys)}):{lines}{more}"
-
-        def shape(t: Tensor) -> tuple[int, ...]:
-            return tuple(t.shape)
-
+    if mismatches := _mismatches(backbone.state_dict(), state):
         raise CheckpointError(
             f"{source}: does not fit {backbone.name} {backbone.timm_kwargs} (after the key "
             "mapping: module./backbone. prefixes stripped; heads, mask/dist tokens and decoder "
-            "dropped)"
-            + listing("missing", missing, lambda k: shape(want[k]))
-            + listing("unexpected", unexpected, lambda k: shape(state[k]))
-            + listing(
-                "mis-shaped",
-                misshaped,
-                lambda k: f"checkpoint {shape(state[k])} vs model {shape(want[k])}",
-            )
-            + f"\n  the file's top-level keys: {top_keys[:20]}"
+            f"dropped){mismatches}\n  the file's top-level keys: {top_keys[:20]}"
         )
     backbone.load_state_dict(state, strict=True)
 
 
-def _select_state(obj: Any, which: str, path: Path) -> tuple[dict[str, Tensor], list[str]]:
-    """(the state dict holding the backbone, the file's top-level keys)."""
+def _mismatches(want: dict[str, Tensor], state: dict[str, Tensor]) -> str:
+    """'' when `state` has exactly the keys and shapes of `want`, else the missing, unexpected
+    and mis-shaped keys (first 20 of each), one per line."""
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    misshaped = [k for k in want if k in state and state[k].shape != want[k].shape]
+    if not (missing or unexpected or misshaped):
+        return ""
+
+    def listing(title: str, keys: list[str], describe: Any) -> str:
+        more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+        lines = "".join(f"\n    {k} {describe(k)}" for k in keys[:20])
+        return f"\n  {title} ({len(keys)}):{lines}{more}"
+
+    def shape(t: Tensor) -> tuple[int, ...]:
+        return tuple(t.shape)
+
+    return (
+        listing("missing", missing, lambda k: shape(want[k]))
+        + listing("unexpected", unexpected, lambda k: shape(state[k]))
+        + listing(
+            "mis-shaped",
+            misshaped,
+            lambda k: f"checkpoint {shape(state[k])} vs model {shape(want[k])}",
+        )
+    )
+
+
+def _select_state(obj: Any, which: str | None, path: Path) -> tuple[dict[str, Tensor], list[str]]:
+    """(the state dict holding the model: `which`, `model` or `state_dict` of the file, else the
+    file itself; the file's top-level keys)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     top_keys = [str(k) for k in obj]
-    if which in obj:
+    if which is not None and which in obj:
         state = obj[which]
     elif which == "student":
         raise CheckpointError(
@@ -443,6 +498,52 @@ def _override(kwargs: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
     if model.drop_path:
         kwargs["drop_path_rate"] = model.drop_path
     return kwargs
+
+
+def load_classifier(
+    checkpoint: str | Path, name: str = "", num_classes: int | None = None
+) -> nn.Module:
+    """A timm classifier, in eval mode, loaded safely (as load_pretrained) and strictly.
+
+    checkpoint: an ssl_vit run directory or its `classifier.safetensors` (any `.safetensors`
+    whose `<stem>.json` beside it names the timm model and kwargs: an ssl_vit export);
+    `NAME=PATH`, timm model NAME (a tag after the dot is ignored) from the state-dict file at
+    PATH; else a state-dict file for the timm model `name`. The state dict is the file's `model`
+    or `state_dict` entry (official DeiT / timm training files), else the file itself. A
+    timm-named model is built with `num_classes` classes when given; an exported one must have
+    that many. Nothing is downloaded.
+    """
+    path, arch = parse_checkpoint(checkpoint)
+    if path.is_dir():
+        path = path / CLASSIFIER_WEIGHTS
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: not found (a run directory has one once it trained a classifier)"
+            )
+    spec = path.with_suffix(".json")
+    if arch is None and path.suffix == ".safetensors" and spec.is_file():
+        name, kwargs = _read_spec(spec)
+    elif arch or name:
+        name = get_arch_name(arch or name)  # a pretrained tag is ignored: nothing is downloaded
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    else:
+        raise CheckpointError(f"{path}: no {spec.name} beside it: name its model as NAME=PATH")
+    state, top_keys = _select_state(read_checkpoint(path), None, path)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot build the timm model {name} {kwargs}: {e}") from None
+    if mismatches := _mismatches(model.state_dict(), state):
+        raise CheckpointError(
+            f"{path}: does not fit timm {name} {kwargs}{mismatches}\n  the file's top-level "
+            f"keys: {top_keys[:20]}"
+        )
+    model.load_state_dict(state)
+    if num_classes is not None and model.num_classes != num_classes:
+        raise CheckpointError(
+            f"{path}: a classifier of {model.num_classes} classes, not {num_classes}"
+        )
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +630,7 @@ def export_checkpoint(
     output = Path(output)
     if output.suffix != ".safetensors":
         raise CheckpointError(f"{output}: the export must be a .safetensors file")
-    classifier = Path(checkpoint) / "classifier.safetensors"
+    classifier = Path(checkpoint) / CLASSIFIER_WEIGHTS
     if what == "classifier" and not classifier.is_file():
         raise CheckpointError(
             f"{classifier}: not found (only a run directory that trained a classifier has one)"

@@ -31,7 +31,7 @@ USAGE = """usage: ssl-vit COMMAND [--section.field VALUE ...]
 commands:
   train   pretrain with a method's default config (--method mae); recipes/ hold the papers' recipes
   bench   time a training step of a method against a full-token supervised step
-  knn     weighted k-NN accuracy of a run's backbone (--checkpoint RUN_DIR|backbone.safetensors)
+  knn     weighted k-NN accuracy of any checkpoint's backbone (--checkpoint CHECKPOINT)
   linprobe  linear probe of a frozen backbone, MAE or DINO protocol (--checkpoint, --protocol)
   finetune  fine-tune a backbone end to end, MAE protocol (--checkpoint CHECKPOINT)
   export  a run's backbone (or classifier) or any checkpoint -> timm-named safetensors + JSON

@@ -50,6 +50,10 @@ class ModelConfig:
     """Attention heads per block; 0 keeps the timm model's own."""
     drop_path: float = 0.0
     """Stochastic-depth rate of the last block (linearly increasing over depth)."""
+    grad_checkpointing: bool = False
+    """Recompute each backbone block's activations in the backward pass instead of keeping them
+    (activation checkpointing): about a third more compute for a fraction of the activation memory;
+    for ViT-L/H at batch sizes that do not fit otherwise. Gradients are unchanged."""
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `timm.create_model(name, **kw)`: what differs from the name."""
@@ -103,6 +107,10 @@ class DataConfig:
     """Pin host memory for faster copies to the GPU (ignored on CPU)."""
     max_bad_fraction: float = 0.5
     """Stop with an error when more than this fraction of images cannot be read."""
+    decode_on_device: bool = False
+    """Loader workers only read file bytes; decoding (nvJPEG on GPU) and the random resized crop,
+    flip and normalisation run batched on the training device, for GPUs that outrun CPU decoding.
+    Single-view methods (mae, linprobe); the same augmentation distribution as on the CPU."""
 
 
 @dataclass
@@ -146,7 +154,12 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision: auto = bf16 on GPU, fp32 on CPU."""
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile the method's training step (forward and loss; backward through AOT autograd) with
+    torch.compile and static shapes: one compilation per run, every crop resolution in one graph.
+    The first step takes the compile time (a minute or more)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of train.compile: inductor (fused kernels; needs a C++ compiler on
+    CPU), or aot_eager / eager to debug a compile problem."""
     seed: int = 0
     """Seed of initialisation, data order, augmentation and masking."""
     log_every: int = 20
@@ -502,6 +515,14 @@ def validate(cfg: Config) -> Config:
         e.append(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
     if t.resume and t.overwrite:
         e.append("train.overwrite: cannot be combined with train.resume")
+    if t.compile:
+        from torch._dynamo import list_backends  # torch only when compiling: --help stays fast
+
+        if t.compile_backend not in list_backends(exclude_tags=()):
+            e.append(
+                f"train.compile_backend: unknown torch.compile backend {t.compile_backend!r}; "
+                f"known: {', '.join(['eager', 'aot_eager', *list_backends()])}"
+            )
 
     if cfg.method is None:
         e.append("method: no method config given")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,14 +30,20 @@ from ssl_vit.checkpoint import (
     BACKBONE_CONFIG,
     BACKBONE_WEIGHTS,
     CHECKPOINTS,
-    export_backbone,
     export_timm,
     latest_checkpoint,
     save_checkpoint,
     write_text_atomic,
 )
 from ssl_vit.config import Config, ConfigError, validate
-from ssl_vit.data import SkipCounter, build_dataset, build_loader
+from ssl_vit.data import (
+    SkipCounter,
+    batch_generator,
+    build_dataset,
+    build_loader,
+    device_single_view,
+    encoded_dataset,
+)
 from ssl_vit.eval.accuracy import classification_metrics, eval_loader
 from ssl_vit.methods import METHODS
 from ssl_vit.optim import build_optimizer, warmup_cosine
@@ -173,6 +179,52 @@ def clip_per_param_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def compile_step(model: nn.Module, backend: str = "inductor") -> Any:
+    """torch.compile of the (prepared) method, whose forward is the whole training step: masking,
+    encoder, decoder or heads, loss. Static shapes (dynamic=False): the batch size and every crop
+    resolution are fixed, so one graph compiles once, with no dynamic-shape recompile."""
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded parameter (a DTensor); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def export_weights(method: nn.Module, run_dir: Path, main: bool, stem: str = "backbone") -> None:
+    """Write the exported backbone (stem "backbone") or the method's timm classifier (any other
+    stem). Called on every process: under FSDP each gathers the shards (a collective); the main
+    process writes."""
+    if stem == "backbone":
+        backbone = exported_backbone(method)
+        state, spec = backbone.state_dict(), backbone.config_dict()
+        name, kwargs = spec["name"], spec["kwargs"]
+    else:
+        state, name, kwargs = method.export_classifier()
+    state = {k: full_tensor(v) for k, v in state.items()}
+    if main:
+        export_timm(state, name, kwargs, run_dir, stem)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Under FSDP2, the root module's own parameters (patch and position embeddings, tokens,
+    heads) gathered whole for calls other than `forward` (evaluation, pictures), which skip the
+    hooks that gather them; each block still gathers its own when called. Else nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def exported_backbone(method: nn.Module) -> Backbone:
     """The backbone a method exports: its own choice (DINO: the teacher's), else `.backbone`."""
     return method.export_backbone() if hasattr(method, "export_backbone") else method.backbone
@@ -226,7 +278,11 @@ def fit(cfg: Config) -> dict[str, Any]:
         mixed_precision=precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True,
+            data_seed=t.seed,
+            non_blocking=cfg.data.pin_memory and cuda,  # async copies from pinned memory: no sync
+        ),
     )
     main = accelerator.is_main_process
     resume_from = prepare_run_dir(cfg, main)
@@ -275,8 +331,20 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     backbone = (
         spec.backbone(cfg) if spec.backbone else Backbone(cfg.model.name, **cfg.model.timm_kwargs())
     )
+    backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
     method = spec.build(backbone, cfg.method)
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
+    device_view = None
+    if cfg.data.decode_on_device:  # workers read bytes; decoding and augmentation on the device
+        if cfg.method.name not in ("mae", "linprobe"):
+            raise ConfigError(
+                [
+                    f"data.decode_on_device: single-view methods only (mae, linprobe), not "
+                    f"{cfg.method.name!r}"
+                ]
+            )
+        dataset = encoded_dataset(dataset)
+        device_view = device_single_view(cfg.data, cfg.model.img_size)
     sampler = spec.sampler(cfg, len(dataset), accelerator.num_processes) if spec.sampler else None
     loader = build_loader(
         dataset,
@@ -306,12 +374,20 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
             state.epoch,
             state.batch_in_epoch,
         )
-    step_fn = torch.compile(model) if t.compile else model
+    step_fn = compile_step(model, t.compile_backend) if t.compile else model
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not fsdp and main:
+        log.warning(
+            "FSDP was asked for (ACCELERATE_USE_FSDP) but Accelerate runs %s: it shards only "
+            "over GPU (or other accelerator) processes; the model is replicated, not sharded",
+            accelerator.distributed_type.value,
+        )
     plan = make_plan(cfg, accelerator.num_processes, len(loader))
     if main:
         log.info(
             "%d images, effective batch %d = %d per device x %d processes x %d accumulation; "
-            "peak lr %.3g; %d steps (%d per epoch), stopping at %d",
+            "peak lr %.3g; %d steps (%d per epoch), stopping at %d; distributed %s, mixed "
+            "precision %s%s%s",
             len(dataset),
             plan.effective_batch,
             t.batch_size,
@@ -321,10 +397,14 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
             plan.total_steps,
             plan.steps_per_epoch,
             plan.stop_step,
+            accelerator.distributed_type.value,
+            accelerator.mixed_precision,
+            ", compiled" if t.compile else "",
+            ", activation checkpointing" if cfg.model.grad_checkpointing else "",
         )
     accelerator.init_trackers("tb")
     viz_images = None
-    if main and t.image_every_epochs:
+    if t.image_every_epochs and (main or fsdp):  # under FSDP every process joins the forward
         from ssl_vit.viz import dataset_images, tensorboard_images  # matplotlib only when asked
 
         viz_images = dataset_images(cfg.data, 8, cfg.model.img_size).to(accelerator.device)
@@ -359,21 +439,25 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
                 f.write(json.dumps(metrics) + "\n")
 
     def log_images() -> None:
+        with gathered(unwrapped):
+            summaries = tensorboard_images(unwrapped, viz_images, cfg.data.mean, cfg.data.std)
+        if not main:
+            return
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        summaries = tensorboard_images(unwrapped, viz_images, cfg.data.mean, cfg.data.std)
         for tag, image in summaries.items():
             writer.add_image(tag, image, state.step)
 
     def run_eval() -> None:
         nonlocal last_eval, best_eval
         last_eval = {"step": state.step, "epoch": state.epoch}
-        last_eval |= evaluate(cfg, accelerator, unwrapped)
+        with gathered(unwrapped):
+            last_eval |= evaluate(cfg, accelerator, unwrapped)
         log_metrics(last_eval)
         log.info("evaluation at step %d: %s", state.step, last_eval)
         if last_eval.get("val_top1", -1.0) > best_eval.get("best_val_top1", -1.0):
             best_eval = as_best(last_eval)
-            if main and hasattr(unwrapped, "export_classifier"):
-                export_timm(*unwrapped.export_classifier(), run_dir, "classifier_best")
+            if hasattr(unwrapped, "export_classifier"):
+                export_weights(unwrapped, run_dir, main, "classifier_best")
 
     while state.step < plan.stop_step:
         skip = state.batch_in_epoch
@@ -382,6 +466,9 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         epoch_loader.set_epoch(state.epoch)  # a skipping loader would reset it to its epoch 0
         dataset.set_epoch(state.epoch)  # the augmentation seeds
         for i, batch in enumerate(batches(epoch_loader), start=skip):
+            if device_view is not None:  # keyed by (seed, epoch, batch, rank): resumes exactly
+                key = (t.seed, state.epoch, i, accelerator.process_index)
+                batch = device_view.apply(batch, batch_generator(accelerator.device, *key))
             skipped = batch.pop("skipped", [])
             skips.update(skipped, len(batch["index"]) - len(skipped))
             boundary = (i + 1) % accum == 0 or i + 1 == n
@@ -479,10 +566,9 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         save()
     if t.eval_every_epochs and last_eval.get("step") != state.step:
         run_eval()
-    if main:
-        export_backbone(exported_backbone(unwrapped), run_dir)
-        if hasattr(unwrapped, "export_classifier"):
-            export_timm(*unwrapped.export_classifier(), run_dir, "classifier")
+    export_weights(unwrapped, run_dir, main)
+    if hasattr(unwrapped, "export_classifier"):
+        export_weights(unwrapped, run_dir, main, "classifier")
     result = {
         "run_dir": str(run_dir),
         "steps": state.step,

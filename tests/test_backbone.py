@@ -183,3 +183,42 @@ def test_backbone_source_knows_no_methods():
 def test_rejects_unserialisable_kwargs():
     with pytest.raises(ValueError, match="JSON"):
         Backbone(NAME, **KW, act_layer=torch.nn.GELU)
+
+
+def saved_activation_bytes(backbone: Backbone, x: torch.Tensor, n_last: int) -> tuple[int, dict]:
+    """Bytes of the non-parameter tensors autograd keeps for backward during one forward (what
+    activation checkpointing saves), and the parameters' gradients after a backward."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = backbone(x, n_last=n_last)
+    params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
+    (out.tokens.square().mean() + out.layers[0].mean()).backward()
+    grads = {n: p.grad for n, p in backbone.named_parameters()}
+    return sum(n for ptr, n in saved.items() if ptr not in params), grads
+
+
+def test_grad_checkpointing_same_gradients_less_saved_activations():
+    kw = {**KW, "depth": 4, "drop_path_rate": 0.2}  # drop path: recomputation redraws the same
+    x = images(b=4)
+    runs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        backbone = Backbone(NAME, **kw).train()
+        backbone.set_grad_checkpointing(on)
+        torch.manual_seed(1)
+        runs.append(saved_activation_bytes(backbone, x, n_last=2))
+    (plain_bytes, plain), (ckpt_bytes, ckpt) = runs
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0)
+    # only the block inputs and the non-block layers stay: 4 blocks of 65 tokens x 48 channels
+    assert ckpt_bytes < plain_bytes / 4, (plain_bytes, ckpt_bytes)
+    with torch.no_grad():  # nothing recorded (evaluation): the plain path
+        on = backbone.eval()(x).tokens
+        backbone.set_grad_checkpointing(False)
+        assert torch.equal(on, backbone(x).tokens)

@@ -1,4 +1,6 @@
-"""`ssl-vit bench`: one tiny end-to-end run (two spawned phase processes), --help, bad options."""
+"""`ssl-vit bench`: tiny end-to-end runs (spawned phase processes), --help, bad options; the
+analytic FLOP count against FlopCounterMode and REFERENCE.md's anchors; MFU arithmetic; the
+real-data phases (loader alone, e2e step) in this process."""
 
 import json
 import math
@@ -7,6 +9,13 @@ import pytest
 import torch
 
 from ssl_vit.bench import main
+
+
+def block_flops(t: int, d: int, h: int) -> int:
+    """A pre-norm ViT block on t tokens of width d, MLP width h, by hand: qkv 6td^2, proj 2td^2,
+    MLP 4tdh, attention q k^T and weights @ v 4t^2d (2 FLOPs per multiply-add)."""
+    return 8 * t * d * d + 4 * t * d * h + 4 * t * t * d
+
 
 TINY = [
     "--method", "mae",
@@ -19,7 +28,8 @@ TINY = [
 
 def test_bench_reports_consistent_metrics_for_method_and_full_token_step(capsys, tmp_path):
     out_file = tmp_path / "sub" / "bench.json"
-    assert main([*TINY, "--bench.output", str(out_file)]) == 0
+    args = ["--bench.modes", "compute,e2e", "--data.num_workers", "0", "--bench.peak_tflops", "2"]
+    assert main([*TINY, *args, "--bench.output", str(out_file)]) == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     assert len(lines) == 1, "stdout holds exactly one JSON line"
@@ -33,25 +43,46 @@ def test_bench_reports_consistent_metrics_for_method_and_full_token_step(capsys,
     assert m["method_config"]["decoder_dim"] == 32
     assert (m["batch_size"], m["steps"], m["warmup"]) == (4, 2, 1)
     assert (m["device"], m["precision"]) == ("cpu", "fp32")  # auto precision on CPU
-    for prefix in ("", "full_token_"):
+    assert m["modes"] == ["compute", "e2e"] and m["loader_views"] == []
+    # Analytic FLOPs, by hand: a block on T tokens of width D, MLP H costs 8TD^2 + 4TDH + 4T^2D;
+    # the patch embedding 2 * 64 * 48 * 48. MAE: encoder on 1 + 16 kept of 64 patches (D 48, H 192,
+    # 2 blocks), decoder embed 17 x 48 -> 32, 1 block on 65 tokens (D 32, H 128), pred 32 -> 48.
+    embed = 2 * 64 * 48 * 48
+    encoder = embed + 2 * block_flops(17, 48, 192)
+    decoder = 2 * 17 * 48 * 32 + block_flops(65, 32, 128) + 2 * 65 * 32 * 48
+    assert m["forward_flops_per_img"] == encoder + decoder == 4_676_096
+    assert m["flops_per_img"] == 3 * m["forward_flops_per_img"]
+    full = embed + 2 * block_flops(65, 48, 192) + 2 * 48 * 1000  # all tokens, 1000-class head
+    assert m["full_token_flops_per_img"] == 3 * full
+    assert (m["peak_tflops"], m["peak_source"]) == (2.0, "--bench.peak_tflops")
+    for prefix in ("", "e2e_", "full_token_"):
         t, mean = m[prefix + "step_time_s"], m[prefix + "step_time_mean_s"]
         assert 0 < t < 60 and 0 < mean < 60 and math.isfinite(t)
         assert m[prefix + "img_per_s"] == pytest.approx(4 / t)
         assert m[prefix + "ms_per_img"] == pytest.approx(1e3 * t / 4)
+        flops = m["full_token_flops_per_img" if prefix == "full_token_" else "flops_per_img"]
+        assert m[prefix + "tflops"] == pytest.approx(flops * 4 / t / 1e12)
+        assert m[prefix + "mfu"] == pytest.approx(m[prefix + "tflops"] / 2)
         # Peak RSS of a process that imported torch and built a model: well above 50 MiB.
         assert 50 < m[prefix + "peak_mem_mib"] < 1e5
     assert m["ratio"] == pytest.approx(m["step_time_s"] / m["full_token_step_time_s"])
+    assert m["e2e_over_compute"] == pytest.approx(m["e2e_step_time_s"] / m["step_time_s"])
     # The losses prove each step ran its model: MAE's norm-pix MSE on noise is near 1 + var(pred);
     # the 1000-class head's cross-entropy at init is near ln(1000) = 6.9 (2.3 for 10 classes).
-    assert 0.1 < m["loss"] < 10
+    # e2e regresses real (synthetic-dataset) images, so its loss is of the same kind.
+    assert 0.1 < m["loss"] < 10 and 0.1 < m["e2e_loss"] < 10
     assert 4 < m["full_token_loss"] < 10
     assert "ratio mae / full-token step time" in captured.err
+    assert "loader/0w" in captured.err and "e2e / compute step time" in captured.err
 
 
 def test_bench_help_lists_every_section(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for key in ("--bench.batch_size", "--bench.baseline", "--model.name", "--method.mask_ratio"):
+    keys = ("--bench.batch_size", "--bench.baseline", "--bench.modes", "--bench.loader_views",
+            "--bench.peak_tflops", "--data.num_workers", "--data.path", "--train.compile",
+            "--model.name", "--method.mask_ratio")  # fmt: skip
+    for key in keys:
         assert key in out
 
 
@@ -77,6 +108,7 @@ def test_summary_of_method_only_run_has_no_baseline_metrics():
     assert m["step_time_s"] == 0.2 and m["step_time_mean_s"] == pytest.approx(0.7 / 3)
     assert m["img_per_s"] == pytest.approx(40.0) and m["ms_per_img"] == pytest.approx(25.0)
     assert m["full_token_step_time_s"] is None and m["ratio"] is None
+    assert m["tflops"] is None and m["mfu"] is None  # no FLOP count given
     assert "full_token" not in table(m) and "ratio" not in table(m)
 
 
@@ -107,3 +139,184 @@ def test_bench_runs_dino_with_multi_crop_batches(capsys):
     assert m["method"] == "dino" and m["method_config"]["local_crops"] == 10
     # cross-entropy against a sharpened teacher over 64 outputs: about ln(64) = 4.2 at init
     assert 1 < m["loss"] < 10 and m["full_token_step_time_s"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs: the analytic count against FlopCounterMode, the reference anchors, MFU arithmetic.
+
+DEIT_TINY = [
+    "--method", "deit",
+    "--model.name", "vit_tiny_patch16_224", "--model.img_size", "32", "--model.patch_size", "8",
+    "--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2",
+    "--method.num_classes", "10", "--method.teacher", "test_resnet",
+    "--bench.batch_size", "2", "--bench.device", "cpu",
+]  # fmt: skip
+DISTILLED = ["--method.distillation", "hard", "--method.teacher_img_size", "48"]
+FLOP_CASES = {
+    "mae": TINY,
+    "dino": DINO_TINY,
+    "deit": DEIT_TINY,
+    "deit_distilled": DEIT_TINY + DISTILLED,
+}
+
+
+def counted_step(module, batch, backward: bool) -> int:
+    """FlopCounterMode's count of one training step's forward (and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        loss = module.training_step(batch)["loss"]
+        if backward:
+            loss.backward()
+    return counter.get_total_flops()
+
+
+def built(argv: list[str], phase: str = "method"):
+    """(root, module, its analytic StepFlops per image, a synthetic batch) of a tiny bench."""
+    from ssl_vit.bench import PHASES, configure, synthetic_batch
+
+    root = configure(argv)
+    torch.manual_seed(0)
+    module = PHASES[phase].build(root).train()
+    batch = synthetic_batch(root, torch.device("cpu"), 3)
+    return root, module, PHASES[phase].count(root, module), batch
+
+
+@pytest.mark.parametrize("case", [*FLOP_CASES, "full_token"])
+def test_analytic_forward_flops_equal_flop_counter_mode(case):
+    """Exact equality: both count 2 FLOPs per multiply-add of the same convolution, linear and
+    SDPA calls and nothing else (norms, softmax, GELU, losses, Mixup are uncounted by both), so
+    any difference is a missed or extra matmul; the teacher's share is FlopCounterMode's own
+    count of one image (DeiT), the rest analytic."""
+    argv = FLOP_CASES.get(case, TINY)
+    root, module, count, batch = built(argv, "full_token" if case == "full_token" else "method")
+    b = root.bench.batch_size
+    with torch.no_grad():
+        assert counted_step(module, batch, backward=False) == b * count.forward
+    assert (count.frozen > 0) == (case in ("dino", "deit_distilled"))
+
+
+@pytest.mark.parametrize("case", FLOP_CASES)
+def test_training_step_flops_are_3x_trained_forward_plus_frozen(case):
+    """fwd + bwd counted by FlopCounterMode = 3 x trained forward + frozen forward, up to two
+    documented, exactly computed departures: the patch embedding gets no input gradient (its
+    backward is 1 x, not 2 x, its forward), and FlopCounterMode counts flash attention's backward
+    recompute of q k^T (+0.5 x the attention core's forward), which model FLOPs leave out."""
+    from ssl_vit import flops
+
+    root, module, count, batch = built(FLOP_CASES[case])
+    d, img = flops.ViTDims.of(module.backbone), root.model.img_size
+    p, m = d.patch_size, root.method
+
+    def core(tokens: int, dim: int, depth: int) -> int:  # q k^T + weights @ v, all blocks
+        return depth * 4 * tokens * tokens * dim
+
+    sizes = [img] * 2 + [m.local_crop_size] * m.local_crops if case == "dino" else [img]
+    embed = sum(flops.patch_embed_forward(d, s) for s in sizes)
+    if case == "mae":
+        keep = int((img // p) ** 2 * (1 - m.mask_ratio))
+        attn = core(1 + keep, d.embed_dim, d.depth)
+        attn += core(1 + (img // p) ** 2, m.decoder_dim, m.decoder_depth)
+    else:
+        extra = 1 if case == "deit_distilled" else 0
+        attn = sum(core(1 + extra + (s // p) ** 2, d.embed_dim, d.depth) for s in sizes)
+    expected = count.train - embed + attn // 2
+    assert counted_step(module, batch, backward=True) == root.bench.batch_size * expected
+
+
+def test_counted_forward_flops_of_a_small_cnn_by_hand():
+    """FlopCounterMode on the meta device (no memory, no compute), as for a CNN teacher."""
+    from torch import nn
+
+    from ssl_vit.flops import counted_forward_flops
+
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    conv = 2 * (8 * 8 * 8) * (3 * 3 * 3)  # 2 x output elements x (C_in k^2) multiply-adds
+    assert counted_forward_flops(net, (2, 3, 8, 8)) == 2 * (conv + 2 * 512 * 10)
+
+
+def test_step_flops_match_the_reference_anchors():
+    """REFERENCE.md: training FLOPs per image of MAE ViT-B/16 (mask 0.75, 8 x 512 decoder) 58.7 G,
+    DINO ViT-S/16 2 x 224 + 10 x 96 123.8 G, supervised ViT-B/16 105.4 G; ViT forward at 224:
+    S 9.2 G, B 35.1 G (given to 0.1 G)."""
+    from ssl_vit import flops
+    from ssl_vit.config import ModelConfig
+    from ssl_vit.methods.dino import DINOConfig
+    from ssl_vit.methods.mae import MAEConfig
+
+    vit_s = flops.vit_dims(ModelConfig("vit_small_patch16_224"))
+    vit_b = flops.vit_dims(ModelConfig("vit_base_patch16_224"))
+    assert (vit_b.embed_dim, vit_b.depth, vit_b.mlp_hidden, vit_b.patch_size) == (768, 12, 3072, 16)
+    g = 1e9
+    assert flops.vit_forward(vit_s, 224) / g == pytest.approx(9.2, abs=0.05)
+    assert flops.vit_forward(vit_b, 224) / g == pytest.approx(35.1, abs=0.05)
+    assert flops.mae_flops(vit_b, 224, MAEConfig()).train / g == pytest.approx(58.7, abs=0.05)
+    dino = flops.dino_flops(vit_s, 224, DINOConfig(local_crops=10))
+    assert dino.train / g == pytest.approx(123.8, abs=0.05)
+    assert flops.full_token_flops(vit_b, 224).train / g == pytest.approx(105.4, abs=0.05)
+
+
+def test_mfu_arithmetic_and_device_peaks():
+    from ssl_vit.bench import BenchConfig, BenchRoot, PhaseResult, summarize
+    from ssl_vit.flops import StepFlops, achieved_tflops, device_peak_tflops, mfu
+    from ssl_vit.methods.mae import MAEConfig
+
+    # 58.7 GFLOPs per image at 6,740 img/s on a 989 TFLOP/s peak: 395.6 TFLOP/s, 40 % MFU
+    assert achieved_tflops(58.7e9, 6740) == pytest.approx(395.638)
+    assert mfu(58.7e9, 6740, 989.0) == pytest.approx(0.40004, abs=1e-5)
+    assert mfu(58.7e9, 6740, None) is None
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.0, "H100 SXM bf16 dense")
+    assert device_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.0
+    assert device_peak_tflops("NVIDIA H200", "bf16")[0] == 989.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32")[0] == 19.5
+    assert device_peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
+    assert device_peak_tflops("x86_64", "fp32") is None
+
+    result = PhaseResult([0.5, 0.25, 0.25], 1.0, 900.0, "x86_64", 2, StepFlops(10**9, 10**8))
+    # 8 images / 0.25 s = 32 img/s x 3.1 GFLOPs = 0.0992 TFLOP/s
+    cpu = summarize(BenchRoot(BenchConfig(batch_size=8), method=MAEConfig()), "cpu", "fp32",
+                    {"method": result})  # fmt: skip
+    assert cpu["flops_per_img"] == 3.1e9 and cpu["forward_flops_per_img"] == 1.1e9
+    assert cpu["tflops"] == pytest.approx(0.0992) and cpu["mfu"] is None  # no CPU peak guessed
+    given = BenchRoot(BenchConfig(batch_size=8, peak_tflops=0.2), method=MAEConfig())
+    m = summarize(given, "cpu", "fp32", {"method": result})
+    assert m["mfu"] == pytest.approx(0.496) and m["peak_source"] == "--bench.peak_tflops"
+    gpu = PhaseResult([0.25], 1.0, 900.0, "NVIDIA H100 PCIe", 2, StepFlops(10**9))
+    m = summarize(BenchRoot(BenchConfig(batch_size=8), method=MAEConfig()), "cuda", "bf16",
+                  {"method": gpu})  # fmt: skip
+    assert m["peak_tflops"] == 756.0 and m["mfu"] == pytest.approx(0.096 / 756)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real data pipeline: the loader alone, and the step it feeds (in this process: fast).
+
+
+def test_loader_throughput_of_each_view():
+    from ssl_vit.bench import LOADER_METRICS, configure, run_loader, summarize, table
+
+    argv = [*DINO_TINY, "--bench.modes", "loader", "--bench.loader_batches", "3",
+            "--data.num_workers", "1", "--method.local_crops", "2"]  # fmt: skip
+    root = configure(argv)
+    loader = run_loader(root)
+    assert list(loader) == ["mae", "dino", "deit"]
+    m = summarize(root, "cpu", "fp32", {}, loader)
+    assert m["loader_views"] == ["mae", "dino", "deit"] and m["num_workers"] == 1
+    for view in loader:
+        values = [m[f"loader_{view}_{k}"] for k in LOADER_METRICS]
+        assert all(v > 0 and math.isfinite(v) for v in values)
+        img_per_s, per_worker, batch_time = values
+        assert per_worker == img_per_s  # one worker
+        assert img_per_s == pytest.approx(root.bench.batch_size / batch_time)
+    assert m["step_time_s"] is None and "img/s/worker" in table(m)
+
+
+def test_e2e_step_feeds_the_method_from_its_real_view():
+    from ssl_vit.bench import configure, run_phase
+
+    root = configure([*DINO_TINY, "--bench.modes", "e2e", "--data.num_workers", "0"])
+    r = run_phase("e2e", root, "cpu", "fp32")
+    assert len(r.step_times_s) == 2 and all(t > 0 for t in r.step_times_s)
+    assert 1 < r.loss < 10  # cross-entropy over 64 outputs, as the compute step
+    assert r.step_flops.frozen > 0  # the teacher's forward on the 2 globals

@@ -22,6 +22,7 @@ from ssl_vit.checkpoint import (
     export_backbone,
     export_timm,
     infer_architecture,
+    load_classifier,
     load_pretrained,
 )
 from ssl_vit.cli import main
@@ -265,6 +266,9 @@ def test_malicious_pickle_refused_and_never_run(tmp_path, capsys):
         load_pretrained(evil, model=HEADS)
     assert str(evil) in str(e.value) and "exec" in str(e.value)
     assert not target.exists()
+    with pytest.raises(CheckpointError, match="refused"):  # as a (DeiT teacher) classifier
+        load_classifier(f"{NAME}={evil}")
+    assert not target.exists()
 
     out = tmp_path / "imported"
     assert main(["import", "--checkpoint", str(evil), "--output.dir", str(out)]) == 2
@@ -382,6 +386,9 @@ def test_export_classifier_of_a_run(tmp_path, capsys):
     model.load_state_dict(load_file(str(out)), strict=True)
     with torch.no_grad():
         assert torch.equal(model(images()), classifier(images()))
+        # the run and its export are classifiers a DeiT teacher can be loaded from
+        for loaded in (load_classifier(run, num_classes=10), load_classifier(out)):
+            assert torch.equal(loaded(images()), classifier(images()))
 
     backbone = load_pretrained(out)
     assert backbone.config_dict() == {"name": "deit_tiny_patch16_224", "kwargs": KW}

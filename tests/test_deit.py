@@ -1,9 +1,11 @@
 """DeiT: losses against hand computations, the frozen teacher, Mixup seen by the teacher, EMA,
-export into timm's DeiT models, teacher loading, and the repeated-augmentation sampler as it
-reaches each process through Accelerate's batch sharding."""
+export into timm's DeiT models, teacher loading (load_classifier), training checkpoints without
+the teacher and their exact resume, and the repeated-augmentation sampler as it reaches each
+process through Accelerate's batch sharding."""
 
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,19 +13,21 @@ import timm
 import torch
 import torch.nn.functional as F
 from accelerate.data_loader import BatchSamplerShard
+from safetensors.torch import load_file, save_file
 from timm.data import Mixup
 from torch import nn
 from torch.utils.data import BatchSampler
 from torchvision.transforms import v2
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import export_timm
-from ssl_vit.config import Config, ConfigError, DataConfig, validate
+from ssl_vit.checkpoint import CheckpointError, export_timm, load_classifier
+from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, validate
 from ssl_vit.data import seeded
 from ssl_vit.data.samplers import RepeatedAugSampler
 from ssl_vit.data.transforms import supervised_view
-from ssl_vit.methods.deit import DeiT, DeiTConfig, load_teacher
+from ssl_vit.methods.deit import DeiT, DeiTConfig
 from ssl_vit.optim import param_groups
+from ssl_vit.trainer import fit
 
 K = 5  # classes
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -177,21 +181,148 @@ def test_export_loads_strictly_into_timm_with_equal_logits(distillation):
     torch.testing.assert_close(timm_model(images), model.predict(images), atol=1e-5, rtol=1e-5)
 
 
-def test_teacher_from_ssl_vit_export_and_from_official_style_file(tmp_path):
-    trained = make().eval()
-    export_timm(*trained.export_classifier(), tmp_path, "classifier")
-    cfg = DeiTConfig(distillation="hard", num_classes=K, teacher_weights=str(tmp_path))
+def test_load_classifier_each_accepted_form(tmp_path):
     images, _ = batch()
-    torch.testing.assert_close(load_teacher(cfg)(images), trained.predict(images))
+    trained = make(distillation="hard").eval()
+    export_timm(*trained.export_classifier(), tmp_path, "classifier")  # an ssl_vit run's export
+    for form in (tmp_path, tmp_path / "classifier.safetensors"):
+        got = load_classifier(form, "regnety_160", K)  # the JSON names the model, not `name`
+        assert not got.training and type(got).__name__ == "VisionTransformerDistilled"
+        torch.testing.assert_close(got(images), trained.predict(images))
 
     cnn = timm.create_model("test_resnet", num_classes=K).eval()
-    torch.save({"model": cnn.state_dict(), "epoch": 3}, tmp_path / "teacher.pth")
-    cfg = DeiTConfig(
-        num_classes=K, teacher="test_resnet", teacher_weights=str(tmp_path / "teacher.pth")
+    torch.save({"model": cnn.state_dict(), "epoch": 3}, tmp_path / "official.pth")  # DeiT style
+    save_file(cnn.state_dict(), str(tmp_path / "plain.safetensors"))
+    want = cnn(images)
+    assert want.std() > 0.1
+    for form, name in [
+        (tmp_path / "official.pth", "test_resnet"),
+        (f"test_resnet={tmp_path / 'official.pth'}", ""),
+        (f"test_resnet.tag={tmp_path / 'plain.safetensors'}", "regnety_160"),  # NAME wins
+    ]:
+        torch.testing.assert_close(load_classifier(form, name, K)(images), want)
+
+    # the trainer's way: DeiTConfig.teacher names the timm model of teacher_weights
+    kw = dict(num_classes=K, teacher="test_resnet", teacher_weights=str(tmp_path / "official.pth"))
+    deit = DeiT(Backbone("vit_tiny_patch16_224", **TINY), DeiTConfig(distillation="soft", **kw))
+    assert not any(p.requires_grad for p in deit.teacher.parameters())
+    torch.testing.assert_close(deit.teacher(images), want)
+
+
+def test_load_classifier_errors_name_the_file_and_the_fault(tmp_path):
+    cnn = timm.create_model("test_resnet", num_classes=K)
+    torch.save({"model": cnn.state_dict()}, tmp_path / "teacher.pth")
+    vit, vit_state = tmp_path / "vit.pth", make().backbone.state_dict()
+    torch.save({"model": vit_state}, vit)
+    with pytest.raises(CheckpointError) as e:  # the wrong architecture's weights
+        load_classifier(vit, "test_resnet", K)
+    msg = str(e.value)
+    assert msg.startswith(f"{vit}: does not fit timm test_resnet {{'num_classes': 5}}")
+    assert f"\n  missing ({len(cnn.state_dict())}):\n    conv1" in msg
+    assert f"\n  unexpected ({len(vit_state)}):\n    cls_token (1, 1, 32)" in msg
+    assert msg.endswith("mis-shaped (0):\n  the file's top-level keys: ['model']")
+    with pytest.raises(CheckpointError) as e:
+        load_classifier(tmp_path / "teacher.pth", "test_resnet", 7)  # 7 classes, the file has 5
+    assert str(e.value).startswith(f"{tmp_path / 'teacher.pth'}: does not fit timm test_resnet")
+    assert "mis-shaped (2):\n    fc.weight checkpoint (5, 96) vs model (7, 96)" in str(e.value)
+    export_timm(*make().eval().export_classifier(), tmp_path, "classifier")
+    with pytest.raises(CheckpointError, match=r"classifier.safetensors: .* of 5 classes, not 7"):
+        load_classifier(tmp_path, "", 7)
+    with pytest.raises(CheckpointError, match=r"teacher.pth: no teacher.json .* NAME=PATH"):
+        load_classifier(tmp_path / "teacher.pth")  # no name anywhere
+    (tmp_path / "empty").mkdir()  # a run directory before its export
+    with pytest.raises(CheckpointError, match=r"empty/classifier.safetensors: not found"):
+        load_classifier(tmp_path / "empty", "test_resnet")
+    with pytest.raises(CheckpointError, match=r"nope.pth: not found \(the weights file"):
+        load_classifier(f"test_resnet={tmp_path / 'nope.pth'}")
+    with pytest.raises(CheckpointError, match=r"cannot build the timm model no_such_model"):
+        load_classifier(tmp_path / "teacher.pth", "no_such_model")
+
+
+def test_state_dict_leaves_the_teacher_out_and_loads_without_it():
+    model = make(distillation="soft", model_ema=True)
+    state = model.state_dict()
+    kept = [f"student.{k}" for k in model.student.state_dict()]
+    assert [*state] == kept + [f"ema.{k}" for k in model.ema.state_dict()]  # all but the teacher
+    assert {"student.dist_token", "student.head_dist.weight", "ema.module.head.weight"} <= {*state}
+    assert len(model.teacher.state_dict()) == 7  # fc, bn and its buffers: all left out
+    other = make(seed=1, distillation="soft", model_ema=True)
+    teacher = {k: v.clone() for k, v in other.teacher.state_dict().items()}
+    assert not torch.equal(teacher["fc.weight"], model.teacher.fc.weight)
+    other.load_state_dict(state, strict=True)  # no teacher keys: the teacher keeps its own
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
+    assert all(torch.equal(v, other.teacher.state_dict()[k]) for k, v in teacher.items())
+    with_teacher = state | {f"teacher.{k}": v for k, v in model.teacher.state_dict().items()}
+    other.load_state_dict(with_teacher, strict=True)  # an older checkpoint, with the teacher
+    torch.testing.assert_close(other.teacher.fc.weight, model.teacher.fc.weight)
+    wrapped = nn.ModuleDict({"module": model})  # at a prefix, as under DDP
+    assert not [k for k in wrapped.state_dict() if k.startswith("module.teacher.")]
+    wrapped.load_state_dict(wrapped.state_dict(), strict=True)
+
+
+# --- training checkpoints of a distilled run -------------------------------------------------
+
+
+def distilled_run(run_dir: Path, teacher: Path, **train) -> Config:
+    t = dict(output_dir=str(run_dir), epochs=10, warmup_epochs=1, batch_size=8, lr=1e-3)
+    t |= dict(log_every=1, save_every_epochs=0) | train
+    method = dict(num_classes=10, teacher="test_resnet", teacher_weights=str(teacher))
+    return Config(
+        model=ModelConfig(name="vit_tiny_patch16_224", **TINY),
+        data=DataConfig(synthetic_size=32, num_workers=0),
+        train=TrainConfig(**t),
+        method=DeiTConfig(distillation="hard", model_ema_decay=0.9, **method),
     )
-    torch.testing.assert_close(load_teacher(cfg).eval()(images), cnn(images))
-    with pytest.raises(ValueError, match="classes"):
-        load_teacher(DeiTConfig(num_classes=7, teacher_weights=str(tmp_path)))
+
+
+def test_checkpoints_hold_no_teacher_and_resume_exactly(tmp_path):
+    def teacher_file(seed: int) -> Path:
+        torch.manual_seed(seed)
+        path = tmp_path / f"teacher{seed}.pth"
+        torch.save({"model": timm.create_model("test_resnet", num_classes=10).state_dict()}, path)
+        return path
+
+    n = 3  # 4 steps per epoch: the resume lands mid-epoch
+    schedule = dict(save_every_steps=n, keep_last=100)
+    straight = tmp_path / "straight"
+    fit(distilled_run(straight, teacher_file(0), max_steps=2 * n, **schedule))
+
+    ckpt = straight / "checkpoints" / f"step_{n:07d}"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert not [k for k in saved if "teacher" in k]
+    assert {"student.dist_token", "ema.module.head_dist.weight"} <= {*saved}
+    teacher = load_classifier(teacher_file(0), "test_resnet", 10).state_dict()
+    save_file(saved | {f"teacher.{k}": v for k, v in teacher.items()}, tmp_path / "with.st")
+    size, with_teacher = (ckpt / "model.safetensors").stat().st_size, (tmp_path / "with.st").stat()
+    print(f"model.safetensors: {size} bytes; with the teacher: {with_teacher.st_size} bytes")
+    assert size * 5 < with_teacher.st_size
+
+    resumed = tmp_path / "resumed"
+    fit(distilled_run(resumed, teacher_file(0), max_steps=2 * n, resume=str(ckpt), **schedule))
+
+    def state(run: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(run / "checkpoints" / f"step_{2 * n:07d}" / "model.safetensors"))
+
+    def losses(run: Path) -> list[tuple[float, float]]:
+        rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [
+            (r["loss"], r["distill_loss"]) for r in rows if r.get("step", 0) > n and "loss" in r
+        ]
+
+    a, b = state(straight), state(resumed)
+    assert a.keys() == b.keys() == saved.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert len(losses(resumed)) == n and losses(resumed) == losses(straight)
+    assert min(d for _, d in losses(straight)) > 0.1  # the teacher takes part in the loss
+    # the exported classifier is the student's, and loads as a classifier (a run directory)
+    classifier = load_classifier(resumed, "", 10)
+    assert torch.equal(classifier.state_dict()["dist_token"], a["student.dist_token"])
+
+    # control: the teacher is rebuilt from its file, not restored: another teacher diverges
+    control = tmp_path / "control"
+    fit(distilled_run(control, teacher_file(1), max_steps=2 * n, resume=str(ckpt), **schedule))
+    c = state(control)
+    assert not torch.equal(a["student.head_dist.weight"], c["student.head_dist.weight"])
 
 
 def test_config_errors():

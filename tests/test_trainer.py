@@ -378,3 +378,35 @@ def test_tensorboard_holds_image_summaries_and_training_is_unchanged(tmp_path):
     assert [e.step for e in events.Images("mae_reconstruction")] == [4, 8]
     a, b = params(plain, 8), params(pictured, 8)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the pictures never touch the training RNG
+
+
+def test_fsdp_asked_where_accelerate_cannot_shard_is_logged(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what configs/fsdp.yaml's launch sets
+    assert fit(tiny(tmp_path / "run", epochs=1, warmup_epochs=0, max_steps=1))["steps"] == 1
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "FSDP was asked for" in log and "distributed NO" in log
+
+
+def test_decode_on_device_trains_deterministically_and_is_refused_for_multi_crop(tmp_path):
+    # MAE with workers reading bytes and the (here CPU) device decoding + augmenting batches
+    runs = []
+    for name in ("a", "b"):
+        cfg = tiny(tmp_path / name, epochs=6, save_every_epochs=6)
+        cfg.data.decode_on_device = True
+        fit(cfg)
+        runs.append(tmp_path / name)
+    rows = metrics(runs[0])
+    assert [r["loss"] for r in rows] == [r["loss"] for r in metrics(runs[1])]  # same crops
+    head = sum(r["loss"] for r in rows[:4]) / 4
+    tail = sum(r["loss"] for r in rows[-4:]) / 4
+    assert tail < 0.8 * head, (head, tail)
+    plain = tiny(tmp_path / "plain", epochs=6)
+    fit(plain)  # the CPU view draws other crops: the same model, another augmentation stream
+    assert [r["loss"] for r in metrics(tmp_path / "plain")] != [r["loss"] for r in rows]
+
+    from ssl_vit.methods.dino import DINOConfig
+
+    dino = tiny(tmp_path / "dino")
+    dino.method, dino.data.decode_on_device = DINOConfig(), True
+    with pytest.raises(ConfigError, match="data.decode_on_device: single-view methods only"):
+        fit(dino)

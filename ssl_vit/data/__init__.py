@@ -10,6 +10,19 @@ from ssl_vit.data.datasets import (
     open_image,
     seeded,
 )
+from ssl_vit.data.device import (
+    DeviceView,
+    Encoded,
+    EncodedBatch,
+    augment,
+    batch_generator,
+    decode,
+    device_single_view,
+    encoded_dataset,
+    sample_crops,
+    throughput,
+    write_image_folder,
+)
 from ssl_vit.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from ssl_vit.data.synthetic import SyntheticImages
 from ssl_vit.data.transforms import View, eval_view, single_view
@@ -17,15 +30,26 @@ from ssl_vit.data.transforms import View, eval_view, single_view
 __all__ = [
     "SYNTHETIC_CLASSES",
     "DataError",
+    "DeviceView",
+    "Encoded",
+    "EncodedBatch",
     "ImageDataset",
     "SkipCounter",
     "SyntheticImages",
     "View",
+    "augment",
+    "batch_generator",
+    "decode",
+    "device_single_view",
+    "encoded_dataset",
     "eval_view",
     "build_dataset",
     "build_loader",
     "collate",
     "open_image",
+    "sample_crops",
     "seeded",
     "single_view",
+    "throughput",
+    "write_image_folder",
 ]

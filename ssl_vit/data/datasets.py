@@ -193,7 +193,8 @@ def seeded(*key: int) -> Iterator[None]:
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Items -> batch: "images" (B, C, H, W); "crops" one (B, C, h, w) per crop position;
-    "labels", "index" (B,) int64; "skipped" one flat list of paths."""
+    "labels", "index" (B,) int64; "skipped" one flat list of paths; "encoded" (device.py: the
+    undecoded file bytes) one EncodedBatch."""
     first = items[0]
     batch: dict[str, Any] = {}
     if "images" in first:
@@ -203,6 +204,10 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
     batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     batch["skipped"] = [p for it in items for p in it["skipped"]]
+    if "encoded" in first:
+        from ssl_vit.data.device import EncodedBatch  # device.py builds on this module
+
+        batch["encoded"] = EncodedBatch.pack([it["encoded"] for it in items])
     return batch
 
 

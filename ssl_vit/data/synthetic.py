@@ -2,8 +2,8 @@
 
 Why: every command must work on a fresh machine with no download, and a smoke run should learn
 something real. So a class is visual structure (a disc, a ring, vertical stripes, a dot grid, ...);
-colours, position, scale, rotation, phase and noise are drawn at random per image and carry no
-class information, so an encoder has to look at structure, not at colour.
+colours (a pair from a small palette), position, scale, rotation, phase and noise are drawn at
+random per image and carry no class information, so an encoder has to look at structure.
 
 Each class is a signed distance field (negative inside the foreground) evaluated with vectorised
 torch ops on a pixel-centre grid and anti-aliased over one pixel, so a scene renders at any
@@ -22,6 +22,13 @@ from torch import Tensor
 SPLITS = ("train", "val")
 NOISE_STD = 0.03
 """Per-pixel Gaussian noise, in [0, 1] intensity units."""
+PALETTE = 0.1 + 0.8 * torch.tensor(
+    [[0, 0, 0], [1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 0]]
+)
+"""Background and foreground are two different colours of this palette (the RGB cube's corners,
+kept off the clip limits): 56 pairs, so colour tells an image apart from most others but not
+from the ~n/56 that share its pair. Continuous random colours would make every image unique by
+colour alone, a shortcut that instance-discrimination methods (DINO) learn instead of structure."""
 STRIPE_JITTER = math.radians(12)
 """Rotation range of the oriented textures, whose orientation is their class."""
 
@@ -180,8 +187,8 @@ def render(name: str, size: int, gen: torch.Generator) -> Tensor:
     def rand(n: int) -> Tensor:
         return torch.rand(n, generator=gen)
 
-    bg = rand(3)
-    fg = (bg + 0.3 + 0.4 * rand(3)) % 1  # both uniform; 0.3 to 0.7 apart (mod 1) per channel
+    pick = torch.randperm(len(PALETTE), generator=gen)[:2]
+    bg, fg = PALETTE[pick[0]], PALETTE[pick[1]]
     if name in SHAPES:
         scale = 0.4 + 0.45 * rand(1)
         shift = (rand(2) * 2 - 1) * (1 - scale) * 0.9  # keeps the shape inside the image

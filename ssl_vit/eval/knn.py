@@ -6,6 +6,7 @@ with weight exp(similarity / T). Queries stay sharded: each process classifies i
 only the per-image hits are gathered.
 
     ssl-vit knn --checkpoint runs/dino_vits16 [--knn.k 10,20 --data.path /data/imagenet ...]
+    ssl-vit knn --checkpoint dino_deitsmall16_pretrain.pth       # any format load_pretrained reads
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.checkpoint import (
+    CHECKPOINT_HELP,
+    CheckpointError,
+    LoadConfig,
+    load_pretrained,
+    parse_checkpoint,
+)
 from ssl_vit.config import (
     Config,
     ConfigError,
@@ -132,14 +139,15 @@ class KNNConfig:
 
 @dataclass
 class KNNRoot:
-    """What `ssl-vit knn` runs: the protocol and the labeled data (data.split is the bank,
-    data.val_split the queries)."""
+    """What `ssl-vit knn` runs: the protocol, the labeled data (data.split is the bank,
+    data.val_split the queries) and how the checkpoint's backbone is loaded."""
 
     knn: KNNConfig = field(default_factory=KNNConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
 
 
-PROG = "ssl-vit knn --checkpoint RUN_DIR|backbone.safetensors"
+PROG = "ssl-vit knn --checkpoint CHECKPOINT"
 
 
 def configure(argv: list[str]) -> tuple[str, KNNRoot] | None:
@@ -148,15 +156,18 @@ def configure(argv: list[str]) -> tuple[str, KNNRoot] | None:
     root = KNNRoot()
     overrides, want_help = parse_args(rest)
     if want_help:
-        print(help_text(root, PROG))
+        print(help_text(root, PROG) + "\n\n" + CHECKPOINT_HELP)
         return None
     apply_overrides(root, overrides)
     k = root.knn
-    e = []
+    e = root.load.errors()
     if not checkpoint:
-        e.append("--checkpoint: required (a run directory or a backbone.safetensors)")
-    elif not Path(checkpoint).exists():
-        e.append(f"--checkpoint: {checkpoint!r} does not exist")
+        e.append("--checkpoint: required (a run directory, a checkpoint file or NAME=PATH)")
+    else:
+        try:
+            parse_checkpoint(checkpoint)
+        except CheckpointError as err:
+            e.append(f"--checkpoint: {err}")
     if not k.k or min(k.k) < 1:
         e.append(f"knn.k: each must be >= 1, got {k.k}")
     for key in ("temperature", "batch_size"):
@@ -171,17 +182,16 @@ def configure(argv: list[str]) -> tuple[str, KNNRoot] | None:
 
 def main(argv: list[str]) -> int:
     """`ssl-vit knn ...`: print the metrics as one JSON line and write knn.json beside the
-    backbone. Exit status 0, or 2 on a config or data error (printed to stderr)."""
+    backbone (beside the file, or in the run directory). Exit status 0, or 2 on a config, data or
+    checkpoint error (printed to stderr)."""
     from accelerate import Accelerator
-
-    from ssl_vit.checkpoint import load_backbone
 
     try:
         parsed = configure(argv)
         if parsed is None:
             return 0
         checkpoint, root = parsed
-        backbone = load_backbone(checkpoint)
+        backbone = load_pretrained(checkpoint, model=root.load.model(), which=root.load.which)
         cuda = torch.cuda.is_available()
         accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
         img_size = root.knn.img_size or backbone.grid_size[0] * backbone.patch_size
@@ -193,13 +203,13 @@ def main(argv: list[str]) -> int:
         metrics = knn_eval(
             backbone.to(accelerator.device), cfg, accelerator, root.knn.k, root.knn.temperature
         )
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = {"checkpoint": checkpoint, "k": list(root.knn.k), **metrics}
     if accelerator.is_main_process:
         line = json.dumps(result)
-        path = Path(checkpoint)
+        path, _ = parse_checkpoint(checkpoint)
         (path if path.is_dir() else path.parent).joinpath("knn.json").write_text(line + "\n")
         print(line, flush=True)
     return 0

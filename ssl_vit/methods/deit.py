@@ -1,17 +1,13 @@
 """DeiT (Touvron et al., 2012.12877): a distillation token, with its own position embedding and
 head, learns from a frozen teacher; inference averages the two heads. Without distillation there
-is no token and no teacher: plain supervised training of a ViT classifier (reused by fine-tuning).
-"""
+is no token and no teacher: supervised training of a ViT classifier (reused by fine-tuning)."""
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data.mixup import Mixup, mixup_target
@@ -21,7 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import read_checkpoint
+from ssl_vit.checkpoint import classifier_keys, exclude_from_state_dict, load_classifier
 
 
 @dataclass
@@ -36,8 +32,8 @@ class DeiTConfig:
     teacher: str = "regnety_160"
     """timm name of the teacher (RegNetY-16GF); unused for an ssl_vit export (its JSON names it)."""
     teacher_weights: str = ""
-    """Teacher weights, needed to distil: a state-dict file (.safetensors, .pth) for `teacher`, or
-    an ssl_vit run directory / its classifier.safetensors (beside classifier.json)."""
+    """Teacher weights, needed to distil (checkpoint.load_classifier): a state-dict file (.pth,
+    .safetensors) for `teacher`, or an ssl_vit run directory / its classifier.safetensors."""
     teacher_img_size: int = 0
     """Teacher input side; the (mixed) images are resized to it, bicubic. 0 = the student's."""
     num_classes: int = 1000
@@ -91,23 +87,6 @@ class DeiTConfig:
         return e
 
 
-def load_teacher(cfg: DeiTConfig) -> nn.Module:
-    """The frozen teacher: an ssl_vit classifier export (run directory, or classifier.safetensors
-    beside classifier.json), else timm's `cfg.teacher` loaded strictly from a state-dict file
-    (.safetensors, or .pth/.pt, where official DeiT/timm files wrap it in "model"/"state_dict")."""
-    path = Path(cfg.teacher_weights)
-    weights = path / "classifier.safetensors" if path.is_dir() else path
-    spec = {"name": cfg.teacher, "kwargs": {"num_classes": cfg.num_classes}}
-    if weights.name == "classifier.safetensors" and weights.with_suffix(".json").is_file():
-        spec = json.loads(weights.with_suffix(".json").read_text())
-    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
-    state = read_checkpoint(weights)  # safely: tensors, containers and argparse.Namespace only
-    model.load_state_dict(state.get("model", state.get("state_dict", state)))
-    if model.num_classes != cfg.num_classes:
-        raise ValueError(f"teacher {weights}: {model.num_classes} classes, not {cfg.num_classes}")
-    return model
-
-
 class Student(nn.Module):
     """Backbone + class head on the cls token; distilled, + a learned distillation token with its
     own position embedding, right after cls (as timm's VisionTransformerDistilled), + its head."""
@@ -137,8 +116,7 @@ class Student(nn.Module):
 
 
 class DeiT(nn.Module):
-    """The student being trained, its frozen teacher (distilled) and its EMA (model_ema).
-
+    """The student being trained, its frozen teacher (distilled) and its EMA (model_ema). A given
     `student` replaces the cls-token Student (fine-tuning's pooled classifier): a module with
     `.backbone`, `.head`, `.dist_token = None` and forward(images) -> (logits, None)."""
 
@@ -151,12 +129,11 @@ class DeiT(nn.Module):
     ):
         super().__init__()
         self.cfg, distilled = cfg, cfg.distillation != "none"
-        if student is None:
-            student = Student(backbone, cfg.num_classes, distilled)
-        self.student = student
+        self.student = Student(backbone, cfg.num_classes, distilled) if student is None else student
         if distilled and teacher is None:
-            teacher = load_teacher(cfg)
+            teacher = load_classifier(cfg.teacher_weights, cfg.teacher, cfg.num_classes)
         self.teacher = teacher.requires_grad_(False).eval() if distilled else None
+        exclude_from_state_dict(self, "teacher")  # rebuilt from its file: not in checkpoints
         self.ema = None
         if cfg.model_ema:
             self.ema = ModelEmaV3(self.student, decay=cfg.model_ema_decay).requires_grad_(False)
@@ -173,9 +150,8 @@ class DeiT(nn.Module):
     def train(self, mode: bool = True) -> DeiT:
         """Set the student's mode; the teacher and the EMA always stay in eval mode."""
         super().train(mode)
-        for frozen in (self.teacher, self.ema):
-            if frozen is not None:
-                frozen.eval()
+        for frozen in filter(None, (self.teacher, self.ema)):
+            frozen.eval()
         return self
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -204,8 +180,7 @@ class DeiT(nn.Module):
         loss = (1 - cfg.alpha) * base + cfg.alpha * kd
         return {"loss": loss, "cls_loss": base.detach(), "distill_loss": kd.detach()}
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return self.training_step(batch)
+    forward = training_step
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
@@ -218,19 +193,8 @@ class DeiT(nn.Module):
             self.ema.update(self.student)
 
     def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
-        """(state dict, timm name, kwargs): `timm.create_model(name, **kwargs)` loads it strictly:
-        the backbone's ViT with a head; distilled, timm's `deit_*_distilled_patch16_224` sized as
-        the backbone (pos_embed over cls, dist and patches; dist_token; head_dist)."""
-        s, bb = self.student, self.student.backbone
-        state = bb.state_dict() | {f"head.{k}": v for k, v in s.head.state_dict().items()}
-        kwargs = {**bb.timm_kwargs, "num_classes": self.cfg.num_classes}
-        if s.dist_token is None:
-            return state, bb.name, kwargs
-        pos = state["pos_embed"]
-        state["pos_embed"] = torch.cat([pos[:, :1], s.dist_pos_embed.detach(), pos[:, 1:]], dim=1)
-        state["dist_token"] = s.dist_token.detach()
-        state |= {f"head_dist.{k}": v for k, v in s.head_dist.state_dict().items()}
-        kwargs |= {k: getattr(bb, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
-        kwargs["img_size"] = bb.grid_size[0] * bb.patch_size
-        size = re.search(r"(tiny|small|base)", bb.name)
-        return state, f"deit_{size[1] if size else 'base'}_distilled_patch16_224", kwargs
+        """(state dict, timm name, kwargs) that `timm.create_model(name, **kwargs)` loads strictly;
+        distilled, timm's `deit_*_distilled_patch16_224` sized as the backbone."""
+        s = self.student
+        distilled = None if s.dist_token is None else (s.dist_token, s.dist_pos_embed, s.head_dist)
+        return classifier_keys(s.backbone, s.head, self.cfg.num_classes, distilled)

@@ -1,0 +1,232 @@
+"""Analytic FLOPs of a training step per image, and the device peaks that turn them into MFU.
+
+Counted are the matmuls, at 2 FLOPs per multiply-add: patch embedding, qkv, attention scores and
+weighted sum, projection, MLP, and the methods' linear layers (MAE decoder, DINO head, DeiT heads).
+Norms, softmax, GELU, losses, masking and the optimizer are left out, as by
+`torch.utils.flop_counter.FlopCounterMode` (they are elementwise: well under 1 % of a ViT step).
+
+A training step counts 3 x the forward of the trained parts (the backward runs two matmuls per
+forward one: input and weight gradients) + 1 x the forward of frozen parts (teachers). That is the
+model-FLOPs convention of MFU (PaLM, arXiv 2204.02311, App. B): it counts no recomputation, where
+FlopCounterMode counts flash attention's backward as 2.5 x its forward; and it gives the patch
+embedding an input gradient it never computes (0.2 % of a ViT-B/16 step).
+
+Written by hand rather than read off FlopCounterMode: it needs no model built or run, splits the
+count by part, and keeps to the model-FLOPs convention. Tests check it against FlopCounterMode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from ssl_vit.config import ModelConfig
+
+FULL_TOKEN_CLASSES = 1000
+"""Classes of the full-token baseline's linear head (ImageNet-1k)."""
+
+# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets: H100 (SXM5 / PCIe / NVL), H200
+# (SXM / NVL) and GH200 "Tensor Core GPU" datasheets, A100 datasheet (SXM and PCIe alike). bf16 is
+# the tensor-core peak; fp32 the plain FP32 (non-tensor-core) peak, as torch runs fp32 matmuls by
+# default (no TF32 unless torch.backends.cuda.matmul allows it). First matching name wins.
+PEAK_TFLOPS: tuple[tuple[str, str, float, float], ...] = (
+    # (substring of torch.cuda.get_device_name, label, bf16 dense, fp32)
+    ("H100 PCIe", "H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", "H100 NVL", 835.0, 60.0),
+    ("H100", "H100 SXM", 989.0, 67.0),
+    ("GH200", "GH200", 989.0, 67.0),
+    ("H200 NVL", "H200 NVL", 835.0, 60.0),
+    ("H200", "H200 SXM", 989.0, 67.0),
+    ("A100", "A100", 312.0, 19.5),
+)
+
+
+def device_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | None:
+    """(dense peak TFLOP/s, label) of a known GPU at 'bf16' or 'fp32'; None for anything else
+    (every CPU: its peak depends on cores, clocks and vector units we do not guess)."""
+    for key, label, bf16, fp32 in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            peak = {"bf16": bf16, "fp32": fp32}.get(precision)
+            return None if peak is None else (peak, f"{label} {precision} dense")
+    return None
+
+
+def achieved_tflops(flops_per_img: float, img_per_s: float) -> float:
+    """Achieved TFLOP/s: training FLOPs per image x images per second / 1e12."""
+    return flops_per_img * img_per_s / 1e12
+
+
+def mfu(flops_per_img: float, img_per_s: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved / peak FLOP/s; None without a peak."""
+    if not peak_tflops:
+        return None
+    return achieved_tflops(flops_per_img, img_per_s) / peak_tflops
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic counts. All per image (one sample and all its crops); every count is linear in batch.
+
+
+@dataclass(frozen=True)
+class ViTDims:
+    """What a ViT's FLOPs depend on (not the head count: attention costs 4 T^2 D over all heads)."""
+
+    embed_dim: int
+    depth: int
+    mlp_hidden: int
+    patch_size: int
+    in_chans: int = 3
+    num_prefix: int = 1
+    """The model's own prefix tokens: cls + registers."""
+
+    @classmethod
+    def of(cls, vit: nn.Module) -> ViTDims:
+        """From a `Backbone` or timm `VisionTransformer` with standard (qkv, fc1, fc2) blocks."""
+        block = vit.blocks[0]
+        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        d = vit.embed_dim
+        if block.attn.qkv.out_features != 3 * d or fc2.in_features != fc1.out_features:
+            raise ValueError("not a standard ViT block (fused qkv, fc1 -> fc2 MLP)")
+        ph, pw = vit.patch_embed.patch_size
+        if ph != pw:
+            raise ValueError(f"only square patches are counted, got {ph}x{pw}")
+        in_chans = vit.patch_embed.proj.in_channels
+        return cls(d, len(vit.blocks), fc1.out_features, ph, in_chans, vit.num_prefix_tokens)
+
+
+def vit_dims(model_cfg: ModelConfig) -> ViTDims:
+    """The dims of the configured backbone, built on the meta device (no memory, ~0.2 s)."""
+    from ssl_vit.backbone import Backbone  # timm model build; kept out of `import ssl_vit.flops`
+
+    with torch.device("meta"):
+        return ViTDims.of(Backbone(model_cfg.name, **model_cfg.timm_kwargs()))
+
+
+def linear(tokens: int, d_in: int, d_out: int) -> int:
+    """(tokens, d_in) @ (d_in, d_out): 2 FLOPs per multiply-add."""
+    return 2 * tokens * d_in * d_out
+
+
+def block_forward(tokens: int, dim: int, mlp_hidden: int) -> int:
+    """One pre-norm transformer block on `tokens` tokens of width `dim`."""
+    qkv = linear(tokens, dim, 3 * dim)
+    attention = 2 * (2 * tokens * tokens * dim)  # q k^T and (weights) v, summed over heads
+    proj = linear(tokens, dim, dim)
+    mlp = linear(tokens, dim, mlp_hidden) + linear(tokens, mlp_hidden, dim)
+    return qkv + attention + proj + mlp
+
+
+def patch_embed_forward(d: ViTDims, img_size: int) -> int:
+    """The patch-embedding convolution: a linear (C p^2 -> D) on every patch of the image."""
+    return linear((img_size // d.patch_size) ** 2, d.in_chans * d.patch_size**2, d.embed_dim)
+
+
+def vit_forward(
+    d: ViTDims, img_size: int, *, keep: int | None = None, extra_prefix: int = 0
+) -> int:
+    """Encoder on one `img_size` image: patch embedding of all patches, then the blocks on the
+    prefix tokens (own + `extra_prefix`) and `keep` patch tokens (None = all; MAE masks after
+    the embedding, as the backbone does)."""
+    patches = (img_size // d.patch_size) ** 2
+    tokens = d.num_prefix + extra_prefix + (patches if keep is None else keep)
+    return patch_embed_forward(d, img_size) + d.depth * block_forward(
+        tokens, d.embed_dim, d.mlp_hidden
+    )
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Forward FLOPs per image of one training step, split by whether the part is trained."""
+
+    trained: int
+    """Forward of the parts that get gradients (counted 3 x in the step)."""
+    frozen: int = 0
+    """Forward-only parts: a teacher (counted 1 x)."""
+
+    @property
+    def forward(self) -> int:
+        return self.trained + self.frozen
+
+    @property
+    def train(self) -> int:
+        """Training-step FLOPs per image: forward + backward (2 x) of the trained parts, plus the
+        frozen forward."""
+        return 3 * self.trained + self.frozen
+
+
+def mae_flops(d: ViTDims, img_size: int, cfg: Any) -> StepFlops:
+    """MAE (cfg: MAEConfig): encoder on cls + the kept K = int(L (1 - mask_ratio)) patches; the
+    decoder embed on those 1 + K; decoder blocks, norm and pixel head on cls + all L patches (the
+    head's cls row is computed, then dropped)."""
+    patches = (img_size // d.patch_size) ** 2
+    keep = int(patches * (1 - cfg.mask_ratio))  # as ssl_vit.ops.random_masking
+    dec, t_dec = cfg.decoder_dim, d.num_prefix + patches
+    encoder = vit_forward(d, img_size, keep=keep)
+    decoder = (
+        linear(d.num_prefix + keep, d.embed_dim, dec)
+        + cfg.decoder_depth * block_forward(t_dec, dec, int(dec * cfg.decoder_mlp_ratio))
+        + linear(t_dec, dec, d.patch_size**2 * d.in_chans)
+    )
+    return StepFlops(encoder + decoder)
+
+
+def dino_head_forward(in_dim: int, cfg: Any) -> int:
+    """DINO head on one crop's cls token: 3-layer MLP to the bottleneck, then the last layer."""
+    h, b = cfg.hidden_dim, cfg.bottleneck_dim
+    return linear(1, in_dim, h) + linear(1, h, h) + linear(1, h, b) + linear(1, b, cfg.out_dim)
+
+
+def dino_flops(d: ViTDims, img_size: int, cfg: Any) -> StepFlops:
+    """DINO (cfg: DINOConfig): the student (backbone + head) on 2 globals at img_size and the
+    local crops at local_crop_size; the EMA teacher's forward on the 2 globals only."""
+    head = dino_head_forward(d.embed_dim, cfg)
+    globals_ = 2 * (vit_forward(d, img_size) + head)
+    locals_ = cfg.local_crops * (vit_forward(d, cfg.local_crop_size) + head)
+    return StepFlops(trained=globals_ + locals_, frozen=globals_)
+
+
+def deit_flops(d: ViTDims, img_size: int, cfg: Any, teacher_forward: int = 0) -> StepFlops:
+    """DeiT (cfg: DeiTConfig): the student on all patches (+ the distillation token when
+    distilling) and its head(s); `teacher_forward` = the frozen teacher's forward FLOPs per image
+    (not analytic: a CNN; see `counted_forward_flops`)."""
+    distilled = cfg.distillation != "none"
+    student = vit_forward(d, img_size, extra_prefix=int(distilled))
+    heads = (1 + distilled) * linear(1, d.embed_dim, cfg.num_classes)
+    return StepFlops(student + heads, teacher_forward if distilled else 0)
+
+
+def full_token_flops(d: ViTDims, img_size: int, num_classes: int = FULL_TOKEN_CLASSES) -> StepFlops:
+    """Supervised ViT baseline: encoder on all tokens + a linear head on the pooled token."""
+    return StepFlops(vit_forward(d, img_size) + linear(1, d.embed_dim, num_classes))
+
+
+METHOD_FLOPS = {"mae": mae_flops, "dino": dino_flops, "deit": deit_flops}
+"""Method name -> its analytic count; other methods (the evaluators) have none."""
+
+
+def step_flops(
+    model_cfg: ModelConfig, method_cfg: Any, teacher_forward: int = 0, d: ViTDims | None = None
+) -> StepFlops | None:
+    """The method's step FLOPs for the configured backbone at model.img_size; None if uncounted."""
+    count = METHOD_FLOPS.get(method_cfg.name)
+    if count is None:
+        return None
+    d = d or vit_dims(model_cfg)
+    extra = {"teacher_forward": teacher_forward} if method_cfg.name == "deit" else {}
+    return count(d, model_cfg.img_size, method_cfg, **extra)
+
+
+def counted_forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of `model(x)` for x of `input_shape`, by FlopCounterMode (convolutions, matmuls,
+    SDPA): for a part with no analytic count here, e.g. a CNN teacher. Build the model on the
+    meta device to count without memory or compute."""
+    device = next(model.parameters()).device
+    x = torch.zeros(input_shape, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()

@@ -1,0 +1,122 @@
+"""`ssl-vit knn` takes every checkpoint format `load_pretrained` reads: an official DINO training
+checkpoint (teacher or student network) and a NAME=PATH timm file give the same features and
+accuracy as our run directory of the same weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from torch import nn
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.checkpoint import export_backbone, import_checkpoint, load_backbone, load_pretrained
+from ssl_vit.config import ModelConfig
+from ssl_vit.eval.knn import embed, main
+
+NAME = "vit_tiny_patch16_224"
+KW = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+"""Width 48 is no standard ViT size: an official file needs --load.num_heads 3."""
+ARGS = ["--knn.k", "5,1", "--knn.batch_size", "16"]
+ARGS += ["--data.synthetic_size", "60", "--data.num_workers", "0"]
+
+
+def vit(seed: int, name: str = NAME, **kw) -> nn.Module:
+    """A timm ViT (no head) in eval mode with seeded random weights, norms included."""
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g) + (1.0 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+def prefixed(prefix: str, state: dict) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def knn(capsys, checkpoint: str, *extra: str) -> dict:
+    assert main([*ARGS, "--checkpoint", checkpoint, *extra]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    return json.loads(out[0])
+
+
+def metrics(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "checkpoint"}
+
+
+def test_official_dino_checkpoint_equals_our_run_directory(tmp_path, capsys):
+    teacher, student = vit(0, **KW), vit(1, **KW)
+    head = {"mlp.0.weight": torch.randn(64, 48), "last_layer.weight_v": torch.randn(100, 64)}
+    official = tmp_path / "dino" / "checkpoint.pth"  # main_dino.py's checkpoint (REFERENCE.md)
+    official.parent.mkdir()
+    torch.save(
+        {
+            "student": prefixed("module.backbone.", student.state_dict())
+            | prefixed("module.head.", head),
+            "teacher": prefixed("backbone.", teacher.state_dict()) | prefixed("head.", head),
+            "epoch": 100,
+            "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=100),
+            "dino_loss": {"center": torch.zeros(1, 100)},
+        },
+        official,
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    ours = Backbone(NAME, **KW)
+    ours.load_state_dict(teacher.state_dict())
+    export_backbone(ours, run)
+
+    # the features knn reads: those of timm's teacher, whichever form holds its weights
+    heads = ModelConfig(img_size=0, num_heads=3)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    accelerator = Accelerator(cpu=True)
+    with torch.no_grad():
+        want = F.normalize(teacher.forward_features(x)[:, 0], dim=-1)
+        got_official = embed(load_pretrained(official, model=heads).eval(), x, accelerator)
+        got_run = embed(load_backbone(run).eval(), x, accelerator)
+        got_student = embed(
+            load_pretrained(official, model=heads, which="student").eval(), x, accelerator
+        )
+        want_student = F.normalize(student.forward_features(x)[:, 0], dim=-1)
+    torch.testing.assert_close(got_official, want, atol=1e-5, rtol=0)
+    assert torch.equal(got_official, got_run)
+    torch.testing.assert_close(got_student, want_student, atol=1e-5, rtol=0)
+    assert (got_student - got_official).abs().max() > 0.1
+
+    from_run = knn(capsys, str(run))
+    from_official = knn(capsys, str(official), "--load.num_heads", "3")
+    assert from_official["checkpoint"] == str(official)
+    assert metrics(from_official) == metrics(from_run)
+    assert set(metrics(from_run)) == {"k", "knn_top1", "knn_top5", "knn_top1_k1", "knn_top5_k1"}
+    assert from_run["knn_top5"] > from_run["knn_top1"] > 0  # a real measurement, not all 0
+    assert json.loads((official.parent / "knn.json").read_text()) == from_official
+    assert json.loads((run / "knn.json").read_text()) == from_run
+
+
+def test_name_equals_path_and_errors(tmp_path, capsys):
+    weights = tmp_path / "vit.safetensors"  # a timm-named state dict without any JSON
+    save_file(vit(3, "test_vit").state_dict(), str(weights))
+    named = f"test_vit={weights}"
+    import_checkpoint(named, tmp_path / "imported")  # our run-like directory of those weights
+    sized = ["--knn.img_size", "32"]
+    from_named = knn(capsys, named, *sized)
+    assert metrics(from_named) == metrics(knn(capsys, str(tmp_path / "imported"), *sized))
+    assert json.loads((tmp_path / "knn.json").read_text()) == from_named  # beside the file
+
+    assert main([*ARGS, "--checkpoint", str(tmp_path / "nope.pth"), "--knn.k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint: {tmp_path / 'nope.pth'}: not found" in err and "knn.k: each" in err
+    assert main([*ARGS, "--checkpoint", str(weights), "--load.num_heads", "-1"]) == 2
+    assert "load.num_heads: must be >= 0" in capsys.readouterr().err
+    # a file without its architecture: the error comes from the loader and names the file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
+    assert main([*ARGS, "--checkpoint", str(tmp_path / "odd.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "odd.safetensors: cannot infer a ViT architecture" in err
