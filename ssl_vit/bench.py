@@ -3,7 +3,7 @@
     ssl-vit bench --method mae --model.name vit_base_patch16_224 --bench.batch_size 64
     ssl-vit bench --method dino --bench.modes compute,e2e,loader --data.num_workers 8
 
-A step is forward + backward + AdamW step (fused on GPU, the project's param groups), as the
+A step is forward + backward + AdamW step (fused, the project's param groups), as the
 trainer runs it. `--bench.modes` picks what is timed:
 
 * compute: the step on synthetic tensors held on the device (no data loading, no host copies),
@@ -372,9 +372,7 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
     module = spec.build(root).to(dev).train()
     step_flops = spec.count(root, module)
     betas = getattr(root.method, "betas", (0.9, 0.999))
-    optimizer = build_optimizer(
-        module, "adamw", TrainConfig.weight_decay, betas=betas, fused=dev.type == "cuda", lr=LR
-    )
+    optimizer = build_optimizer(module, "adamw", TrainConfig.weight_decay, betas=betas, lr=LR)
     total = root.bench.warmup + root.bench.steps
     if spec.feed == "loader":
         batches = (to_device(batch, dev) for batch in real_loader(root, root.method, total))

@@ -324,7 +324,6 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     t = cfg.train
     run_dir = Path(t.output_dir)
     main = accelerator.is_main_process
-    cuda = accelerator.device.type == "cuda"
     set_seed(t.seed)
     spec = METHODS[cfg.method.name]
     # evaluators start from a pretrained checkpoint; pretext methods from a fresh backbone
@@ -357,7 +356,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         sampler=sampler,
     )
     optimizer = build_optimizer(
-        method, t.optimizer, t.weight_decay, betas=cfg.method.betas, momentum=t.momentum, fused=cuda
+        method, t.optimizer, t.weight_decay, betas=cfg.method.betas, momentum=t.momentum
     )
     for g in optimizer.param_groups:  # the weight-decay schedule scales each group's own value
         wd_scale = g["weight_decay"] / t.weight_decay if t.weight_decay else 0.0
