@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
+from test_dino import overrides  # the command-line form of a config (--method NAME, fields)
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._dynamo.utils import counters
 
@@ -49,17 +50,6 @@ def tiny(run_dir: Path, method: str = "mae", **train) -> Config:
 def metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [m for m in map(json.loads, lines) if "loss" in m]
-
-
-def overrides(cfg: Config) -> list[str]:
-    """The command-line form of `cfg`: --method NAME, then every field."""
-    args = ["--method", cfg.method.name]
-    for section, fields in cfg.to_dict().items():
-        for key, value in fields.items():
-            if not (key == "name" and section == "method"):
-                value = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-                args += [f"--{section}.{key}", str(value)]
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
