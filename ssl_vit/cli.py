@@ -52,6 +52,8 @@ def configure(cfg: Config, argv: list[str], prog: str) -> Config | None:
 
 def run_recipe(cfg: Config, argv: list[str] | None = None) -> dict | None:
     """Entry point of a recipe file: overrides from the command line, then train."""
+    from accelerate import PartialState
+
     from ssl_vit.data import DataError
     from ssl_vit.trainer import fit
 
@@ -63,7 +65,8 @@ def run_recipe(cfg: Config, argv: list[str] | None = None) -> dict | None:
         result = fit(cfg)
     except (ConfigError, DataError) as e:  # the user's input at fault: the message, no trace
         sys.exit(f"error: {e}")
-    print(json.dumps(result), flush=True)
+    if PartialState().is_main_process:  # one result line per launch, not one per process
+        print(json.dumps(result), flush=True)
     return result
 
 

@@ -321,6 +321,8 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "1 processes" not in out.stderr and "x 2 processes" in out.stderr
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["steps"] == k  # one result line per launch
     # same effective batch, lr, loss and (all-reduced) gradient norm at every step
     for m1, m2 in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         assert m2["lr"] == m1["lr"]
