@@ -60,6 +60,7 @@ from ssl_vit.config import (
 from ssl_vit.data import DataError, build_dataset, build_loader
 from ssl_vit.methods import METHODS
 from ssl_vit.optim import build_optimizer
+from ssl_vit.trainer import compile_step
 
 NUM_CLASSES = flops.FULL_TOKEN_CLASSES
 """Classes of the full-token baseline's head (ImageNet-1k, as the supervised ViT it stands for)."""
@@ -382,8 +383,7 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         batches = (batch for _ in range(total))
     if hasattr(module, "set_schedule"):  # as the trainer does (DINO's epoch-based schedules)
         module.set_schedule(total, total)
-    # as the trainer compiles: forward = training_step, static shapes (one graph, no recompile)
-    step_fn = torch.compile(module, dynamic=False) if root.train.compile else module
+    step_fn = compile_step(module) if root.train.compile else module  # as the trainer compiles
 
     # The trainer's before_optimizer_step is left out: it only drops gradients early in a run
     # (DINO's frozen last layer), and the bench times the steady state.

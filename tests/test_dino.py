@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_trainer import train_until_killed
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.checkpoint import export_backbone
@@ -259,16 +256,6 @@ def test_multi_crop_view_and_each_resolution_runs_as_one_batch():
 # Resume
 
 
-def overrides(cfg: Config) -> list[str]:
-    args = ["--method", cfg.method.name]
-    for section, fields in cfg.to_dict().items():
-        for key, value in fields.items():
-            if not (key == "name" and section == "method"):
-                value = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-                args += [f"--{section}.{key}", str(value)]
-    return args
-
-
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     n = 3  # 4 steps per epoch: the resume lands mid-epoch, before the temperature and the
     # last layer change at the epoch boundary
@@ -277,15 +264,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     fit(tiny(straight, max_steps=2 * n, **schedule))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ssl_vit", "train", *overrides(tiny(killed, **schedule))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / f"step_{n:07d}" / "complete"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    ckpt = killed / "checkpoints" / f"step_{n:07d}"
+    ckpt = train_until_killed(tiny(killed, **schedule), n)
     fit(tiny(killed, max_steps=2 * n, resume=str(ckpt), **schedule))
 
     def state(run: Path) -> dict[str, torch.Tensor]:

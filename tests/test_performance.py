@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
-from test_dino import overrides  # the command-line form of a config (--method NAME, fields)
+from test_trainer import overrides  # the command-line form of a config (--method NAME, fields)
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._dynamo.utils import counters
 

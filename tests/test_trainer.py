@@ -52,15 +52,28 @@ def tiny(run_dir: Path, **train) -> Config:
 
 
 def overrides(cfg: Config) -> list[str]:
-    """The command-line form of a config (every field, so a subprocess runs exactly `cfg`)."""
-    args = []
+    """The command-line form of a config: --method NAME, then every field (so a subprocess runs
+    exactly `cfg`)."""
+    args = ["--method", cfg.method.name]
     for section, fields in cfg.to_dict().items():
         for key, value in fields.items():
-            if key == "name" and section == "method":
-                continue
-            value = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
-            args += [f"--{section}.{key}", value]
+            if not (key == "name" and section == "method"):
+                value = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+                args += [f"--{section}.{key}", str(value)]
     return args
+
+
+def train_until_killed(cfg: Config, step: int) -> Path:
+    """Run `cfg` in a subprocess, SIGKILL it once checkpoint `step` is complete; that checkpoint."""
+    cmd = [sys.executable, "-m", "ssl_vit", "train", *overrides(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = Path(cfg.train.output_dir) / "checkpoints" / f"step_{step:07d}"
+    deadline = time.time() + 240
+    while not (ckpt / "complete").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    return ckpt
 
 
 def params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -189,17 +202,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     killed = tmp_path / "killed"
     killed_cfg = tiny(killed, **long_schedule)
     killed_cfg.data.num_workers = 2  # augmentation does not depend on who loads the images
-    cmd = [sys.executable, "-m", "ssl_vit", "train", *overrides(killed_cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / f"step_{n:07d}" / "complete"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    ckpt_n = train_until_killed(killed_cfg, n)
     assert not (killed / "backbone.safetensors").exists()
 
-    ckpt_n = killed / "checkpoints" / f"step_{n:07d}"
     control = tmp_path / "control"
     shutil.copytree(ckpt_n, control / "checkpoints" / ckpt_n.name)
     resumed_cfg = tiny(killed, max_steps=2 * n, resume=str(ckpt_n), **long_schedule)
