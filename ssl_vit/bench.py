@@ -31,7 +31,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -58,6 +58,7 @@ from ssl_vit.config import (
     validate,
 )
 from ssl_vit.data import DataError, build_dataset, build_loader
+from ssl_vit.data.device import DeviceView, batch_generator, encoded_dataset
 from ssl_vit.methods import METHODS
 from ssl_vit.optim import build_optimizer
 from ssl_vit.trainer import compile_step
@@ -302,6 +303,8 @@ def real_loader(
     cfg = run_config(root, method)
     b, spec = root.bench.batch_size, METHODS[method.name]
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=0, image_size=cfg.model.img_size)
+    if device_view(root, method):
+        dataset = encoded_dataset(dataset)
     if len(dataset) < b:
         raise DataError(f"data.path: {len(dataset)} images, fewer than bench.batch_size {b}")
     base = spec.sampler(cfg, len(dataset), 1) if spec.sampler else None
@@ -323,6 +326,26 @@ def real_loader(
         seed=0,
         sampler=order[: batches * b],
     )
+
+
+def device_view(root: BenchRoot, method: Any) -> DeviceView | None:
+    """The view of `method` batched on the device when data.decode_on_device (None if off, or
+    the method has none: then its CPU view runs in the workers)."""
+    spec = METHODS[method.name]
+    if not root.data.decode_on_device or spec.device_view is None:
+        return None
+    return spec.device_view(run_config(root, method))
+
+
+def real_batches(
+    root: BenchRoot, method: Any, batches: int, device: torch.device, pin_memory: bool = True
+) -> Iterator[dict[str, Any]]:
+    """`real_loader`'s batches on `device`, as the trainer gets them: copied, then with
+    data.decode_on_device decoded and augmented there (the generator keyed as the trainer's)."""
+    view = device_view(root, method)
+    for i, batch in enumerate(real_loader(root, method, batches, pin_memory)):
+        batch = to_device(batch, device)
+        yield view.apply(batch, batch_generator(0, 0, i), device) if view else batch
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -376,7 +399,7 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
     optimizer = build_optimizer(module, "adamw", TrainConfig.weight_decay, betas=betas, lr=LR)
     total = root.bench.warmup + root.bench.steps
     if spec.feed == "loader":
-        batches = (to_device(batch, dev) for batch in real_loader(root, root.method, total))
+        batches = real_batches(root, root.method, total, dev)
     else:
         backbone = next(m for m in module.modules() if isinstance(m, Backbone))
         batch = synthetic_batch(root, dev, backbone.patch_embed.proj.in_channels)
@@ -433,21 +456,28 @@ class LoaderResult:
         return dict(zip(LOADER_METRICS, values, strict=True))
 
 
-def run_loader(root: BenchRoot) -> dict[str, LoaderResult]:
+def run_loader(root: BenchRoot, device: str = "cpu") -> dict[str, LoaderResult]:
     """Iterate the real DataLoader of each of bench.loader_views, no model: warm up every worker,
-    then time bench.loader_batches batches. Collation included; no pinning or device copy."""
+    then time bench.loader_batches batches. Collation included; no pinning or device copy, except
+    for views decoded on the device (data.decode_on_device), whose decode and augmentation on
+    `device` are timed with the loader, to the synchronised end."""
     b, workers = root.bench.batch_size, root.data.num_workers
     warm, n = max(root.bench.warmup, workers), root.bench.loader_batches
+    dev = torch.device(device)
     results = {}
     for name in root.bench.loader_views:
         method = root.method if root.method.name == name else METHODS[name].config()
-        # host-side throughput: no pinning (nor the CUDA context it would create)
-        batches = iter(real_loader(root, method, warm + n, pin_memory=False))
+        if device_view(root, method):
+            batches = real_batches(root, method, warm + n, dev)
+        else:  # host-side throughput: no pinning (nor the CUDA context it would create)
+            batches = iter(real_loader(root, method, warm + n, pin_memory=False))
         for _ in range(warm):
             next(batches)
+        synchronize(dev)
         start = time.perf_counter()
         for _ in range(n):
             next(batches)
+        synchronize(dev)
         elapsed = time.perf_counter() - start
         results[name] = LoaderResult(n * b / elapsed, workers, elapsed / n)
         next(batches, None)  # its end: the workers, idle, stop
@@ -504,6 +534,12 @@ def check(root: BenchRoot) -> None:
     for key in ("modes", "loader_views"):
         if not getattr(b, key):
             errors.append(f"bench.{key}: name at least one")
+    spec = METHODS[root.method.name]
+    if root.data.decode_on_device and "e2e" in b.modes and spec.device_view is None:
+        errors.append(
+            f"data.decode_on_device: method {root.method.name!r} has no device view for the "
+            f"e2e mode"
+        )
     if b.device == "cuda" and not torch.cuda.is_available():
         errors.append("bench.device: cuda asked for, but torch sees no CUDA device")
     if errors:
@@ -552,6 +588,7 @@ def summarize(
         "timm": timm.__version__,
         "peak_mem_kind": "cuda_max_allocated" if device == "cuda" else "process_peak_rss",
         "data_path": root.data.path,
+        "decode_on_device": root.data.decode_on_device,
         "num_workers": root.data.num_workers,
         "peak_tflops": peak_tflops,
         "peak_source": peak_source,
@@ -574,6 +611,9 @@ def summarize(
     metrics["ratio"] = step / base if step and base else None
     metrics["e2e_over_compute"] = e2e / step if step and e2e else None
     metrics["loader_views"] = list(loader) if loader is not None else []
+    metrics["loader_on_device"] = [
+        v for v in metrics["loader_views"] if device_view(root, METHODS[v].config())
+    ]
     metrics["loader_batches"] = b.loader_batches if loader is not None else None
     for view, result in (loader or {}).items():
         metrics |= {f"loader_{view}_{k}": v for k, v in result.metrics().items()}
@@ -643,8 +683,9 @@ def table(m: dict[str, Any]) -> str:
         lines.append(f"{'view':<12}{'img/s':>10}{'img/s/worker':>14}{'s/batch':>10}")
         for view in m["loader_views"]:
             v = {k: m[f"loader_{view}_{k}"] for k in LOADER_METRICS}
+            where = f"{view} (dev)" if view in m["loader_on_device"] else view
             lines.append(
-                f"{view:<12}{v['img_per_s']:>10.1f}{v['img_per_s_per_worker']:>14.1f}"
+                f"{where:<12}{v['img_per_s']:>10.1f}{v['img_per_s_per_worker']:>14.1f}"
                 f"{v['batch_time_s']:>10.3f}"
             )
     return "\n".join(lines)
@@ -684,7 +725,7 @@ def bench(root: BenchRoot) -> dict[str, Any]:
     loader = None
     if "loader" in root.bench.modes:
         print("bench: timing the data loader ...", file=sys.stderr, flush=True)
-        loader = run_isolated(run_loader, root, what="loader")
+        loader = run_isolated(run_loader, root, device, what="loader")
     metrics = summarize(root, device, precision, results, loader)
     if not all(math.isfinite(r.loss) for r in results.values()):
         print("bench: warning: a non-finite loss; times may not be representative", file=sys.stderr)

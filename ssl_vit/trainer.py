@@ -41,7 +41,6 @@ from ssl_vit.data import (
     batch_generator,
     build_dataset,
     build_loader,
-    device_single_view,
     encoded_dataset,
 )
 from ssl_vit.eval.accuracy import classification_metrics, eval_loader
@@ -335,15 +334,16 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
     device_view = None
     if cfg.data.decode_on_device:  # workers read bytes; decoding and augmentation on the device
-        if cfg.method.name not in ("mae", "linprobe"):
+        if spec.device_view is None:
+            have = sorted(name for name, s in METHODS.items() if s.device_view)
             raise ConfigError(
                 [
-                    f"data.decode_on_device: single-view methods only (mae, linprobe), not "
-                    f"{cfg.method.name!r}"
+                    f"data.decode_on_device: method {cfg.method.name!r} has no device view "
+                    f"(methods with one: {', '.join(have)})"
                 ]
             )
         dataset = encoded_dataset(dataset)
-        device_view = device_single_view(cfg.data, cfg.model.img_size)
+        device_view = spec.device_view(cfg)
     sampler = spec.sampler(cfg, len(dataset), accelerator.num_processes) if spec.sampler else None
     loader = build_loader(
         dataset,
@@ -467,7 +467,7 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
         for i, batch in enumerate(batches(epoch_loader), start=skip):
             if device_view is not None:  # keyed by (seed, epoch, batch, rank): resumes exactly
                 key = (t.seed, state.epoch, i, accelerator.process_index)
-                batch = device_view.apply(batch, batch_generator(accelerator.device, *key))
+                batch = device_view.apply(batch, batch_generator(*key), accelerator.device)
             skipped = batch.pop("skipped", [])
             skips.update(skipped, len(batch["index"]) - len(skipped))
             boundary = (i + 1) % accum == 0 or i + 1 == n

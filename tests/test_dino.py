@@ -256,16 +256,25 @@ def test_multi_crop_view_and_each_resolution_runs_as_one_batch():
 # Resume
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("decode_on_device", [False, True])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, decode_on_device):
+    """Also with the multi-crop decoded and augmented on the device (here the CPU): its draws are
+    keyed by (seed, epoch, batch, rank), so the resumed run sees the same crops."""
     n = 3  # 4 steps per epoch: the resume lands mid-epoch, before the temperature and the
     # last layer change at the epoch boundary
     schedule = dict(epochs=10, save_every_steps=n, keep_last=100)
+
+    def config(run: Path, **train) -> Config:
+        cfg = tiny(run, **schedule, **train)
+        cfg.data.decode_on_device = decode_on_device
+        return cfg
+
     straight = tmp_path / "straight"
-    fit(tiny(straight, max_steps=2 * n, **schedule))
+    fit(config(straight, max_steps=2 * n))
 
     killed = tmp_path / "killed"
-    ckpt = train_until_killed(tiny(killed, **schedule), n)
-    fit(tiny(killed, max_steps=2 * n, resume=str(ckpt), **schedule))
+    ckpt = train_until_killed(config(killed), n)
+    fit(config(killed, max_steps=2 * n, resume=str(ckpt)))
 
     def state(run: Path) -> dict[str, torch.Tensor]:
         return load_file(str(run / "checkpoints" / f"step_{2 * n:07d}" / "model.safetensors"))
@@ -284,6 +293,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert [losses(killed)[s] for s in range(n + 1, 2 * n + 1)] == [
         losses(straight)[s] for s in range(n + 1, 2 * n + 1)
     ]
+    if decode_on_device:  # the device view drew the crops, not the loader workers' CPU view
+        fit(tiny(tmp_path / "cpu", max_steps=n, **schedule))
+        assert losses(tmp_path / "cpu")[1] != losses(straight)[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -394,7 +394,7 @@ def test_fsdp_asked_where_accelerate_cannot_shard_is_logged(tmp_path, monkeypatc
     assert "FSDP was asked for" in log and "distributed NO" in log
 
 
-def test_decode_on_device_trains_deterministically_and_is_refused_for_multi_crop(tmp_path):
+def test_decode_on_device_trains_deterministically_and_is_refused_without_a_device_view(tmp_path):
     # MAE with workers reading bytes and the (here CPU) device decoding + augmenting batches
     runs = []
     for name in ("a", "b"):
@@ -411,9 +411,9 @@ def test_decode_on_device_trains_deterministically_and_is_refused_for_multi_crop
     fit(plain)  # the CPU view draws other crops: the same model, another augmentation stream
     assert [r["loss"] for r in metrics(tmp_path / "plain")] != [r["loss"] for r in rows]
 
-    from ssl_vit.methods.dino import DINOConfig
+    from ssl_vit.methods.deit import DeiTConfig
 
-    dino = tiny(tmp_path / "dino")
-    dino.method, dino.data.decode_on_device = DINOConfig(), True
-    with pytest.raises(ConfigError, match="data.decode_on_device: single-view methods only"):
-        fit(dino)
+    deit = tiny(tmp_path / "deit")
+    deit.method, deit.data.decode_on_device = DeiTConfig(num_classes=10), True
+    with pytest.raises(ConfigError, match="method 'deit' has no device view .*dino, linprobe, mae"):
+        fit(deit)

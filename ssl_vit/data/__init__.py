@@ -14,20 +14,20 @@ from ssl_vit.data.device import (
     DeviceView,
     Encoded,
     EncodedBatch,
-    augment,
     batch_generator,
     decode,
     device_single_view,
+    device_view,
     encoded_dataset,
     sample_crops,
-    throughput,
     write_image_folder,
 )
 from ssl_vit.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from ssl_vit.data.synthetic import SyntheticImages
-from ssl_vit.data.transforms import View, eval_view, single_view
+from ssl_vit.data.transforms import Crop, View, eval_view, multi_crop, single_view
 
 __all__ = [
+    "Crop",
     "SYNTHETIC_CLASSES",
     "DataError",
     "DeviceView",
@@ -37,10 +37,10 @@ __all__ = [
     "SkipCounter",
     "SyntheticImages",
     "View",
-    "augment",
     "batch_generator",
     "decode",
     "device_single_view",
+    "device_view",
     "encoded_dataset",
     "eval_view",
     "build_dataset",
@@ -49,7 +49,7 @@ __all__ = [
     "open_image",
     "sample_crops",
     "seeded",
+    "multi_crop",
     "single_view",
-    "throughput",
     "write_image_folder",
 ]

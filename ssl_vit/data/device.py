@@ -5,37 +5,42 @@ RandomResizedCrop manage a few hundred per loader worker. Here loader workers on
 encoded file bytes; the training process decodes a whole batch with nvJPEG
 (`torchvision.io.decode_jpeg(list, device=...)`) and augments it on the device.
 
-Same semantics as the CPU view `transforms.single_view` (MAE; also the MAE linear probe):
-RandomResizedCrop(data.crop_scale, ratio 3/4-4/3, data.interpolation, antialias) with the
-crop distribution of torchvision's `RandomResizedCrop.make_params` (vectorised), horizontal flip
-with p = data.hflip, ToDtype float, Normalize. What differs, by design or by decoder:
+Same semantics as the CPU views of transforms.py: MAE's `single_view` (also the linear probe's)
+and DINO's `multi_crop`, both built from `Crop`s. Per crop and image: RandomResizedCrop
+(crop.scale, ratio 3/4-4/3, data.interpolation, antialias) with the distribution of torchvision's
+`RandomResizedCrop.make_params` (vectorised), flip (p = data.hflip); for DINO then colour jitter
+(JITTER, per image its own order and factors), grayscale, Gaussian blur and solarisation, each
+with its crop's probability; ToDtype float, Normalize. Every step is batched over the images it
+applies to, with torchvision's uint8 tensor formulas, so for the same draws the result is the CPU
+view's on a tensor image (tests/test_device_data.py). What differs, by design or by decoder:
 
-* the crop is resized as a uint8 tensor by torch's antialiased kernels (the same ones
-  single_view runs on tensor inputs, so equal to it there); on the CPU path PIL resizes PIL
-  images: within one uint8 level (tests/test_device_data.py);
+* the CPU path works on PIL images: PIL's resampling (within one uint8 level of torch's),
+  enhancers, HSV conversion (8-bit hue) and blur (PIL's box-approximated Gaussian), close in
+  distribution but not bit-equal (tests/test_device_data.py measures the gap);
 * nvJPEG (GPU) and libjpeg-turbo (CPU) may differ by a few levels per pixel; on the CPU this path
   decodes with torchvision's libjpeg-turbo / libpng, like PIL;
-* randomness is drawn from a generator on the device keyed by (seed, epoch, batch, rank)
-  (`batch_generator`), not per sample: a resumed run sees the same crops, but the crops are not
-  those of the CPU path for the same seed;
+* randomness is drawn per batch from a host generator keyed by (seed, epoch, batch, rank)
+  (`batch_generator`), not per sample: a resumed run sees the same crops, but they are not those
+  of the CPU path for the same seed;
 * a file that cannot be read is skipped by `ImageDataset` as before; one whose bytes do not decode
   here is replaced by another image of its batch (with its label) and reported in "skipped".
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.functional import conv2d, interpolate, pad
 from torchvision.io import (
     ImageReadMode,
     decode_image,
@@ -54,11 +59,9 @@ from ssl_vit.data.datasets import (
     ImageDataset,
     ImageFiles,
     Source,
-    build_dataset,
-    build_loader,
 )
 from ssl_vit.data.synthetic import SyntheticImages
-from ssl_vit.data.transforms import View, single_view
+from ssl_vit.data.transforms import BLUR_KERNEL, BLUR_SIGMA, JITTER, Crop, View
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 """RandomResizedCrop's aspect-ratio range, as single_view uses it (torchvision's default)."""
@@ -241,11 +244,15 @@ def decode(data: Sequence[Tensor], device: torch.device | str) -> list[Tensor | 
 # augment
 
 
-def batch_generator(device: torch.device | str, *key: int) -> torch.Generator:
-    """A generator on `device` seeded from `key`, e.g. (seed, epoch, batch index, rank): the same
-    augmentation for the same batch after a resume, independent across processes."""
+def batch_generator(*key: int) -> torch.Generator:
+    """A host generator seeded from `key`, e.g. (seed, epoch, batch index, rank): the same
+    augmentation for the same batch after a resume, independent across processes.
+
+    On the host because every crop box is needed there (each crop is resized on its own) and
+    masks known there select the images an augmentation touches: no draw waits for the device
+    (a device draw read back would wait for the steps queued before it)."""
     hi, lo = (int(s) for s in np.random.SeedSequence(list(key)).generate_state(2))
-    return torch.Generator(torch.device(device)).manual_seed(hi << 32 | lo)
+    return torch.Generator().manual_seed(hi << 32 | lo)
 
 
 def sample_crops(
@@ -302,61 +309,264 @@ def sample_crops(
     return params.long()
 
 
-def augment(
-    images: Sequence[Tensor],
-    params: Sequence[Sequence[int]],
-    size: int,
-    interpolation: str | InterpolationMode,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> Tensor:
-    """The single view with explicit parameters: images uint8 (3, H_k, W_k) on one device,
-    params (top, left, height, width, flip) per image -> float32 (B, 3, size, size), normalised.
+class CropParams(NamedTuple):
+    """The draws of one `Crop` for a batch of B images, host tensors; the distributions of the
+    CPU view's transforms (`transforms.crop_transform`)."""
 
-    Each crop is resized as uint8 with `resized_crop` (antialiased), as single_view does to a
-    tensor image; flip, float conversion and normalisation are then one batched op each.
-    """
+    boxes: Tensor
+    """int64 (B, 4): top, left, height, width (`sample_crops`)."""
+    flip: Tensor
+    """bool (B,): p = data.hflip."""
+    jitter: Tensor
+    """bool (B,): colour jitter, p = crop.jitter."""
+    order: Tensor
+    """int64 (B, 4): the jitter's operations in the order applied (JITTER_OPS indices), a
+    uniform permutation as v2.ColorJitter's randperm."""
+    factors: Tensor
+    """float32 (B, 4): brightness, contrast, saturation factors ~ U(1 -+ JITTER[:3]), hue shift
+    ~ U(-+JITTER[3])."""
+    gray: Tensor
+    """bool (B,): p = crop.grayscale."""
+    blur: Tensor
+    """bool (B,): p = crop.blur."""
+    sigma: Tensor
+    """float32 (B,): blur sigma ~ U(BLUR_SIGMA)."""
+    solarize: Tensor
+    """bool (B,): p = crop.solarize."""
+
+
+def sample_params(
+    crop: Crop, sizes: Tensor, hflip: float, generator: torch.Generator
+) -> CropParams:
+    """Draw `crop`'s randomness for images of `sizes` int (B, 2) (height, width)."""
+    b = sizes.shape[0]
+
+    def coin(p: float) -> Tensor:
+        return torch.rand(b, generator=generator) < p
+
+    def uniform(lo: Tensor | float, hi: Tensor | float, *shape: int) -> Tensor:
+        return lo + (hi - lo) * torch.rand(b, *shape, generator=generator)
+
+    b_, c_, s_, h_ = JITTER
+    lo, hi = torch.tensor([1 - b_, 1 - c_, 1 - s_, -h_]), torch.tensor([1 + b_, 1 + c_, 1 + s_, h_])
+    return CropParams(
+        boxes=sample_crops(sizes, crop.scale, generator),
+        flip=coin(hflip),
+        jitter=coin(crop.jitter),
+        order=torch.rand(b, 4, generator=generator).argsort(dim=1),
+        factors=uniform(lo, hi, 4),
+        gray=coin(crop.grayscale),
+        blur=coin(crop.blur),
+        sigma=uniform(*BLUR_SIGMA),
+        solarize=coin(crop.solarize),
+    )
+
+
+def resized_crops(
+    images: Sequence[Tensor], boxes: Tensor, size: int, interpolation: str | InterpolationMode
+) -> Tensor:
+    """images uint8 (3, H_k, W_k) on one device, boxes int64 (B, 4) on the host
+    -> uint8 (B, 3, size, size): each box resized (antialiased) as RandomResizedCrop resizes a
+    uint8 tensor image on that device. torchvision resizes uint8 natively on the CPU; elsewhere it
+    goes through float32, then clamps and rounds (`resized_crops_float`)."""
+    if images[0].device.type != "cpu":
+        return resized_crops_float(images, boxes, size, interpolation)
     mode = InterpolationMode(interpolation)
+    return torch.stack(
+        [
+            F.resized_crop(image, top, left, h, w, [size, size], mode, antialias=True)
+            for image, (top, left, h, w) in zip(images, boxes.tolist(), strict=True)
+        ]
+    )
+
+
+def resized_crops_float(
+    images: Sequence[Tensor], boxes: Tensor, size: int, interpolation: str | InterpolationMode
+) -> Tensor:
+    """torchvision's float route of `resized_crops` (its CUDA one), with the float copy made once
+    per image rather than per crop and the clamp and rounding batched: the same values with one
+    kernel per crop (DINO takes 12 per image)."""
+    mode = InterpolationMode(interpolation)
+    smooth = mode in (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)  # else nearest
+    kwargs = dict(mode=mode.value, align_corners=False if smooth else None, antialias=smooth)
+    floats: dict[int, Tensor] = {}  # one copy per distinct image (a batch may repeat one)
     crops = []
-    for image, (top, left, h, w, flip) in zip(images, params, strict=True):
-        crop = F.resized_crop(image, top, left, h, w, [size, size], mode, antialias=True)
-        crops.append(F.horizontal_flip(crop) if flip else crop)
-    batch = F.to_dtype(torch.stack(crops), torch.float32, scale=True)
-    return F.normalize(batch, list(mean), list(std), inplace=True)
+    for image, (top, left, h, w) in zip(images, boxes.tolist(), strict=True):
+        src = floats.setdefault(id(image), image.float())
+        crop = src[None, :, top : top + h, left : left + w]
+        crops.append(interpolate(crop, [size, size], **kwargs) if (h, w) != (size, size) else crop)
+    out = torch.cat(crops)
+    if mode == InterpolationMode.BICUBIC:  # overshoots
+        out.clamp_(0, 255)
+    return out.round_().to(torch.uint8)
+
+
+def apply_to(x: Tensor, mask: Tensor, fn: Any, *args: Tensor) -> Tensor:
+    """x[k] = fn(x[k], *(a[k] for a in args)) for the images k where the host bool (B,) mask
+    holds, in place. The mask is on the host, so selecting needs no device sync, and the
+    augmentation runs only on the images it applies to."""
+    rows = mask.nonzero().squeeze(1)
+    if len(rows):
+        idx = rows.to(x.device)
+        x[idx] = fn(x[idx], *(a[rows].to(x.device) for a in args))
+    return x
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) -> float32 (B, 1, H, W) luma, floored: the degenerate image of
+    torchvision's uint8 contrast and saturation kernels."""
+    r, g, b = x.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
+
+
+def _blend(x: Tensor, y: Tensor, ratio: Tensor) -> Tensor:
+    """uint8 x * ratio + y * (1 - ratio) per image (ratio (B,)), clamped and truncated to uint8,
+    as torchvision's `_blend` (1 - ratio in float64, as its Python arithmetic)."""
+    r = ratio.view(-1, 1, 1, 1)
+    out = x * r + y * (1 - r.double()).float()
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """F.adjust_brightness per image: uint8 (B, 3, H, W), factor (B,) -> uint8."""
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
+
+
+def contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """F.adjust_contrast per image: blend with the image's mean (floored) luma."""
+    return _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """F.adjust_saturation per image: blend with the (floored) luma image."""
+    return _blend(x, _grayscale(x), factor)
+
+
+HSV_TO_RGB = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+"""For each RGB channel and hue sextant, which of (v, p, q, t) it takes."""
+
+
+def hue(x: Tensor, shift: Tensor) -> Tensor:
+    """F.adjust_hue per image: uint8 (B, 3, H, W), shift (B,) in turns -> uint8; through HSV in
+    float32 with torchvision's formulas (Pillow's), so equal to it."""
+    image = F.to_dtype(x, torch.float32, scale=True)
+    r, g, _ = image.unbind(1)
+    maxc, minc = image.amax(1), image.amin(1)
+    flat = maxc == minc  # gray pixels: hue and saturation 0, and no division by zero
+    ones = torch.ones_like(maxc)
+    span = maxc - minc
+    s = span / torch.where(flat, ones, maxc)
+    rel = (maxc.unsqueeze(1) - image) / torch.where(flat, ones, span).unsqueeze(1)
+    rc, gc, bc = rel.unbind(1)
+    not_r, is_g = maxc != r, maxc == g
+    h = (bc - gc) * ~not_r + (rc + 2.0 - bc) * (is_g & not_r) + (gc + 4.0 - rc) * (not_r & ~is_g)
+    h = (h * (1.0 / 6.0) + 1.0).fmod_(1.0)
+    h = (h + shift.view(-1, 1, 1)).remainder_(1.0)
+    # back to RGB
+    h6 = h * 6
+    sector = torch.floor(h6)
+    f = h6 - sector
+    sxf, one_minus_s = s * f, 1.0 - s
+    q = ((1.0 - sxf) * maxc).clamp_(0.0, 1.0)
+    t = ((sxf + one_minus_s) * maxc).clamp_(0.0, 1.0)
+    p = (one_minus_s * maxc).clamp_(0.0, 1.0)
+    vpqt = torch.stack((maxc, p, q, t), dim=1)
+    table = torch.tensor(HSV_TO_RGB, device=x.device)
+    select = table[:, sector.int().remainder_(6)].movedim(0, 1)  # (B, 3, H, W)
+    return F.to_dtype(vpqt.gather(1, select), torch.uint8, scale=True)
+
+
+JITTER_OPS = (brightness, contrast, saturation, hue)
+"""v2.ColorJitter's operations, in its numbering (CropParams.order)."""
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """F.gaussian_blur with a BLUR_KERNEL kernel per image, as transforms.GaussianBlur does to a
+    tensor image, but separable (equal up to float rounding).
+
+    uint8 (B, 3, H, W), sigma (B,) -> uint8."""
+    b, c, h, w = x.shape
+    k = BLUR_KERNEL
+    lim = (k - 1) / (2.0 * math.sqrt(2.0))
+    grid = torch.linspace(-lim, lim, k, device=x.device)
+    kernel = (grid / sigma[:, None]).pow(2).neg().softmax(dim=1).repeat_interleave(c, dim=0)
+    y = pad(x.float().view(1, b * c, h, w), [k // 2] * 4, mode="reflect")
+    y = conv2d(y, kernel.view(b * c, 1, 1, k), groups=b * c)
+    y = conv2d(y, kernel.view(b * c, 1, k, 1), groups=b * c)
+    return y.view(b, c, h, w).round_().to(torch.uint8)
+
+
+def augment_crop(
+    images: Sequence[Tensor], crop: Crop, p: CropParams, interpolation: str | InterpolationMode
+) -> Tensor:
+    """One crop of every image with its drawn params: uint8 (3, H_k, W_k) -> uint8 (B, 3, s, s),
+    s = crop.size; `crop_transform`'s steps in its order."""
+    x = resized_crops(images, p.boxes, crop.size, interpolation)
+    apply_to(x, p.flip, F.horizontal_flip)
+    if crop.jitter:
+        for step in range(4):  # each image's own order of the four operations
+            for index, op in enumerate(JITTER_OPS):
+                apply_to(x, p.jitter & (p.order[:, step] == index), op, p.factors[:, index])
+    if crop.grayscale:
+        apply_to(x, p.gray, partial(F.rgb_to_grayscale, num_output_channels=3))
+    if crop.blur:
+        apply_to(x, p.blur, gaussian_blur, p.sigma)
+    if crop.solarize:
+        apply_to(x, p.solarize, partial(F.solarize, threshold=128))
+    return x
+
+
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 (B, 3, H, W) -> float32, (x / 255 - mean) / std per channel."""
+    return F.normalize(
+        F.to_dtype(x, torch.float32, scale=True), list(mean), list(std), inplace=True
+    )
 
 
 @dataclass(frozen=True)
 class DeviceView:
-    """MAE's single view (`transforms.single_view`) applied to a batch on the device."""
+    """A view of transforms.py run on a batch on the device: each of `crops` drawn per image.
+    key "images" with one crop = `single_view` (a tensor); key "crops" = `multi_crop` (a list)."""
 
-    size: int
-    scale: tuple[float, float]
+    key: str
+    crops: tuple[Crop, ...]
     interpolation: str = "bicubic"
     hflip: float = 0.5
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
-    def params(self, images: Sequence[Tensor], generator: torch.Generator) -> list[list[int]]:
-        """Per image (top, left, height, width, flip), drawn on the generator's device; one host
-        sync (the crop boxes are Python ints for `resized_crop`)."""
+    def __post_init__(self) -> None:
+        if self.key not in ("images", "crops") or (self.key == "images") != (len(self.crops) == 1):
+            raise ValueError(
+                f"DeviceView: key 'images' takes one crop, 'crops' several; got "
+                f"{self.key!r} with {len(self.crops)}"
+            )
+
+    def params(self, images: Sequence[Tensor], generator: torch.Generator) -> list[CropParams]:
+        """Each crop's draws for `images`, on the host generator."""
         sizes = torch.tensor([list(im.shape[-2:]) for im in images])
-        crops = sample_crops(sizes, self.scale, generator)
-        flips = torch.rand(len(images), generator=generator, device=generator.device) < self.hflip
-        return torch.cat([crops, flips.long()[:, None]], dim=1).tolist()
+        return [sample_params(c, sizes, self.hflip, generator) for c in self.crops]
 
-    def __call__(self, images: Sequence[Tensor], generator: torch.Generator) -> Tensor:
-        """images uint8 (3, H_k, W_k) -> float32 (B, 3, size, size), normalised."""
-        params = self.params(images, generator)
-        return augment(images, params, self.size, self.interpolation, self.mean, self.std)
+    def __call__(
+        self, images: Sequence[Tensor], generator: torch.Generator
+    ) -> Tensor | list[Tensor]:
+        """images uint8 (3, H_k, W_k) -> float32 (B, 3, s, s) per crop, normalised."""
+        out = [
+            normalize(augment_crop(images, c, p, self.interpolation), self.mean, self.std)
+            for c, p in zip(self.crops, self.params(images, generator), strict=True)
+        ]
+        return out if self.key == "crops" else out[0]
 
-    def apply(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        """A collated batch of the encoded dataset -> the batch single_view would have given:
-        "encoded" decoded on the generator's device and augmented into "images"; the paths of
-        bytes that do not decode are added to "skipped" and their slots (image and label) filled
-        by the next decodable image of the batch, as ImageDataset does for unreadable files."""
+    def apply(
+        self, batch: dict[str, Any], generator: torch.Generator, device: torch.device | str
+    ) -> dict[str, Any]:
+        """A collated batch of the encoded dataset -> the batch the CPU view would have given:
+        "encoded" decoded on `device` and augmented into `key`; the paths of bytes that do not
+        decode are added to "skipped" and their slots (image and label) filled by the next
+        decodable image of the batch, as ImageDataset does for unreadable files."""
         batch = dict(batch)
         encoded: EncodedBatch = batch.pop("encoded")
-        images = decode([encoded[k] for k in range(len(encoded))], generator.device)
+        images = decode([encoded[k] for k in range(len(encoded))], device)
         good = [k for k, im in enumerate(images) if im is not None]
         if not good:
             raise DataError(f"no image of a batch could be decoded: {encoded.paths}")
@@ -369,15 +579,16 @@ class DeviceView:
             labels[torch.tensor(bad)] = labels[torch.tensor(src)]
             batch["labels"] = labels
             batch["skipped"] = [*batch.get("skipped", []), *(encoded.paths[k] for k in bad)]
-        batch["images"] = self(images, generator)  # type: ignore[arg-type]
+        batch[self.key] = self(images, generator)  # type: ignore[arg-type]
         return batch
 
 
-def device_single_view(data_cfg: DataConfig, img_size: int) -> DeviceView:
-    """The device counterpart of `single_view(data_cfg, img_size)`."""
+def device_view(data_cfg: DataConfig, key: str, crops: Sequence[Crop]) -> DeviceView:
+    """The device counterpart of a view of `crops` with data_cfg's interpolation, flip and
+    normalisation."""
     return DeviceView(
-        img_size,
-        tuple(data_cfg.crop_scale),
+        key,
+        tuple(crops),
         data_cfg.interpolation,
         data_cfg.hflip,
         tuple(data_cfg.mean),
@@ -385,8 +596,13 @@ def device_single_view(data_cfg: DataConfig, img_size: int) -> DeviceView:
     )
 
 
+def device_single_view(data_cfg: DataConfig, img_size: int) -> DeviceView:
+    """The device counterpart of `single_view(data_cfg, img_size)`."""
+    return device_view(data_cfg, "images", [Crop(img_size, tuple(data_cfg.crop_scale))])
+
+
 # ---------------------------------------------------------------------------------------------
-# throughput
+# benchmark data
 
 
 def write_image_folder(
@@ -405,80 +621,3 @@ def write_image_folder(
                 data.numpy().tobytes()
             )
     return root
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def throughput(
-    path: str | Path,
-    *,
-    img_size: int = 224,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    device: torch.device | str = "cpu",
-    passes: int = 2,
-    data_cfg: DataConfig | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """img/s of the two data paths over `passes` passes of the image folder `path`, timed after
-    one warm-up batch (worker start, CUDA/nvJPEG initialisation):
-
-    * cpu: PIL decode + single_view in `num_workers` DataLoader workers, batches stacked;
-    * device: the bytes read in `num_workers` workers, batched decode + DeviceView on `device`
-      in this process (synchronised before the clock stops).
-
-    -> {"cpu_img_per_s", "device_img_per_s", "images", "batch_size", "num_workers", "device"}.
-    """
-    device = torch.device(device)
-    data_cfg = dataclasses.replace(data_cfg or DataConfig(), path=str(path))
-    dataset = build_dataset(data_cfg, single_view(data_cfg, img_size), seed=seed)
-    view = device_single_view(data_cfg, img_size)
-
-    def loader(ds: ImageDataset) -> torch.utils.data.DataLoader:
-        sampler = torch.utils.data.RandomSampler(
-            ds, num_samples=passes * len(ds), generator=torch.Generator().manual_seed(seed)
-        )
-        return build_loader(
-            ds,
-            batch_size,
-            shuffle=False,
-            drop_last=True,
-            num_workers=num_workers,
-            pin_memory=True,  # as the trainer (build_loader pins only when CUDA is there)
-            seed=seed,
-            sampler=sampler,
-        )
-
-    def timed(batches: Any, step: Any) -> float:
-        images, start = 0, 0.0
-        for i, batch in enumerate(batches):
-            step(i, batch)
-            if i == 0:
-                start = time.perf_counter()
-            else:
-                images += len(batch["index"])
-        if not images:
-            raise ValueError(f"throughput: {path} holds too few images for 2 batches")
-        return images / (time.perf_counter() - start)
-
-    def cpu_step(i: int, batch: dict[str, Any]) -> None:
-        batch["images"].to(device)
-        _synchronize(device)
-
-    def device_step(i: int, batch: dict[str, Any]) -> None:
-        view.apply(batch, batch_generator(device, seed, 0, i))
-        _synchronize(device)
-
-    cpu = timed(loader(dataset), cpu_step)
-    dev = timed(loader(encoded_dataset(dataset)), device_step)
-    return {
-        "cpu_img_per_s": cpu,
-        "device_img_per_s": dev,
-        "images": passes * len(dataset),
-        "batch_size": batch_size,
-        "num_workers": num_workers,
-        "device": str(device),
-    }

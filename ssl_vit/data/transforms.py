@@ -1,11 +1,12 @@
 """Per-method views: a view maps one image (PIL or uint8 tensor (3, H, W)) to a dict of tensors.
 
-The keys are the batch contract (DESIGN.md § Batch): "images" for a single view (MAE).
+The keys are the batch contract (DESIGN.md § Batch): "images" for a single view (MAE, DeiT),
+"crops" for a multi-crop one (DINO). `data.device` holds their batched device counterparts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,31 +33,93 @@ class View:
         return {self.key: self.transform(image)}
 
 
-def single_view(data_cfg: DataConfig, img_size: int) -> View:
-    """MAE's view: random resized crop + horizontal flip, normalised.
+JITTER = (0.4, 0.4, 0.2, 0.1)
+"""DINO's colour-jitter strengths: brightness, contrast, saturation, hue."""
 
-    The crop runs before the tensor conversion, so PIL images are cropped and resized by PIL.
+
+BLUR_SIGMA = (0.1, 2.0)
+"""Range of DINO's Gaussian-blur sigma (pixels)."""
+BLUR_KERNEL = 13
+"""Side of the blur kernel on tensor images: +-3 sigma at the largest sigma."""
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One crop of a multi-crop view: a random resized crop to `size` (area fraction in `scale`),
+    a flip, then DINO's photometric augmentations, each applied with its probability: colour
+    jitter (JITTER, in a random order), grayscale, Gaussian blur (sigma ~ U(0.1, 2)), solarisation
+    (threshold 128). The CPU view (`multi_crop`) and the device one (`data.device`) both read it."""
+
+    size: int
+    scale: tuple[float, float]
+    jitter: float = 0.0
+    grayscale: float = 0.0
+    blur: float = 0.0
+    solarize: float = 0.0
+
+
+@dataclass(frozen=True)
+class GaussianBlur:
+    """With probability p, blur with sigma ~ U(BLUR_SIGMA): PIL's own filter on PIL images, as
+    DINO does (torchvision's blur converts PIL images to tensors and convolves, ~10x slower), else
+    torchvision's with a BLUR_KERNEL kernel. Draws from the torch RNG (seeded per item)."""
+
+    p: float
+
+    def __call__(self, image: Any) -> Any:
+        if torch.rand(()) >= self.p:
+            return image
+        sigma = float(torch.empty(()).uniform_(*BLUR_SIGMA))
+        if isinstance(image, Image.Image):
+            return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+        return v2.functional.gaussian_blur(image, [BLUR_KERNEL] * 2, [sigma, sigma])
+
+
+def crop_transform(crop: Crop, data_cfg: DataConfig) -> v2.Compose:
+    """image -> float32 (3, crop.size, crop.size), normalised."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                crop.size, scale=crop.scale, interpolation=data_cfg.interpolation, antialias=True
+            ),
+            v2.RandomHorizontalFlip(data_cfg.hflip),
+            v2.RandomApply([v2.ColorJitter(*JITTER)], p=crop.jitter),
+            v2.RandomGrayscale(crop.grayscale),
+            GaussianBlur(crop.blur),
+            v2.RandomSolarize(128, p=crop.solarize),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(data_cfg.mean, data_cfg.std),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def single_view(data_cfg: DataConfig, img_size: int) -> View:
+    """MAE's view: random resized crop (data.crop_scale) + horizontal flip, normalised; one `Crop`
+    without photometric augmentations. PIL images are cropped and resized by PIL.
 
     image -> {"images": float32 (3, img_size, img_size)}, (x / 255 - mean) / std per channel.
     """
-    return View(
-        "images",
-        v2.Compose(
-            [
-                v2.RandomResizedCrop(
-                    img_size,
-                    scale=data_cfg.crop_scale,
-                    interpolation=data_cfg.interpolation,
-                    antialias=True,
-                ),
-                v2.RandomHorizontalFlip(data_cfg.hflip),
-                v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(data_cfg.mean, data_cfg.std),
-                v2.ToPureTensor(),
-            ]
-        ),
-    )
+    return View("images", crop_transform(Crop(img_size, tuple(data_cfg.crop_scale)), data_cfg))
+
+
+@dataclass(frozen=True)
+class Crops:
+    """image -> [t(image) for t in transforms]; a class so that it pickles into loader workers."""
+
+    transforms: tuple[Callable[[Any], Any], ...]
+
+    def __call__(self, image: Any) -> list[Any]:
+        return [t(image) for t in self.transforms]
+
+
+def multi_crop(data_cfg: DataConfig, crops: Sequence[Crop]) -> View:
+    """A multi-crop view (DINO's: `methods.dino.dino_crops`).
+
+    image -> {"crops": [float32 (3, c.size, c.size) for c in crops]}, normalised.
+    """
+    return View("crops", Crops(tuple(crop_transform(c, data_cfg) for c in crops)))
 
 
 def eval_view(data_cfg: DataConfig, img_size: int, crop_ratio: float = 0.875) -> View:
@@ -127,78 +190,3 @@ def posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Ima
     if bits_to_keep < 1:
         return Image.new(image.mode, image.size)
     return timm_posterize(image, bits_to_keep, **kwargs)
-
-
-@dataclass(frozen=True)
-class GaussianBlur:
-    """With probability p, blur with sigma ~ U(0.1, 2): PIL's own filter on PIL images, as DINO
-    does (torchvision's blur converts PIL images to tensors and convolves, ~10x slower), else
-    torchvision's with a +-3 sigma kernel. Draws from the torch RNG (seeded per item)."""
-
-    p: float
-
-    def __call__(self, image: Any) -> Any:
-        if torch.rand(()) >= self.p:
-            return image
-        sigma = float(torch.empty(()).uniform_(0.1, 2.0))
-        if isinstance(image, Image.Image):
-            return image.filter(ImageFilter.GaussianBlur(radius=sigma))
-        return v2.functional.gaussian_blur(image, [13, 13], [sigma, sigma])
-
-
-@dataclass(frozen=True)
-class Crops:
-    """image -> [t(image) for t in transforms]; a class so that it pickles into loader workers."""
-
-    transforms: tuple[Callable[[Any], Any], ...]
-
-    def __call__(self, image: Any) -> list[Any]:
-        return [t(image) for t in self.transforms]
-
-
-def multi_crop(
-    data_cfg: DataConfig,
-    global_size: int,
-    local_size: int,
-    local_crops: int,
-    global_scale: tuple[float, float],
-    local_scale: tuple[float, float],
-) -> View:
-    """DINO's multi-crop view: 2 global crops then `local_crops` local crops, each a random
-    resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1; p 0.8), grayscale (p 0.2) and Gaussian
-    blur (sigma 0.1-2; p 1.0 / 0.1 on the globals, 0.5 on the locals); solarisation (p 0.2) on the
-    second global only.
-
-    image -> {"crops": [2 x float32 (3, global_size, global_size),
-                        local_crops x float32 (3, local_size, local_size)]}, normalised.
-    """
-
-    def crop(size: int, scale: tuple[float, float], blur: float, solarize: float = 0.0) -> Any:
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(
-                    size, scale=scale, interpolation=data_cfg.interpolation, antialias=True
-                ),
-                v2.RandomHorizontalFlip(data_cfg.hflip),
-                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                v2.RandomGrayscale(0.2),
-                GaussianBlur(blur),
-                v2.RandomSolarize(128, p=solarize),
-                v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(data_cfg.mean, data_cfg.std),
-                v2.ToPureTensor(),
-            ]
-        )
-
-    local = crop(local_size, local_scale, blur=0.5)
-    return View(
-        "crops",
-        Crops(
-            (
-                crop(global_size, global_scale, blur=1.0),
-                crop(global_size, global_scale, blur=0.1, solarize=0.2),
-                *[local] * local_crops,
-            )
-        ),
-    )

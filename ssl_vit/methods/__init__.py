@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ssl_vit.data.device import DeviceView, device_single_view
 from ssl_vit.data.samplers import RepeatedAugSampler
 from ssl_vit.data.transforms import single_view, supervised_view
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig, finetune_view
 from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig, pretrained_backbone
 from ssl_vit.methods.deit import DeiT, DeiTConfig
-from ssl_vit.methods.dino import DINO, DINOConfig, dino_view
+from ssl_vit.methods.dino import DINO, DINOConfig, dino_device_view, dino_view
 from ssl_vit.methods.mae import MAE, MAEConfig
 
 
@@ -28,11 +29,19 @@ class MethodSpec(NamedTuple):
     backbone: Callable[..., Any] | None = None
     """backbone(cfg: Config) -> the Backbone to build on, e.g. an evaluator's pretrained one;
     None = a fresh Backbone(cfg.model.name, **cfg.model.timm_kwargs())."""
+    device_view: Callable[..., DeviceView] | None = None
+    """device_view(cfg: Config) -> `view` batched on the device, for data.decode_on_device;
+    None = the method has none."""
 
 
 METHODS: dict[str, MethodSpec] = {
-    "mae": MethodSpec(MAEConfig, MAE, lambda cfg: single_view(cfg.data, cfg.model.img_size)),
-    "dino": MethodSpec(DINOConfig, DINO, dino_view),
+    "mae": MethodSpec(
+        MAEConfig,
+        MAE,
+        lambda cfg: single_view(cfg.data, cfg.model.img_size),
+        device_view=lambda cfg: device_single_view(cfg.data, cfg.model.img_size),
+    ),
+    "dino": MethodSpec(DINOConfig, DINO, dino_view, device_view=dino_device_view),
     "deit": MethodSpec(
         DeiTConfig,
         DeiT,
@@ -52,6 +61,7 @@ METHODS: dict[str, MethodSpec] = {
         LinearProbe,
         lambda cfg: single_view(cfg.data, cfg.model.img_size),
         backbone=pretrained_backbone,
+        device_view=lambda cfg: device_single_view(cfg.data, cfg.model.img_size),
     ),
     "finetune": MethodSpec(FineTuneConfig, FineTune, finetune_view, backbone=pretrained_backbone),
 }

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.data.transforms import View, multi_crop
+from ssl_vit.data.device import DeviceView, device_view
+from ssl_vit.data.transforms import Crop, View, multi_crop
 from ssl_vit.ops import ema_update_
 from ssl_vit.optim import warmup_cosine
 
@@ -109,17 +110,28 @@ class DINOConfig:
         return e
 
 
-def dino_view(cfg: Any) -> View:
-    """The multi-crop view of a run Config: 2 globals at model.img_size + the method's locals."""
+def dino_crops(cfg: Any) -> tuple[Crop, ...]:
+    """DINO's multi-crop of a run Config: 2 globals at model.img_size, then the method's locals;
+    each with colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 / 0.1 on the
+    globals, 0.5 on the locals); solarisation (p 0.2) on the second global only."""
     m = cfg.method
-    return multi_crop(
-        cfg.data,
-        cfg.model.img_size,
-        m.local_crop_size,
-        m.local_crops,
-        m.global_crop_scale,
-        m.local_crop_scale,
+    size, scale = cfg.model.img_size, m.global_crop_scale
+    local = Crop(m.local_crop_size, m.local_crop_scale, jitter=0.8, grayscale=0.2, blur=0.5)
+    return (
+        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=1.0),
+        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=0.1, solarize=0.2),
+        *[local] * m.local_crops,
     )
+
+
+def dino_view(cfg: Any) -> View:
+    """The multi-crop view (loader workers, PIL): image -> {"crops": [2 + N tensors]}."""
+    return multi_crop(cfg.data, dino_crops(cfg))
+
+
+def dino_device_view(cfg: Any) -> DeviceView:
+    """The same multi-crop, batched on the device (`data.decode_on_device`)."""
+    return device_view(cfg.data, "crops", dino_crops(cfg))
 
 
 class DINOHead(nn.Module):
