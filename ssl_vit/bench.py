@@ -535,11 +535,17 @@ def check(root: BenchRoot) -> None:
         if not getattr(b, key):
             errors.append(f"bench.{key}: name at least one")
     spec = METHODS[root.method.name]
-    if root.data.decode_on_device and "e2e" in b.modes and spec.device_view is None:
-        errors.append(
-            f"data.decode_on_device: method {root.method.name!r} has no device view for the "
-            f"e2e mode"
-        )
+    if root.data.decode_on_device and "e2e" in b.modes:
+        if spec.device_view is None:
+            errors.append(
+                f"data.decode_on_device: method {root.method.name!r} has no device view for the "
+                f"e2e mode"
+            )
+        else:
+            try:
+                spec.device_view(run_config(root))
+            except ConfigError as e:
+                errors += e.errors
     if b.device == "cuda" and not torch.cuda.is_available():
         errors.append("bench.device: cuda asked for, but torch sees no CUDA device")
     if errors:

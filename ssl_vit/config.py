@@ -108,10 +108,10 @@ class DataConfig:
     max_bad_fraction: float = 0.5
     """Stop with an error when more than this fraction of images cannot be read."""
     decode_on_device: bool = False
-    """Loader workers only read file bytes; decoding (nvJPEG on GPU) and the view (crops, flip,
-    DINO's colour jitter, grayscale, blur, solarisation; normalisation) run batched on the
-    training device, for GPUs that outrun CPU decoding. mae, dino and linprobe; the same
-    augmentation distribution as on the CPU."""
+    """Loader workers only read file bytes; decoding (nvJPEG on GPU) and the method's view (crops,
+    flip; DINO's colour jitter, grayscale, blur, solarisation; DeiT's and fine-tuning's
+    RandAugment and random erasing; normalisation) run batched on the training device, for GPUs
+    that outrun CPU decoding. Every method; the same augmentation distribution as on the CPU."""
 
 
 @dataclass

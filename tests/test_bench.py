@@ -325,8 +325,8 @@ def test_e2e_step_feeds_the_method_from_its_real_view():
 def test_decode_on_device_feeds_the_step_and_times_the_device_views():
     """With data.decode_on_device the loader's workers read bytes and the batch is decoded and
     augmented on the bench device before the step: the e2e step gets DINO's 2 + 10 crops from
-    the device view; the loader mode times mae and dino that way, deit (no device view) on the
-    host; the e2e mode is refused for a method without one."""
+    the device view; the loader mode times every view that way; a view the device cannot run
+    (an AutoAugment policy) is refused before timing."""
     from ssl_vit.bench import configure, real_batches, run_loader, run_phase, summarize, table
 
     flags = ["--data.decode_on_device", "true", "--data.num_workers", "0"]
@@ -338,10 +338,11 @@ def test_decode_on_device_feeds_the_step_and_times_the_device_views():
     r = run_phase("e2e", root, "cpu", "fp32")
     assert len(r.step_times_s) == 2 and 1 < r.loss < 10
     m = summarize(root, "cpu", "fp32", {"e2e": r}, run_loader(root, "cpu"))
-    assert m["decode_on_device"] and m["loader_on_device"] == ["mae", "dino"]
+    assert m["decode_on_device"] and m["loader_on_device"] == ["mae", "dino", "deit"]
     assert all(m[f"loader_{v}_img_per_s"] > 0 for v in ("mae", "dino", "deit"))
-    assert "dino (dev)" in table(m) and "deit (dev)" not in table(m)
+    assert "dino (dev)" in table(m) and "deit (dev)" in table(m)
     from ssl_vit.config import ConfigError
 
-    with pytest.raises(ConfigError, match="method 'deit' has no device view"):
-        configure(["--method", "deit", "--bench.modes", "e2e", *flags])
+    with pytest.raises(ConfigError, match="method.auto_augment 'original'"):
+        configure(["--method", "deit", "--method.auto_augment", "original", "--bench.modes",
+                   "e2e", *flags])  # fmt: skip

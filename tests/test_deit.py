@@ -325,6 +325,36 @@ def test_checkpoints_hold_no_teacher_and_resume_exactly(tmp_path):
     assert not torch.equal(a["student.head_dist.weight"], c["student.head_dist.weight"])
 
 
+def test_decode_on_device_view_trains_and_resumes_exactly(tmp_path):
+    """RandAugment and random erasing on the device (here the CPU), drawn per batch from
+    (seed, epoch, batch, rank): a run resumed mid-epoch equals the straight one; the CPU view
+    gives other draws."""
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pth"
+    torch.save({"model": timm.create_model("test_resnet", num_classes=10).state_dict()}, teacher)
+    n, schedule = 3, dict(save_every_steps=3, keep_last=100)
+
+    def run(name: str, decode: bool = True, **train) -> Path:
+        cfg = distilled_run(tmp_path / name, teacher, **{"max_steps": 2 * n, **schedule, **train})
+        cfg.data.decode_on_device = decode
+        fit(cfg)
+        return tmp_path / name
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    straight = run("straight")
+    resumed = run("resumed", resume=str(straight / "checkpoints" / f"step_{n:07d}"))
+    final = f"checkpoints/step_{2 * n:07d}/model.safetensors"
+    a, b = load_file(str(straight / final)), load_file(str(resumed / final))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [losses(resumed)[s] for s in range(n + 1, 2 * n + 1)] == [
+        losses(straight)[s] for s in range(n + 1, 2 * n + 1)
+    ]
+    assert losses(run("cpu", decode=False, max_steps=1))[1] != losses(straight)[1]
+
+
 def test_config_errors():
     cfg = Config(method=DeiTConfig(distillation="soft", tau=0.0))
     cfg.train.batch_size = 7

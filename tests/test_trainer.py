@@ -394,7 +394,7 @@ def test_fsdp_asked_where_accelerate_cannot_shard_is_logged(tmp_path, monkeypatc
     assert "FSDP was asked for" in log and "distributed NO" in log
 
 
-def test_decode_on_device_trains_deterministically_and_is_refused_without_a_device_view(tmp_path):
+def test_decode_on_device_trains_deterministically_and_refuses_what_it_cannot_run(tmp_path):
     # MAE with workers reading bytes and the (here CPU) device decoding + augmenting batches
     runs = []
     for name in ("a", "b"):
@@ -414,6 +414,7 @@ def test_decode_on_device_trains_deterministically_and_is_refused_without_a_devi
     from ssl_vit.methods.deit import DeiTConfig
 
     deit = tiny(tmp_path / "deit")
-    deit.method, deit.data.decode_on_device = DeiTConfig(num_classes=10), True
-    with pytest.raises(ConfigError, match="method 'deit' has no device view .*dino, linprobe, mae"):
+    deit.method = DeiTConfig(num_classes=10, auto_augment="original")
+    deit.data.decode_on_device = True
+    with pytest.raises(ConfigError, match="method.auto_augment 'original'.* RandAugment"):
         fit(deit)

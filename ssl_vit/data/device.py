@@ -6,7 +6,8 @@ encoded file bytes; the training process decodes a whole batch with nvJPEG
 (`torchvision.io.decode_jpeg(list, device=...)`) and augments it on the device.
 
 Same semantics as the CPU views of transforms.py: MAE's `single_view` (also the linear probe's)
-and DINO's `multi_crop`, both built from `Crop`s. Per crop and image: RandomResizedCrop
+and DINO's `multi_crop`, both built from `Crop`s; DeiT's `supervised_view` is a `Crop` followed by
+timm's RandAugment and random erasing (`data.randaugment`). Per crop and image: RandomResizedCrop
 (crop.scale, ratio 3/4-4/3, data.interpolation, antialias) with the distribution of torchvision's
 `RandomResizedCrop.make_params` (vectorised), flip (p = data.hflip); for DINO then colour jitter
 (JITTER, per image its own order and factors), grayscale, Gaussian blur and solarisation, each
@@ -28,6 +29,7 @@ view's on a tensor image (tests/test_device_data.py). What differs, by design or
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -52,7 +54,7 @@ from torchvision.io import (
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig
 from ssl_vit.data.datasets import (
     DataError,
     HFImages,
@@ -60,6 +62,7 @@ from ssl_vit.data.datasets import (
     ImageFiles,
     Source,
 )
+from ssl_vit.data.randaugment import DeviceRandAugment, draw_erasing, erase
 from ssl_vit.data.synthetic import SyntheticImages
 from ssl_vit.data.transforms import BLUR_KERNEL, BLUR_SIGMA, JITTER, Crop, View
 
@@ -534,6 +537,10 @@ class DeviceView:
     hflip: float = 0.5
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    randaugment: DeviceRandAugment | None = None
+    """timm's RandAugment after the crop (DeiT's `supervised_view`)."""
+    reprob: float = 0.0
+    """timm's random erasing after the normalisation, with this probability."""
 
     def __post_init__(self) -> None:
         if self.key not in ("images", "crops") or (self.key == "images") != (len(self.crops) == 1):
@@ -551,10 +558,18 @@ class DeviceView:
         self, images: Sequence[Tensor], generator: torch.Generator
     ) -> Tensor | list[Tensor]:
         """images uint8 (3, H_k, W_k) -> float32 (B, 3, s, s) per crop, normalised."""
-        out = [
-            normalize(augment_crop(images, c, p, self.interpolation), self.mean, self.std)
-            for c, p in zip(self.crops, self.params(images, generator), strict=True)
-        ]
+        out = []
+        for crop, p in zip(self.crops, self.params(images, generator), strict=True):
+            x = augment_crop(images, crop, p, self.interpolation)
+            seeds = torch.randint(2**62, (3,), generator=generator).tolist()
+            if self.randaugment is not None:
+                x = self.randaugment(x, seeds[0])
+            x = normalize(x, self.mean, self.std)
+            if self.reprob:
+                boxes = draw_erasing(len(x), crop.size, crop.size, self.reprob, seeds[1])
+                noise = torch.Generator(x.device).manual_seed(seeds[2])
+                x = erase(x, boxes, noise)
+            out.append(x)
         return out if self.key == "crops" else out[0]
 
     def apply(
@@ -594,6 +609,28 @@ def device_view(data_cfg: DataConfig, key: str, crops: Sequence[Crop]) -> Device
         tuple(data_cfg.mean),
         tuple(data_cfg.std),
     )
+
+
+def device_supervised_view(
+    data_cfg: DataConfig, img_size: int, auto_augment: str, color_jitter: float, re_prob: float
+) -> DeviceView:
+    """The device counterpart of `supervised_view` (DeiT, fine-tuning): crop and flip, timm's
+    RandAugment `auto_augment` (a "rand-..." policy), normalisation, random erasing."""
+    if not auto_augment.startswith("rand") and (auto_augment or color_jitter):
+        raise ConfigError(
+            [
+                f"data.decode_on_device: method.auto_augment {auto_augment!r} with "
+                f"method.color_jitter {color_jitter}: the device view runs RandAugment policies "
+                f"('rand-...') only, or no augmentation ('' with color_jitter 0)"
+            ]
+        )
+    randaugment = None
+    if auto_augment:
+        randaugment = DeviceRandAugment(
+            auto_augment, img_size, data_cfg.interpolation, tuple(data_cfg.mean)
+        )
+    view = device_view(data_cfg, "images", [Crop(img_size, tuple(data_cfg.crop_scale))])
+    return dataclasses.replace(view, randaugment=randaugment, reprob=re_prob)
 
 
 def device_single_view(data_cfg: DataConfig, img_size: int) -> DeviceView:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ssl_vit.data.device import DeviceView, device_single_view
+from ssl_vit.data.device import DeviceView, device_single_view, device_supervised_view
 from ssl_vit.data.samplers import RepeatedAugSampler
 from ssl_vit.data.transforms import single_view, supervised_view
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig, finetune_view
@@ -34,6 +34,13 @@ class MethodSpec(NamedTuple):
     None = the method has none."""
 
 
+def supervised_device_view(cfg: Any) -> DeviceView:
+    """DeiT's and fine-tuning's view batched on the device (data.decode_on_device)."""
+    m = cfg.method
+    args = (m.auto_augment, m.color_jitter, m.reprob)
+    return device_supervised_view(cfg.data, cfg.model.img_size, *args)
+
+
 METHODS: dict[str, MethodSpec] = {
     "mae": MethodSpec(
         MAEConfig,
@@ -55,6 +62,7 @@ METHODS: dict[str, MethodSpec] = {
         lambda cfg, n, processes: RepeatedAugSampler(
             n, processes, cfg.train.batch_size, cfg.method.repeated_aug, cfg.train.seed
         ),
+        device_view=supervised_device_view,
     ),
     "linprobe": MethodSpec(
         LinearProbeConfig,
@@ -63,5 +71,11 @@ METHODS: dict[str, MethodSpec] = {
         backbone=pretrained_backbone,
         device_view=lambda cfg: device_single_view(cfg.data, cfg.model.img_size),
     ),
-    "finetune": MethodSpec(FineTuneConfig, FineTune, finetune_view, backbone=pretrained_backbone),
+    "finetune": MethodSpec(
+        FineTuneConfig,
+        FineTune,
+        finetune_view,
+        backbone=pretrained_backbone,
+        device_view=supervised_device_view,
+    ),
 }
