@@ -10,9 +10,10 @@ trainer runs it. `--bench.modes` picks what is timed:
   and, with bench.baseline, a "supervised ViT" step of the same encoder for scale: all tokens,
   cls token -> linear head (1000 classes) -> cross-entropy, same optimizer;
 * e2e: the same step fed by the real pipeline: the method's view and the trainer's DataLoader
-  (`ssl_vit.data.build_loader`) over data.path with data.num_workers, then the host-to-device copy;
+  (`ssl_vit.data.build_loader`) over data.path with data.num_workers, then the host-to-device copy
+  (with data.decode_on_device: file bytes, decoded and augmented on the device, as in training);
 * loader: the DataLoader alone (no model), for the MAE, DINO and DeiT views: img/s and img/s per
-  worker.
+  worker (with data.decode_on_device, the device's decoding and augmentation included).
 
 Each step phase runs in its own freshly spawned process, so the peak memory of one never counts
 against another: on GPU the peak allocated memory, on CPU the peak resident set of the process

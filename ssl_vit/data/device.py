@@ -529,7 +529,8 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
 @dataclass(frozen=True)
 class DeviceView:
     """A view of transforms.py run on a batch on the device: each of `crops` drawn per image.
-    key "images" with one crop = `single_view` (a tensor); key "crops" = `multi_crop` (a list)."""
+    key "images" with one crop = `single_view` (a tensor), with `randaugment` and `reprob` =
+    `supervised_view`; key "crops" = `multi_crop` (a list)."""
 
     key: str
     crops: tuple[Crop, ...]
