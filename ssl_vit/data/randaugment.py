@@ -9,8 +9,8 @@ timm's. The operations then run batched on the device over the images each appli
 Pillow's integer formulas: the point operations (auto-contrast, equalize, invert, posterize,
 solarize, solarize-add, colour, contrast, brightness, sharpness) equal timm's on the same image;
 the affine ones (rotate, shear, translate) resample with `grid_sample` as Pillow's
-`Image.transform` does (pixel centres, edge clamping, fill outside), within a level or two of it
-on bilinear and a few on bicubic, whose kernel is torch's (a = -0.75) not Pillow's (a = -0.5)
+`Image.transform` does (pixel centres, edge clamping, fill outside, truncation): within one level
+of it on bilinear, ~1.5 levels on average on bicubic, whose cubic kernel is torch's, not Pillow's
 (tests/test_randaugment.py).
 """
 
@@ -148,7 +148,8 @@ def sharpness(x: Tensor, factor: Tensor) -> Tensor:
 
 def _affine(matrices: Tensor, x: Tensor, resample: Tensor, fill: tuple[int, ...]) -> Tensor:
     """matrices float64 (B, 2, 3) in pixels (Pillow's coefficients), resample (B,) Pillow filter
-    ids -> uint8 (B, 3, H, W): bilinear / bicubic with edge clamping; outside the image: fill."""
+    ids -> uint8 (B, 3, H, W): bilinear / bicubic / nearest with edge clamping; outside the
+    image: fill."""
     b, c, h, w = x.shape
     to_norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=torch.float64)
     from_norm = torch.linalg.inv(to_norm)
