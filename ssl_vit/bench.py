@@ -304,7 +304,7 @@ def real_loader(
     cfg = run_config(root, method)
     b, spec = root.bench.batch_size, METHODS[method.name]
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=0, image_size=cfg.model.img_size)
-    if device_view(root, method):
+    if root.data.decode_on_device:  # the workers read bytes; `real_batches` decodes them
         dataset = encoded_dataset(dataset)
     if len(dataset) < b:
         raise DataError(f"data.path: {len(dataset)} images, fewer than bench.batch_size {b}")
@@ -330,12 +330,10 @@ def real_loader(
 
 
 def device_view(root: BenchRoot, method: Any) -> DeviceView | None:
-    """The view of `method` batched on the device when data.decode_on_device (None if off, or
-    the method has none: then its CPU view runs in the workers)."""
-    spec = METHODS[method.name]
-    if not root.data.decode_on_device or spec.device_view is None:
+    """The view of `method` batched on the device when data.decode_on_device, else None."""
+    if not root.data.decode_on_device:
         return None
-    return spec.device_view(run_config(root, method))
+    return METHODS[method.name].device_view(run_config(root, method))
 
 
 def real_batches(
@@ -468,7 +466,7 @@ def run_loader(root: BenchRoot, device: str = "cpu") -> dict[str, LoaderResult]:
     results = {}
     for name in root.bench.loader_views:
         method = root.method if root.method.name == name else METHODS[name].config()
-        if device_view(root, method):
+        if root.data.decode_on_device:
             batches = real_batches(root, method, warm + n, dev)
         else:  # host-side throughput: no pinning (nor the CUDA context it would create)
             batches = iter(real_loader(root, method, warm + n, pin_memory=False))
@@ -535,18 +533,11 @@ def check(root: BenchRoot) -> None:
     for key in ("modes", "loader_views"):
         if not getattr(b, key):
             errors.append(f"bench.{key}: name at least one")
-    spec = METHODS[root.method.name]
-    if root.data.decode_on_device and "e2e" in b.modes:
-        if spec.device_view is None:
-            errors.append(
-                f"data.decode_on_device: method {root.method.name!r} has no device view for the "
-                f"e2e mode"
-            )
-        else:
-            try:
-                spec.device_view(run_config(root))
-            except ConfigError as e:
-                errors += e.errors
+    if "e2e" in b.modes:
+        try:
+            device_view(root, root.method)  # what the device cannot run, refused before timing
+        except ConfigError as e:
+            errors += e.errors
     if b.device == "cuda" and not torch.cuda.is_available():
         errors.append("bench.device: cuda asked for, but torch sees no CUDA device")
     if errors:
@@ -618,9 +609,7 @@ def summarize(
     metrics["ratio"] = step / base if step and base else None
     metrics["e2e_over_compute"] = e2e / step if step and e2e else None
     metrics["loader_views"] = list(loader) if loader is not None else []
-    metrics["loader_on_device"] = [
-        v for v in metrics["loader_views"] if device_view(root, METHODS[v].config())
-    ]
+    metrics["loader_on_device"] = metrics["loader_views"] if root.data.decode_on_device else []
     metrics["loader_batches"] = b.loader_batches if loader is not None else None
     for view, result in (loader or {}).items():
         metrics |= {f"loader_{view}_{k}": v for k, v in result.metrics().items()}

@@ -334,16 +334,8 @@ def train(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> di
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
     device_view = None
     if cfg.data.decode_on_device:  # workers read bytes; decoding and augmentation on the device
-        if spec.device_view is None:
-            have = sorted(name for name, s in METHODS.items() if s.device_view)
-            raise ConfigError(
-                [
-                    f"data.decode_on_device: method {cfg.method.name!r} has no device view "
-                    f"(methods with one: {', '.join(have)})"
-                ]
-            )
-        dataset = encoded_dataset(dataset)
         device_view = spec.device_view(cfg)
+        dataset = encoded_dataset(dataset)
     sampler = spec.sampler(cfg, len(dataset), accelerator.num_processes) if spec.sampler else None
     loader = build_loader(
         dataset,

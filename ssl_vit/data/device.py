@@ -630,7 +630,7 @@ def device_supervised_view(
         randaugment = DeviceRandAugment(
             auto_augment, img_size, data_cfg.interpolation, tuple(data_cfg.mean)
         )
-    view = device_view(data_cfg, "images", [Crop(img_size, tuple(data_cfg.crop_scale))])
+    view = device_single_view(data_cfg, img_size)
     return dataclasses.replace(view, randaugment=randaugment, reprob=re_prob)
 
 

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.data.transforms import View, supervised_view
 from ssl_vit.eval.linear_probe import run_evaluator
 from ssl_vit.methods.deit import DeiT, DeiTConfig
 
@@ -182,18 +181,6 @@ class FineTune(nn.Module):
         for g in groups:
             g["wd_scale"] = g["weight_decay"]
         return groups
-
-
-def finetune_view(cfg: Config) -> View:
-    """The training view: DeiT's (RandAugment, random erasing; Mixup / CutMix run on the batch)."""
-    m = cfg.method
-    return supervised_view(
-        cfg.data,
-        cfg.model.img_size,
-        auto_augment=m.auto_augment,
-        color_jitter=m.color_jitter,
-        re_prob=m.reprob,
-    )
 
 
 def finetune_config() -> Config:
