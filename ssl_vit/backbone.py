@@ -56,7 +56,7 @@ class Backbone(nn.Module):
         self.no_embed_class: bool = model.no_embed_class
         self.num_prefix_tokens: int = model.num_prefix_tokens
         self.embed_dim: int = model.embed_dim
-        self.in_chans: int = model.in_chans
+        self.in_chans: int = self.patch_embed.proj.in_channels
         self.num_heads: int = self.blocks[0].attn.num_heads
         self.depth: int = len(self.blocks)
         ph, pw = self.patch_embed.patch_size

@@ -12,16 +12,22 @@ FlopCounterMode counts flash attention's backward as 2.5 x its forward; and it g
 embedding an input gradient it never computes (0.2 % of a ViT-B/16 step).
 
 Written by hand rather than read off FlopCounterMode: it needs no model built or run, splits the
-count by part, and keeps to the model-FLOPs convention. Tests check it against FlopCounterMode.
+count by part, and keeps to the model-FLOPs convention. Tests check it against FlopCounterMode run
+under `flop_counter()`, which routes attention through the math SDPA backend: which fused attention
+kernels FlopCounterMode knows differs between torch versions (2.14 counts 0 for CPU SDPA), the plain
+matmuls of the math backend are counted by every version.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
@@ -221,12 +227,21 @@ def step_flops(
     return count(d, model_cfg.img_size, method_cfg, **extra)
 
 
+@contextmanager
+def flop_counter() -> Iterator[FlopCounterMode]:
+    """FlopCounterMode with attention on the math SDPA backend, whose q k^T and weights @ v are
+    plain batched matmuls that every torch version counts (fused kernels are counted by some
+    versions only; their backward may also recompute q k^T, which model FLOPs leave out)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        yield counter
+
+
 def counted_forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of `model(x)` for x of `input_shape`, by FlopCounterMode (convolutions, matmuls,
-    SDPA): for a part with no analytic count here, e.g. a CNN teacher. Build the model on the
-    meta device to count without memory or compute."""
+    """FLOPs of `model(x)` for x of `input_shape`, by `flop_counter()` (convolutions, matmuls,
+    attention): for a part with no analytic count here, e.g. a CNN or ViT teacher. Build the model
+    on the meta device to count without memory or compute."""
     device = next(model.parameters()).device
     x = torch.zeros(input_shape, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         model(x)
     return counter.get_total_flops()

@@ -28,6 +28,8 @@ from ssl_vit.checkpoint import (
 from ssl_vit.cli import main
 from ssl_vit.config import ModelConfig
 
+from tolerances import FORWARD
+
 NAME = "vit_tiny_patch16_224"
 KW = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 HEADS = ModelConfig(img_size=0, num_heads=3)
@@ -57,7 +59,7 @@ def assert_features(backbone: Backbone, reference: nn.Module, size: int = 32) ->
     x = images(size)
     with torch.no_grad():
         got, want = backbone.eval()(x).tokens, reference.forward_features(x)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, **FORWARD)
 
 
 def prefixed(prefix: str, state: dict) -> dict:

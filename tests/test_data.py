@@ -366,7 +366,8 @@ def _hf_dataset(n: int, labels: bool, corrupt_row: int | None = None):
 
 
 def test_saved_hf_dataset_loads_with_and_without_labels(tmp_path):
-    _hf_dataset(7, labels=True, corrupt_row=3).save_to_disk(tmp_path / "labeled")
+    # paths as str: datasets 2.19's save_to_disk takes no Path (users' own calls, not ours)
+    _hf_dataset(7, labels=True, corrupt_row=3).save_to_disk(str(tmp_path / "labeled"))
     cfg = _folder_cfg(tmp_path / "labeled")
     ds = build_dataset(cfg, single_view(cfg, 16))
     assert len(ds) == 7 and ds.classes == ["cat", "dog", "owl"]
@@ -375,7 +376,7 @@ def test_saved_hf_dataset_loads_with_and_without_labels(tmp_path):
     assert items[3]["skipped"] == [f"{tmp_path / 'labeled'}[3]"]
     assert items[0]["images"].shape == (3, 16, 16)
 
-    _hf_dataset(4, labels=False).save_to_disk(tmp_path / "unlabeled")
+    _hf_dataset(4, labels=False).save_to_disk(str(tmp_path / "unlabeled"))
     cfg = _folder_cfg(tmp_path / "unlabeled")
     ds = build_dataset(cfg, single_view(cfg, 16))
     assert [ds[i]["labels"] for i in range(4)] == [-1] * 4 and ds.classes == []
@@ -392,7 +393,7 @@ def test_saved_hf_dataset_dict_selects_the_split(tmp_path):
     import datasets
 
     splits = {"train": _hf_dataset(5, True), "validation": _hf_dataset(2, True)}
-    datasets.DatasetDict(splits).save_to_disk(tmp_path / "dd")
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))  # str: as above
     cfg = _folder_cfg(tmp_path / "dd")
     assert len(build_dataset(cfg, single_view(cfg, 16))) == 5
     assert len(build_dataset(cfg, single_view(cfg, 16), "validation")) == 2

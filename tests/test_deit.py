@@ -178,6 +178,7 @@ def test_export_loads_strictly_into_timm_with_equal_logits(distillation):
     timm_model = timm.create_model(name, pretrained=False, **kwargs).eval()
     timm_model.load_state_dict(state, strict=True)
     images, _ = batch()
+    # two forwards (FORWARD), through heads perturbed above: logits beyond O(1) get 1e-5 relative
     torch.testing.assert_close(timm_model(images), model.predict(images), atol=1e-5, rtol=1e-5)
 
 
@@ -190,11 +191,12 @@ def test_load_classifier_each_accepted_form(tmp_path):
         assert not got.training and type(got).__name__ == "VisionTransformerDistilled"
         torch.testing.assert_close(got(images), trained.predict(images))
 
+    torch.manual_seed(0)
     cnn = timm.create_model("test_resnet", num_classes=K).eval()
     torch.save({"model": cnn.state_dict(), "epoch": 3}, tmp_path / "official.pth")  # DeiT style
     save_file(cnn.state_dict(), str(tmp_path / "plain.safetensors"))
     want = cnn(images)
-    assert want.std() > 0.1
+    assert want.std() > 1e-2  # 1000 x assert_close's atol: other weights could not pass for these
     for form, name in [
         (tmp_path / "official.pth", "test_resnet"),
         (f"test_resnet={tmp_path / 'official.pth'}", ""),

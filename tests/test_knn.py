@@ -19,6 +19,8 @@ from ssl_vit.checkpoint import export_backbone, import_checkpoint, load_backbone
 from ssl_vit.config import ModelConfig
 from ssl_vit.eval.knn import embed, main
 
+from tolerances import FORWARD
+
 NAME = "vit_tiny_patch16_224"
 KW = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 """Width 48 is no standard ViT size: an official file needs --load.num_heads 3."""
@@ -85,9 +87,9 @@ def test_official_dino_checkpoint_equals_our_run_directory(tmp_path, capsys):
             load_pretrained(official, model=heads, which="student").eval(), x, accelerator
         )
         want_student = F.normalize(student.forward_features(x)[:, 0], dim=-1)
-    torch.testing.assert_close(got_official, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_official, want, **FORWARD)
     assert torch.equal(got_official, got_run)
-    torch.testing.assert_close(got_student, want_student, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_student, want_student, **FORWARD)
     assert (got_student - got_official).abs().max() > 0.1
 
     from_run = knn(capsys, str(run))

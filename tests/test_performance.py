@@ -27,6 +27,8 @@ from ssl_vit.methods.mae import MAE, MAEConfig
 from ssl_vit.optim import build_optimizer
 from ssl_vit.trainer import fit
 
+from tolerances import GRAD_NORM_RTOL, LOSS_RTOL, TRAINED
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(
     name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
@@ -78,7 +80,13 @@ def dynamo():
     torch._dynamo.reset()
     counters.clear()
     COMPILED.clear()
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+    config = torch._dynamo.config  # torch 2.7 renamed cache_size_limit to recompile_limit
+    limits = (
+        dict(recompile_limit=1, fail_on_recompile_limit_hit=True)
+        if hasattr(config, "recompile_limit")
+        else dict(cache_size_limit=1, fail_on_cache_limit_hit=True)
+    )
+    with config.patch(**limits):
         yield COMPILED
     torch._dynamo.reset()
 
@@ -96,7 +104,7 @@ def test_compiled_mae_compiles_once_and_trains_as_eager(tmp_path, dynamo):
     assert counters["frames"]["ok"] == 1
     # aot_eager runs the same aten ops: the losses match the eager run's
     for a, b in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)  # same ops: a few roundings
 
 
 def test_compiled_dino_compiles_once_for_both_crop_resolutions(tmp_path, dynamo):
@@ -247,13 +255,13 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, method):
     assert len(rows_two) == k
     for m1, m2 in zip(rows_one, rows_two, strict=True):
         assert m2["lr"] == m1["lr"] and torch.isfinite(torch.tensor(m2["loss"]))
-        assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
-        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=LOSS_RTOL)
+        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=GRAD_NORM_RTOL)
     # the exported backbone (DINO: the EMA teacher's) gathered from the shards
     a = load_file(str(tmp_path / "one" / "backbone.safetensors"))
     b = load_file(str(tmp_path / "two" / "backbone.safetensors"))
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(b[name], a[name], **TRAINED)
     # k-NN evaluation at the end runs on the sharded model
     final = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= final["final"]["knn_top1"] <= 100

@@ -80,7 +80,10 @@ def crop_transform(crop: Crop, data_cfg: DataConfig) -> v2.Compose:
     return v2.Compose(
         [
             v2.RandomResizedCrop(
-                crop.size, scale=crop.scale, interpolation=data_cfg.interpolation, antialias=True
+                crop.size,
+                scale=crop.scale,
+                interpolation=v2.InterpolationMode(data_cfg.interpolation),
+                antialias=True,
             ),
             v2.RandomHorizontalFlip(data_cfg.hflip),
             v2.RandomApply([v2.ColorJitter(*JITTER)], p=crop.jitter),
@@ -134,7 +137,7 @@ def eval_view(data_cfg: DataConfig, img_size: int, crop_ratio: float = 0.875) ->
             [
                 v2.Resize(
                     int(img_size / crop_ratio),
-                    interpolation=data_cfg.interpolation,
+                    interpolation=v2.InterpolationMode(data_cfg.interpolation),
                     antialias=True,
                 ),
                 v2.CenterCrop(img_size),
