@@ -15,8 +15,8 @@ from torchvision.transforms.v2 import functional as F
 
 from ssl_vit.config import ConfigError, DataConfig
 from ssl_vit.data import SyntheticImages, batch_generator, seeded
-from ssl_vit.data import randaugment as ra
 from ssl_vit.data.device import device_supervised_view
+from ssl_vit.data.device import randaugment as ra
 from ssl_vit.data.transforms import posterize, supervised_view
 
 N = 8

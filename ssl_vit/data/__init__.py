@@ -20,7 +20,6 @@ from ssl_vit.data.device import (
     device_view,
     encoded_dataset,
     sample_crops,
-    write_image_folder,
 )
 from ssl_vit.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from ssl_vit.data.synthetic import SyntheticImages
@@ -51,5 +50,4 @@ __all__ = [
     "seeded",
     "multi_crop",
     "single_view",
-    "write_image_folder",
 ]

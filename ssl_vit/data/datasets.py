@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ssl_vit.config import DataConfig
+from ssl_vit.data.encoded_batch import EncodedBatch
 from ssl_vit.data.synthetic import SyntheticImages
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def seeded(*key: int) -> Iterator[None]:
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Items -> batch: "images" (B, C, H, W); "crops" one (B, C, h, w) per crop position;
-    "labels", "index" (B,) int64; "skipped" one flat list of paths; "encoded" (device.py: the
+    "labels", "index" (B,) int64; "skipped" one flat list of paths; "encoded" (data.device: the
     undecoded file bytes) one EncodedBatch."""
     first = items[0]
     batch: dict[str, Any] = {}
@@ -205,8 +206,6 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     batch["skipped"] = [p for it in items for p in it["skipped"]]
     if "encoded" in first:
-        from ssl_vit.data.device import EncodedBatch  # device.py builds on this module
-
         batch["encoded"] = EncodedBatch.pack([it["encoded"] for it in items])
     return batch
 
