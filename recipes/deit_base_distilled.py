@@ -8,9 +8,11 @@ batch/512, drop path 0.1, augmentation, Mixup/CutMix, repeated augmentation and 
 classifier.safetensors for timm's `deit_base_distilled_patch16_224`.
 """
 
+import sys
+
 from deit_small_distilled import config as small
 
-from ssl_vit.cli import run_recipe
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config
 
 
@@ -22,4 +24,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

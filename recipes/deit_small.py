@@ -10,7 +10,9 @@ smoothing 0.1; repeated augmentation x3; model EMA 0.99996. Top-1 on data.val_sp
 center crop 224: crop ratio 0.875) every epoch.
 """
 
-from ssl_vit.cli import run_recipe
+import sys
+
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
 from ssl_vit.methods.deit import DeiTConfig
 
@@ -50,4 +52,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

@@ -10,9 +10,11 @@ RegNetY-16GF state dict; nothing is downloaded. Exports classifier.safetensors f
 `deit_small_distilled_patch16_224`.
 """
 
+import sys
+
 from deit_small import config as supervised
 
-from ssl_vit.cli import run_recipe
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config
 
 
@@ -26,4 +28,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

@@ -9,9 +9,11 @@ frozen for 3 epochs; the last-layer norm stays fixed and gradients are clipped p
 0.3 (not the ViT-S 3.0).
 """
 
+import sys
+
 from dino_vits16 import config as vanilla
 
-from ssl_vit.cli import run_recipe
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config
 
 
@@ -32,4 +34,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

@@ -10,7 +10,9 @@ each parameter's gradient clipped to norm 3, drop path 0.1 in the student. 2 glo
 k-NN (k = 20, T = 0.07) of the teacher on data.val_split every 10 epochs.
 """
 
-from ssl_vit.cli import run_recipe
+import sys
+
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
 from ssl_vit.methods.dino import DINOConfig
 
@@ -54,4 +56,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

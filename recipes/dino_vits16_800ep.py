@@ -7,9 +7,11 @@ The vanilla recipe with 800 epochs, 10 local crops, crop scales 0.25-1 (global) 
 1e-5 and no gradient clipping.
 """
 
+import sys
+
 from dino_vits16 import config as vanilla
 
-from ssl_vit.cli import run_recipe
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config
 
 
@@ -28,4 +30,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

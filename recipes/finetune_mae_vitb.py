@@ -16,43 +16,18 @@ embedding resampled). ViT-L: `--method.layer_decay 0.75 --model.drop_path 0.2 --
 
 import sys
 
-from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.eval.finetune import FineTuneConfig
-from ssl_vit.eval.linear_probe import run_evaluator
+from ssl_vit.cli.train import run
+from ssl_vit.config import Config, ModelConfig
+from ssl_vit.eval.finetune import finetune_config
 
 
 def config() -> Config:
-    return Config(
-        model=ModelConfig(name="vit_base_patch16_224", img_size=224, drop_path=0.1),
-        data=DataConfig(crop_scale=(0.08, 1.0), interpolation="bicubic", hflip=0.5),
-        train=TrainConfig(
-            output_dir="runs/finetune_mae_vitb",
-            epochs=100,
-            warmup_epochs=5,
-            batch_size=128,
-            effective_batch=1024,
-            optimizer="adamw",
-            base_lr=5e-4,
-            lr_batch_divisor=256,
-            min_lr=1e-6,
-            weight_decay=0.05,
-            eval_every_epochs=1,
-        ),
-        method=FineTuneConfig(
-            global_pool="avg",
-            layer_decay=0.65,
-            head_init_std=2e-5,
-            mixup=0.8,
-            cutmix=1.0,
-            mixup_switch_prob=0.5,
-            label_smoothing=0.1,
-            auto_augment="rand-m9-mstd0.5-inc1",
-            reprob=0.25,
-            model_ema=False,
-            betas=(0.9, 0.999),
-        ),
-    )
+    cfg = finetune_config()  # the protocol: AdamW, schedule, layer decay, augmentation, head
+    cfg.model = ModelConfig(name="vit_base_patch16_224", img_size=224, drop_path=0.1)
+    cfg.train.output_dir = "runs/finetune_mae_vitb"
+    cfg.train.batch_size, cfg.train.effective_batch = 128, 1024
+    return cfg
 
 
 if __name__ == "__main__":
-    sys.exit(run_evaluator(config()))
+    sys.exit(run(config()))

@@ -14,39 +14,19 @@ the last cls token + the average-pooled patch tokens: `--method.pool cls_avgpool
 
 import sys
 
-from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.eval.linear_probe import LinearProbeConfig, run_evaluator
+from ssl_vit.cli.train import run
+from ssl_vit.config import Config, ModelConfig
+from ssl_vit.eval.linear_probe import linprobe_config
 
 
 def config() -> Config:
-    return Config(
-        model=ModelConfig(name="vit_small_patch16_224", img_size=224),
-        data=DataConfig(crop_scale=(0.08, 1.0), interpolation="bicubic", hflip=0.5),
-        train=TrainConfig(
-            output_dir="runs/linprobe_dino_vits16",
-            epochs=100,
-            warmup_epochs=0,
-            batch_size=128,
-            effective_batch=1024,
-            optimizer="sgd",
-            momentum=0.9,
-            base_lr=1e-3,
-            lr_batch_divisor=256,
-            min_lr=0.0,
-            weight_decay=0.0,
-            eval_every_epochs=1,
-        ),
-        method=LinearProbeConfig(
-            protocol="dino",
-            which="teacher",
-            pool="cls",
-            n_last=4,
-            batchnorm=False,
-            head_init_std=0.01,
-            lr_grid=(1.0,),
-        ),
-    )
+    cfg = linprobe_config("dino")  # the protocol: SGD, lr, schedule, no BatchNorm, evaluation
+    cfg.model = ModelConfig(name="vit_small_patch16_224", img_size=224)
+    cfg.train.output_dir = "runs/linprobe_dino_vits16"
+    cfg.train.batch_size, cfg.train.effective_batch = 128, 1024
+    cfg.method.which, cfg.method.pool, cfg.method.n_last = "teacher", "cls", 4
+    return cfg
 
 
 if __name__ == "__main__":
-    sys.exit(run_evaluator(config()))
+    sys.exit(run(config()))

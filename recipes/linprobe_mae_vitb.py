@@ -14,38 +14,19 @@ RandomResizedCrop (0.08-1, bicubic) + flip; top-1/top-5 on data.val_split (resiz
 
 import sys
 
-from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.eval.linear_probe import LinearProbeConfig, run_evaluator
+from ssl_vit.cli.train import run
+from ssl_vit.config import Config, ModelConfig
+from ssl_vit.eval.linear_probe import linprobe_config
 
 
 def config() -> Config:
-    return Config(
-        model=ModelConfig(name="vit_base_patch16_224", img_size=224),
-        data=DataConfig(crop_scale=(0.08, 1.0), interpolation="bicubic", hflip=0.5),
-        train=TrainConfig(
-            output_dir="runs/linprobe_mae_vitb",
-            epochs=90,
-            warmup_epochs=10,
-            batch_size=512,
-            effective_batch=16384,
-            optimizer="lars",
-            momentum=0.9,
-            base_lr=0.1,
-            lr_batch_divisor=256,
-            min_lr=0.0,
-            weight_decay=0.0,
-            eval_every_epochs=1,
-        ),
-        method=LinearProbeConfig(
-            protocol="mae",
-            pool="cls",
-            n_last=1,
-            batchnorm=True,
-            head_init_std=0.01,
-            lr_grid=(1.0,),
-        ),
-    )
+    cfg = linprobe_config("mae")  # the protocol: LARS, lr, schedule, BatchNorm head, evaluation
+    cfg.model = ModelConfig(name="vit_base_patch16_224", img_size=224)
+    cfg.train.output_dir = "runs/linprobe_mae_vitb"
+    cfg.train.batch_size, cfg.train.effective_batch = 512, 16384
+    cfg.method.pool, cfg.method.n_last = "cls", 1
+    return cfg
 
 
 if __name__ == "__main__":
-    sys.exit(run_evaluator(config()))
+    sys.exit(run(config()))

@@ -8,7 +8,9 @@ batch and the process count), base lr 1.5e-4 scaled by batch/256, AdamW (0.9, 0.
 (0.2-1, bicubic) + flip.
 """
 
-from ssl_vit.cli import run_recipe
+import sys
+
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
 from ssl_vit.methods.mae import MAEConfig
 
@@ -40,4 +42,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

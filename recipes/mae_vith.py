@@ -3,9 +3,11 @@
 accelerate launch recipes/mae_vith.py --data.path /data/imagenet
 """
 
+import sys
+
 from mae_vitb import config as vitb
 
-from ssl_vit.cli import run_recipe
+from ssl_vit.cli.train import run
 from ssl_vit.config import Config
 
 
@@ -17,4 +19,4 @@ def config() -> Config:
 
 
 if __name__ == "__main__":
-    run_recipe(config())
+    sys.exit(run(config()))

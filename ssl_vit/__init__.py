@@ -1,34 +1,7 @@
 """ssl_vit: self-supervised pretraining for Vision Transformers on one timm backbone and one
-Accelerate loop."""
+Accelerate loop.
 
-from ssl_vit.backbone import Backbone, BackboneOutput
-from ssl_vit.checkpoint import (
-    CheckpointError,
-    export_backbone,
-    latest_checkpoint,
-    load_backbone,
-    load_pretrained,
-)
-from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.methods import METHODS
-from ssl_vit.methods.mae import MAE, MAEConfig
-from ssl_vit.trainer import fit
-
-__all__ = [
-    "METHODS",
-    "MAE",
-    "Backbone",
-    "BackboneOutput",
-    "CheckpointError",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "MAEConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "export_backbone",
-    "fit",
-    "latest_checkpoint",
-    "load_backbone",
-    "load_pretrained",
-]
+Import what you use from its modules (`ssl_vit.train.loop.fit`, `ssl_vit.weights.load_pretrained`,
+`ssl_vit.methods.mae.MAE`, ...): the package itself imports nothing, so importing a method never
+loads the training loop or Accelerate. docs/architecture.md draws the layers.
+"""

@@ -16,6 +16,7 @@ import re
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -72,6 +73,26 @@ class ModelConfig:
         m = re.search(r"patch(\d+)", self.name)
         return int(m.group(1)) if m else None
 
+    def errors(self) -> list[str]:
+        e = []
+        patch = self.resolved_patch_size()
+        if self.img_size <= 0:
+            e.append(f"model.img_size: must be positive, got {self.img_size}")
+        elif patch is None:
+            e.append(
+                f"model.patch_size: cannot read the patch size from model.name {self.name!r}; "
+                "set it"
+            )
+        elif self.img_size % patch:
+            e.append(f"model.img_size: {self.img_size} is not divisible by the patch size {patch}")
+        e += field_errors(self, "model", {">= 0": "patch_size embed_dim depth num_heads"})
+        if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
+            e.append(
+                f"model.embed_dim: {self.embed_dim} is not divisible by model.num_heads "
+                f"{self.num_heads}"
+            )
+        return e + field_errors(self, "model", {"in [0, 1)": "drop_path"})
+
 
 @dataclass
 class DataConfig:
@@ -112,6 +133,29 @@ class DataConfig:
     flip; DINO's colour jitter, grayscale, blur, solarisation; DeiT's and fine-tuning's
     RandAugment and random erasing; normalisation) run batched on the training device, for GPUs
     that outrun CPU decoding. Every method; the same augmentation distribution as on the CPU."""
+
+    def errors(self) -> list[str]:
+        e = []
+        if self.path != "synthetic" and not self.path.startswith("hf:"):
+            if not Path(self.path).exists():
+                e.append(
+                    f"data.path: {self.path!r} does not exist (use 'synthetic', a folder, a saved "
+                    "Hugging Face dataset directory, or 'hf:NAME')"
+                )
+        e += field_errors(self, "data", {"positive": "synthetic_size"})
+        if not 10 <= self.synthetic_classes <= 16:
+            e.append(f"data.synthetic_classes: must be in [10, 16], got {self.synthetic_classes}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            e.append(f"data.crop_scale: need 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 <= self.hflip <= 1:
+            e.append(f"data.hflip: must be a probability in [0, 1], got {self.hflip}")
+        if any(s <= 0 for s in self.std):
+            e.append(f"data.std: must be positive, got {self.std}")
+        e += field_errors(self, "data", {">= 0": "num_workers"})
+        if not 0 < self.max_bad_fraction <= 1:
+            e.append(f"data.max_bad_fraction: must be in (0, 1], got {self.max_bad_fraction}")
+        return e
 
 
 @dataclass
@@ -183,6 +227,42 @@ class TrainConfig:
     overwrite: bool = False
     """Replace a previous run in output_dir instead of refusing to start."""
 
+    def errors(self) -> list[str]:
+        e = field_errors(
+            self,
+            "train",
+            {
+                "positive": "batch_size accum_steps lr_batch_divisor log_every keep_last",
+                ">= 0": "effective_batch max_steps save_every_steps eval_every_epochs "
+                "image_every_epochs lr min_lr base_lr weight_decay momentum clip_grad "
+                "save_every_epochs warmup_epochs",
+            },
+        )
+        if self.epochs <= 0:
+            e.append(f"train.epochs: must be positive, got {self.epochs}")
+        elif self.warmup_epochs > self.epochs:
+            e.append(
+                f"train.warmup_epochs: {self.warmup_epochs} exceeds train.epochs {self.epochs}"
+            )
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            e.append(f"train.weight_decay_end: must be >= 0, got {self.weight_decay_end}")
+        if self.lr == 0 and self.base_lr == 0:
+            e.append("train.base_lr: must be positive when train.lr is 0")
+        if self.resume and self.resume != "auto" and not Path(self.resume).is_dir():
+            e.append(f"train.resume: {self.resume!r} is neither 'auto' nor a checkpoint directory")
+        if self.resume and self.overwrite:
+            e.append("train.overwrite: cannot be combined with train.resume")
+        if self.compile:
+            from torch._dynamo import list_backends  # torch only when compiling: --help is fast
+
+            if self.compile_backend not in list_backends(exclude_tags=()):
+                e.append(
+                    f"train.compile_backend: unknown torch.compile backend "
+                    f"{self.compile_backend!r}; known: "
+                    f"{', '.join(['eager', 'aot_eager', *list_backends()])}"
+                )
+        return e
+
 
 @dataclass
 class Config:
@@ -201,18 +281,30 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Config:
-        """Rebuild a config written by `to_dict` (e.g. a run's config.json)."""
-        from ssl_vit.methods import METHODS
-
+    def from_dict(cls, d: dict[str, Any], method_configs: dict[str, type]) -> Config:
+        """Rebuild a config written by `to_dict` (e.g. a run's config.json); `method_configs`
+        maps a method name to its config dataclass (ssl_vit.registry.method_configs())."""
         method = dict(d["method"])
         name = method.pop("name")
-        if name not in METHODS:
-            raise ConfigError([f"method.name: unknown method {name!r}; known: {sorted(METHODS)}"])
-        cfg = cls(method=METHODS[name].config())
-        apply_overrides(cfg, {f"{s}.{k}": v for s in d if s != "method" for k, v in d[s].items()})
-        apply_overrides(cfg, {f"method.{k}": v for k, v in method.items()})
+        if name not in method_configs:
+            known = sorted(method_configs)
+            raise ConfigError([f"method.name: unknown method {name!r}; known: {known}"])
+        cfg = cls(method=method_configs[name]())
+        apply_overrides(cfg, flatten({k: v for k, v in d.items() if k != "method"}))
+        apply_overrides(cfg, flatten({"method": method}))
         return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 4}, "method": {"deit": {"mixup": 0}}} -> {"train.epochs": 4,
+    "method.deit.mixup": 0}: the override keys of a nested dict (config.json)."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,23 +343,26 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def options(cfg: Any) -> list[Option]:
     """Every overridable field of `cfg` — a Config, or any dataclass whose fields are sections (a
-    command's own root, like the bench's) — in declaration order."""
+    command's own root, like the bench's) — in declaration order. A section's field that is
+    itself a dataclass (fine-tuning's `method.deit`) contributes its fields under its name."""
     out = []
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(obj):
-            continue
-        hints = typing.get_type_hints(type(obj))
-        docs = field_docs(type(obj))
-        for f in dataclasses.fields(obj):
-            out.append(
-                Option(
-                    f"{section.name}.{f.name}",
-                    hints[f.name],
-                    getattr(obj, f.name),
-                    docs.get(f.name, ""),
-                )
-            )
+        if dataclasses.is_dataclass(obj):
+            out += _fields(obj, section.name)
+    return out
+
+
+def _fields(obj: Any, prefix: str) -> list[Option]:
+    hints = typing.get_type_hints(type(obj))
+    docs = field_docs(type(obj))
+    out = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _fields(value, key)
+        else:
+            out.append(Option(key, hints[f.name], value, docs.get(f.name, "")))
     return out
 
 
@@ -360,8 +455,11 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
         except ValueError as e:
             errors.append(f"--{key}: {e}")
             continue
-        section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, value)
+        *path, name = key.split(".")
+        target = cfg
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, value)
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -411,16 +509,6 @@ def pop_flag(argv: list[str], flag: str, default: str = "") -> tuple[str, list[s
     return default, list(argv)
 
 
-def pop_method(argv: list[str], default: str = "mae") -> tuple[str, list[str]]:
-    """Take `--method NAME` out of argv: it picks the config tree's shape."""
-    from ssl_vit.methods import METHODS
-
-    name, rest = pop_flag(argv, "--method", default)
-    if name not in METHODS:
-        raise ConfigError([f"--method: unknown method {name!r}; known: {', '.join(METHODS)}"])
-    return name, rest
-
-
 def help_text(cfg: Any, prog: str) -> str:
     """Every field with its type, default and doc, grouped by section."""
     lines = [f"usage: {prog} [--section.field VALUE ...]", ""]
@@ -441,93 +529,38 @@ def help_text(cfg: Any, prog: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Validation: every bad value is found before any work starts and reported together.
 
+RULES: dict[str, Callable[[Any], bool]] = {
+    "positive": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "each in [0, 1)": lambda v: all(0 <= x < 1 for x in v),
+    "each >= 1": lambda v: bool(v) and all(x >= 1 for x in v),
+}
+"""The value rules configs state, by the words their messages use."""
+
+
+def field_errors(obj: Any, section: str, rules: dict[str, str]) -> list[str]:
+    """`section.key: must be RULE, got VALUE` for every field of `obj` breaking its rule; `rules`
+    maps a rule of RULES to the space-separated field names it applies to."""
+    errors = []
+    for rule, keys in rules.items():
+        words = f"each must be {rule[5:]}" if rule.startswith("each ") else f"must be {rule}"
+        for key in keys.split():
+            if not RULES[rule](getattr(obj, key)):
+                errors.append(f"{section}.{key}: {words}, got {getattr(obj, key)}")
+    return errors
+
 
 def validate(cfg: Config) -> Config:
-    """Raise ConfigError listing every invalid value of `cfg`."""
-    m, d, t = cfg.model, cfg.data, cfg.train
-    e: list[str] = []
-    patch = m.resolved_patch_size()
-    if m.img_size <= 0:
-        e.append(f"model.img_size: must be positive, got {m.img_size}")
-    elif patch is None:
-        e.append(f"model.patch_size: cannot read the patch size from model.name {m.name!r}; set it")
-    elif m.img_size % patch:
-        e.append(f"model.img_size: {m.img_size} is not divisible by the patch size {patch}")
-    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
-        if getattr(m, key) < 0:
-            e.append(f"model.{key}: must be >= 0, got {getattr(m, key)}")
-    if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
-        e.append(
-            f"model.embed_dim: {m.embed_dim} is not divisible by model.num_heads {m.num_heads}"
-        )
-    if not 0 <= m.drop_path < 1:
-        e.append(f"model.drop_path: must be in [0, 1), got {m.drop_path}")
-
-    if d.path != "synthetic" and not d.path.startswith("hf:") and not Path(d.path).exists():
-        e.append(
-            f"data.path: {d.path!r} does not exist (use 'synthetic', a folder, a saved "
-            "Hugging Face dataset directory, or 'hf:NAME')"
-        )
-    if d.synthetic_size <= 0:
-        e.append(f"data.synthetic_size: must be positive, got {d.synthetic_size}")
-    if not 10 <= d.synthetic_classes <= 16:
-        e.append(f"data.synthetic_classes: must be in [10, 16], got {d.synthetic_classes}")
-    lo, hi = d.crop_scale
-    if not 0 < lo <= hi <= 1:
-        e.append(f"data.crop_scale: need 0 < min <= max <= 1, got {d.crop_scale}")
-    if not 0 <= d.hflip <= 1:
-        e.append(f"data.hflip: must be a probability in [0, 1], got {d.hflip}")
-    if any(s <= 0 for s in d.std):
-        e.append(f"data.std: must be positive, got {d.std}")
-    if d.num_workers < 0:
-        e.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    if not 0 < d.max_bad_fraction <= 1:
-        e.append(f"data.max_bad_fraction: must be in (0, 1], got {d.max_bad_fraction}")
-
-    for key in ("batch_size", "accum_steps", "lr_batch_divisor", "log_every", "keep_last"):
-        if getattr(t, key) <= 0:
-            e.append(f"train.{key}: must be positive, got {getattr(t, key)}")
-    for key in (
-        "effective_batch",
-        "max_steps",
-        "save_every_steps",
-        "eval_every_epochs",
-        "image_every_epochs",
-        "lr",
-        "min_lr",
-        "base_lr",
-        "weight_decay",
-        "momentum",
-        "clip_grad",
-        "save_every_epochs",
-        "warmup_epochs",
-    ):
-        if getattr(t, key) < 0:
-            e.append(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-    if t.epochs <= 0:
-        e.append(f"train.epochs: must be positive, got {t.epochs}")
-    elif t.warmup_epochs > t.epochs:
-        e.append(f"train.warmup_epochs: {t.warmup_epochs} exceeds train.epochs {t.epochs}")
-    if t.weight_decay_end is not None and t.weight_decay_end < 0:
-        e.append(f"train.weight_decay_end: must be >= 0, got {t.weight_decay_end}")
-    if t.lr == 0 and t.base_lr == 0:
-        e.append("train.base_lr: must be positive when train.lr is 0")
-    if t.resume and t.resume != "auto" and not Path(t.resume).is_dir():
-        e.append(f"train.resume: {t.resume!r} is neither 'auto' nor a checkpoint directory")
-    if t.resume and t.overwrite:
-        e.append("train.overwrite: cannot be combined with train.resume")
-    if t.compile:
-        from torch._dynamo import list_backends  # torch only when compiling: --help stays fast
-
-        if t.compile_backend not in list_backends(exclude_tags=()):
-            e.append(
-                f"train.compile_backend: unknown torch.compile backend {t.compile_backend!r}; "
-                f"known: {', '.join(['eager', 'aot_eager', *list_backends()])}"
-            )
-
+    """Raise ConfigError listing every invalid value of `cfg`: each section checks its own
+    fields, the method's config seeing the whole run."""
+    e = cfg.model.errors() + cfg.data.errors() + cfg.train.errors()
     if cfg.method is None:
         e.append("method: no method config given")
-    elif hasattr(cfg.method, "errors"):
+    else:
         e += cfg.method.errors(cfg)
     if e:
         raise ConfigError(e)

@@ -23,15 +23,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import timm
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
-if TYPE_CHECKING:
-    from ssl_vit.config import ModelConfig
 
 FULL_TOKEN_CLASSES = 1000
 """Classes of the full-token baseline's linear head (ImageNet-1k)."""
@@ -105,12 +103,11 @@ class ViTDims:
         return cls(d, len(vit.blocks), fc1.out_features, ph, in_chans, vit.num_prefix_tokens)
 
 
-def vit_dims(model_cfg: ModelConfig) -> ViTDims:
-    """The dims of the configured backbone, built on the meta device (no memory, ~0.2 s)."""
-    from ssl_vit.backbone import Backbone  # timm model build; kept out of `import ssl_vit.flops`
-
+def vit_dims(name: str, **timm_kwargs: Any) -> ViTDims:
+    """The dims of timm's ViT `name` built with `timm_kwargs` (a ModelConfig's `timm_kwargs()`),
+    built on the meta device (no memory, ~0.2 s)."""
     with torch.device("meta"):
-        return ViTDims.of(Backbone(model_cfg.name, **model_cfg.timm_kwargs()))
+        return ViTDims.of(timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs))
 
 
 def linear(tokens: int, d_in: int, d_out: int) -> int:
@@ -216,15 +213,14 @@ METHOD_FLOPS = {"mae": mae_flops, "dino": dino_flops, "deit": deit_flops}
 
 
 def step_flops(
-    model_cfg: ModelConfig, method_cfg: Any, teacher_forward: int = 0, d: ViTDims | None = None
+    d: ViTDims, img_size: int, method_cfg: Any, teacher_forward: int = 0
 ) -> StepFlops | None:
-    """The method's step FLOPs for the configured backbone at model.img_size; None if uncounted."""
+    """The method's step FLOPs for a backbone of dims `d` at `img_size`; None if uncounted."""
     count = METHOD_FLOPS.get(method_cfg.name)
     if count is None:
         return None
-    d = d or vit_dims(model_cfg)
     extra = {"teacher_forward": teacher_forward} if method_cfg.name == "deit" else {}
-    return count(d, model_cfg.img_size, method_cfg, **extra)
+    return count(d, img_size, method_cfg, **extra)
 
 
 @contextmanager

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-
-from ssl_vit.bench import main
+from bench import main
 
 
 def block_flops(t: int, d: int, h: int) -> int:
@@ -99,7 +98,8 @@ def test_bench_rejects_unknown_and_invalid_options_by_name(capsys):
 
 
 def test_summary_of_method_only_run_has_no_baseline_metrics():
-    from ssl_vit.bench import BenchConfig, BenchRoot, PhaseResult, summarize, table
+    from bench import BenchConfig, BenchRoot, PhaseResult, summarize, table
+
     from ssl_vit.methods.mae import MAEConfig
 
     root = BenchRoot(bench=BenchConfig(batch_size=8, baseline=False), method=MAEConfig())
@@ -123,7 +123,7 @@ DINO_TINY = [
 
 
 def test_bench_batch_follows_the_method_view():
-    from ssl_vit.bench import configure, synthetic_batch
+    from bench import configure, synthetic_batch
 
     batch = synthetic_batch(configure(DINO_TINY), torch.device("cpu"), 3)
     shapes = [tuple(c.shape) for c in batch["crops"]]
@@ -175,7 +175,7 @@ def counted_step(module, batch, backward: bool) -> int:
 
 def built(argv: list[str], phase: str = "method"):
     """(root, module, its analytic StepFlops per image, a synthetic batch) of a tiny bench."""
-    from ssl_vit.bench import PHASES, configure, synthetic_batch
+    from bench import PHASES, configure, synthetic_batch
 
     root = configure(argv)
     torch.manual_seed(0)
@@ -261,12 +261,11 @@ def test_step_flops_match_the_reference_anchors():
     DINO ViT-S/16 2 x 224 + 10 x 96 123.8 G, supervised ViT-B/16 105.4 G; ViT forward at 224:
     S 9.2 G, B 35.1 G (given to 0.1 G)."""
     from ssl_vit import flops
-    from ssl_vit.config import ModelConfig
     from ssl_vit.methods.dino import DINOConfig
     from ssl_vit.methods.mae import MAEConfig
 
-    vit_s = flops.vit_dims(ModelConfig("vit_small_patch16_224"))
-    vit_b = flops.vit_dims(ModelConfig("vit_base_patch16_224"))
+    vit_s = flops.vit_dims("vit_small_patch16_224")
+    vit_b = flops.vit_dims("vit_base_patch16_224")
     assert (vit_b.embed_dim, vit_b.depth, vit_b.mlp_hidden, vit_b.patch_size) == (768, 12, 3072, 16)
     g = 1e9  # REFERENCE.md gives each anchor to 0.1 GFLOPs: within half of that
     assert flops.vit_forward(vit_s, 224) / g == pytest.approx(9.2, abs=0.05)
@@ -278,7 +277,8 @@ def test_step_flops_match_the_reference_anchors():
 
 
 def test_mfu_arithmetic_and_device_peaks():
-    from ssl_vit.bench import BenchConfig, BenchRoot, PhaseResult, summarize
+    from bench import BenchConfig, BenchRoot, PhaseResult, summarize
+
     from ssl_vit.flops import StepFlops, achieved_tflops, device_peak_tflops, mfu
     from ssl_vit.methods.mae import MAEConfig
 
@@ -313,7 +313,7 @@ def test_mfu_arithmetic_and_device_peaks():
 
 
 def test_loader_throughput_of_each_view():
-    from ssl_vit.bench import LOADER_METRICS, configure, run_loader, summarize, table
+    from bench import LOADER_METRICS, configure, run_loader, summarize, table
 
     argv = [*DINO_TINY, "--bench.modes", "loader", "--bench.loader_batches", "3",
             "--data.num_workers", "1", "--method.local_crops", "2"]  # fmt: skip
@@ -332,7 +332,7 @@ def test_loader_throughput_of_each_view():
 
 
 def test_e2e_step_feeds_the_method_from_its_real_view():
-    from ssl_vit.bench import configure, run_phase
+    from bench import configure, run_phase
 
     root = configure([*DINO_TINY, "--bench.modes", "e2e", "--data.num_workers", "0"])
     r = run_phase("e2e", root, "cpu", "fp32")
@@ -346,7 +346,7 @@ def test_decode_on_device_feeds_the_step_and_times_the_device_views():
     augmented on the bench device before the step: the e2e step gets DINO's 2 + 10 crops from
     the device view; the loader mode times every view that way; a view the device cannot run
     (an AutoAugment policy) is refused before timing."""
-    from ssl_vit.bench import configure, real_batches, run_loader, run_phase, summarize, table
+    from bench import configure, real_batches, run_loader, run_phase, summarize, table
 
     flags = ["--data.decode_on_device", "true", "--data.num_workers", "0"]
     root = configure([*DINO_TINY, "--bench.modes", "e2e,loader", "--bench.loader_batches", "2",

@@ -17,7 +17,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import (
+from ssl_vit.cli import main
+from ssl_vit.config import ModelConfig
+from ssl_vit.weights import (
     CheckpointError,
     export_backbone,
     export_timm,
@@ -25,8 +27,6 @@ from ssl_vit.checkpoint import (
     load_classifier,
     load_pretrained,
 )
-from ssl_vit.cli import main
-from ssl_vit.config import ModelConfig
 
 from tolerances import FORWARD
 

@@ -17,6 +17,7 @@ from ssl_vit.config import (
     validate,
 )
 from ssl_vit.methods.mae import MAEConfig
+from ssl_vit.registry import method_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +142,7 @@ def test_round_trip_through_dict():
     apply_overrides(
         cfg, {"method.mask_ratio": "0.5", "data.crop_scale": "0.1,0.5", "train.epochs": "7"}
     )
-    again = Config.from_dict(cfg.to_dict())
+    again = Config.from_dict(cfg.to_dict(), method_configs())
     assert again == cfg and isinstance(again.method, MAEConfig)
     assert again.data == DataConfig(crop_scale=(0.1, 0.5))
 

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from accelerate.data_loader import BatchSamplerShard
+from conftest import tiny
 from safetensors.torch import load_file, save_file
 from timm.data import Mixup
 from torch import nn
@@ -20,14 +21,14 @@ from torch.utils.data import BatchSampler
 from torchvision.transforms import v2
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import CheckpointError, export_timm, load_classifier
-from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, validate
+from ssl_vit.config import Config, ConfigError, DataConfig, validate
 from ssl_vit.data import seeded
 from ssl_vit.data.samplers import RepeatedAugSampler
 from ssl_vit.data.transforms import supervised_view
 from ssl_vit.methods.deit import DeiT, DeiTConfig
 from ssl_vit.optim import param_groups
-from ssl_vit.trainer import fit
+from ssl_vit.train.loop import fit
+from ssl_vit.weights import CheckpointError, export_timm, load_classifier
 
 K = 5  # classes
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -266,15 +267,9 @@ def test_state_dict_leaves_the_teacher_out_and_loads_without_it():
 
 
 def distilled_run(run_dir: Path, teacher: Path, **train) -> Config:
-    t = dict(output_dir=str(run_dir), epochs=10, warmup_epochs=1, batch_size=8, lr=1e-3)
-    t |= dict(log_every=1, save_every_epochs=0) | train
     method = dict(num_classes=10, teacher="test_resnet", teacher_weights=str(teacher))
-    return Config(
-        model=ModelConfig(name="vit_tiny_patch16_224", **TINY),
-        data=DataConfig(synthetic_size=32, num_workers=0),
-        train=TrainConfig(**t),
-        method=DeiTConfig(distillation="hard", model_ema_decay=0.9, **method),
-    )
+    method = DeiTConfig(distillation="hard", model_ema_decay=0.9, **method)
+    return tiny(run_dir, method, **dict(epochs=10, lr=1e-3) | train)
 
 
 def test_checkpoints_hold_no_teacher_and_resume_exactly(tmp_path):

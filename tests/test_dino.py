@@ -10,25 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_METHODS, TINY_MODEL, train_until_killed
+from conftest import tiny as tiny_run
 from PIL import Image
 from safetensors.torch import load_file
-from test_trainer import train_until_killed
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import export_backbone
 from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, validate
 from ssl_vit.data import collate
 from ssl_vit.data.transforms import GaussianBlur
 from ssl_vit.methods.dino import DINO, DINOConfig, DINOLoss, dino_view
 from ssl_vit.optim import warmup_cosine
-from ssl_vit.trainer import fit
+from ssl_vit.train.loop import fit
+from ssl_vit.weights import export_backbone
 
 from tolerances import LOSS_RTOL, ROUNDING
 
-TINY_MODEL = dict(
-    name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
-)
-TINY_METHOD = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=3, local_crop_size=16)
+TINY_METHOD = TINY_METHODS["dino"]
 
 
 def make(seed: int = 0, drop_path: float = 0.1, **method) -> DINO:
@@ -45,14 +43,11 @@ def crops(b: int = 4, n_local: int = 3, seed: int = 1) -> list[torch.Tensor]:
 
 
 def tiny(run_dir: Path, **train) -> Config:
-    t = dict(output_dir=str(run_dir), epochs=4, warmup_epochs=1, batch_size=8, base_lr=0.05)
-    t |= dict(log_every=1, save_every_epochs=0, weight_decay=0.04, weight_decay_end=0.4)
-    return Config(
-        model=ModelConfig(**TINY_MODEL, drop_path=0.1),
-        data=DataConfig(synthetic_size=32, num_workers=0),
-        train=TrainConfig(**{**t, **train}),
-        method=DINOConfig(**TINY_METHOD, teacher_temp=0.07, warmup_teacher_temp_epochs=3),
-    )
+    """The tiny DINO run: drop path, weight decay 0.04 -> 0.4, teacher temperature 0.04 -> 0.07
+    over 3 epochs."""
+    method = DINOConfig(**TINY_METHOD, teacher_temp=0.07, warmup_teacher_temp_epochs=3)
+    wd = dict(weight_decay=0.04, weight_decay_end=0.4)
+    return tiny_run(run_dir, method, model=dict(drop_path=0.1), **wd | train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +331,9 @@ def test_knn_weighted_votes_and_top5_by_hand():
 def test_knn_eval_matches_direct_computation_and_cli_writes_json(tmp_path, capsys):
     from accelerate import Accelerator
 
+    from ssl_vit.cli.knn import main
     from ssl_vit.eval.features import features
-    from ssl_vit.eval.knn import knn_eval, knn_hits, main
+    from ssl_vit.eval.knn import knn_eval, knn_hits
 
     torch.manual_seed(0)
     backbone = Backbone(**TINY_MODEL)

@@ -12,11 +12,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import export_backbone
+from ssl_vit.cli.train import run as run_evaluator
 from ssl_vit.config import Config, DataConfig, ModelConfig
 from ssl_vit.eval.accuracy import eval_loader
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig, finetune_config
-from ssl_vit.eval.linear_probe import pretrained_backbone, run_evaluator
+from ssl_vit.eval.pretrained import pretrained_backbone
+from ssl_vit.methods.deit import DeiTConfig
+from ssl_vit.weights import export_backbone
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
 K = 10
@@ -27,9 +29,9 @@ def backbone(seed: int = 0) -> Backbone:
     return Backbone("vit_tiny_patch16_224", **TINY)
 
 
-def finetune(pool: str = "avg", **kw) -> FineTune:
-    cfg = FineTuneConfig(num_classes=K, global_pool=pool, mixup=0.0, cutmix=0.0, **kw)
-    return FineTune(backbone(), cfg)
+def finetune(pool: str = "avg", model_ema: bool = False, **kw) -> FineTune:
+    deit = DeiTConfig(num_classes=K, mixup=0.0, cutmix=0.0, model_ema=model_ema)
+    return FineTune(backbone(), FineTuneConfig(global_pool=pool, deit=deit, **kw))
 
 
 def mae_layer_id(name: str, depth: int) -> int:
@@ -46,7 +48,7 @@ def mae_layer_id(name: str, depth: int) -> int:
 def test_layer_decay_groups_follow_mae_numbering(pool):
     model = finetune(pool, layer_decay=0.65, model_ema=True)
     depth = TINY["depth"]
-    groups = model.param_groups()
+    groups = model.param_groups(0.05)
     group_of = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.deit.student.named_parameters())
     assert len(group_of) == sum(len(g["params"]) for g in groups) == len(named)  # once each
@@ -70,7 +72,7 @@ def test_layer_decay_groups_follow_mae_numbering(pool):
 
 def test_avg_pool_drops_the_final_norm_for_a_fresh_fc_norm_and_inits_the_head():
     pre = backbone()
-    model = FineTune(backbone(), FineTuneConfig(num_classes=1000))
+    model = FineTune(backbone(), FineTuneConfig(deit=DeiTConfig(num_classes=1000)))
     bb = model.backbone
     assert isinstance(bb.norm, torch.nn.Identity) and bb.timm_kwargs["global_pool"] == "avg"
     assert torch.equal(bb.fc_norm.weight, torch.ones(32))

@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import export_backbone, import_checkpoint, load_backbone, load_pretrained
+from ssl_vit.cli.knn import main
 from ssl_vit.config import ModelConfig
-from ssl_vit.eval.knn import embed, main
+from ssl_vit.eval.knn import embed
+from ssl_vit.weights import export_backbone, import_checkpoint, load_backbone, load_pretrained
 
 from tolerances import FORWARD
 

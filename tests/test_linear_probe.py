@@ -12,17 +12,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import export_backbone
 from ssl_vit.cli import main as cli_main
+from ssl_vit.cli.train import run as run_evaluator
 from ssl_vit.eval.accuracy import classification_metrics
 from ssl_vit.eval.linear_probe import (
     LinearProbe,
     LinearProbeConfig,
     linprobe_config,
     probe_features,
-    run_evaluator,
 )
 from ssl_vit.optim import build_optimizer
+from ssl_vit.weights import export_backbone
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 K = 10
@@ -116,7 +116,7 @@ def test_each_head_steps_at_its_own_grid_lr(optimizer):
     x, labels = images(), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     grads = hand_grads(probe, x, labels)
     before = [(h.weight.detach().clone(), h.bias.detach().clone()) for h in probe.heads]
-    opt = build_optimizer(probe, optimizer, 0.0, momentum=0.9)
+    opt = build_optimizer(probe.param_groups(0.0), optimizer, momentum=0.9)
     for g in opt.param_groups:  # as the trainer sets them each step
         g["lr"], g["weight_decay"] = peak * g["lr_scale"], 0.0
     probe.training_step({"images": x, "labels": labels})["loss"].backward()

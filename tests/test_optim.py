@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_vit.optim import build_optimizer, warmup_cosine
+from ssl_vit.optim import build_optimizer, param_groups, warmup_cosine
 
 
 class OneWeight(nn.Module):
@@ -15,7 +15,7 @@ class OneWeight(nn.Module):
 
 def step(name: str, **kw) -> torch.Tensor:
     m = OneWeight()
-    opt = build_optimizer(m, name, 0.0, lr=1.0, momentum=0.9, **kw)
+    opt = build_optimizer(param_groups(m, 0.0), name, lr=1.0, momentum=0.9, **kw)
     m.w.grad = torch.tensor([[0.6, 0.8]])  # norm 1
     opt.step()
     return m.w.detach()

@@ -15,43 +15,20 @@ import pytest
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
+from conftest import ROOT, TINY_METHODS, TINY_MODEL, metrics, overrides, tiny
 from safetensors.torch import load_file
-from test_trainer import overrides  # the command-line form of a config (--method NAME, fields)
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._dynamo.utils import counters
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.methods.dino import DINOConfig
+from ssl_vit.config import Config
 from ssl_vit.methods.mae import MAE, MAEConfig
 from ssl_vit.optim import build_optimizer
-from ssl_vit.trainer import fit
+from ssl_vit.train.loop import fit
 
 from tolerances import GRAD_NORM_RTOL, LOSS_RTOL, TRAINED
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(
-    name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
-)
-TINY_MAE = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
-TINY_DINO = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=3, local_crop_size=16)
-
-
-def tiny(run_dir: Path, method: str = "mae", **train) -> Config:
-    """A tiny MAE, or DINO with 2 global (32 px) + 3 local (16 px) crops, on 32 synthetic images."""
-    t = dict(output_dir=str(run_dir), epochs=4, warmup_epochs=1, batch_size=8, base_lr=0.05)
-    t |= dict(log_every=1, save_every_epochs=0)
-    return Config(
-        model=ModelConfig(**TINY_MODEL),
-        data=DataConfig(synthetic_size=32, num_workers=0),
-        train=TrainConfig(**{**t, **train}),
-        method=MAEConfig(**TINY_MAE) if method == "mae" else DINOConfig(**TINY_DINO),
-    )
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [m for m in map(json.loads, lines) if "loss" in m]
+TINY_MAE = TINY_METHODS["mae"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +167,8 @@ def test_fused_attention_and_fused_adamw():
     mae = MAE(Backbone(**TINY_MODEL), MAEConfig(**TINY_MAE))
     blocks = [*mae.backbone.blocks, *mae.decoder_blocks]
     assert all(b.attn.fused_attn for b in blocks)  # timm runs F.scaled_dot_product_attention
-    assert build_optimizer(mae, "adamw", 0.05).defaults["fused"] is True  # CPU and CUDA
+    adamw = build_optimizer(mae.param_groups(0.05), "adamw")
+    assert adamw.defaults["fused"] is True  # CPU and CUDA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +201,8 @@ def fsdp_on_cpu() -> None:
 
 def launch_fsdp(cfg: Config) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd += [str(ROOT / "configs" / "fsdp.yaml"), "--num_processes", "2", __file__]
+    cmd += [str(ROOT / "configs" / "fsdp.yaml"), "--num_processes", "2"]
+    cmd += ["--main_process_port", "0", __file__]  # any free port: suites may run side by side
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [*cmd, *overrides(cfg)], capture_output=True, text=True, env=env, timeout=300

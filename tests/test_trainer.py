@@ -8,83 +8,28 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import TINY_METHODS, TINY_MODEL, metrics, overrides, params, tiny, train_until_killed
 from PIL import Image
 from safetensors.torch import load_file
 
-from ssl_vit.checkpoint import complete_checkpoints, latest_checkpoint
-from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from ssl_vit.config import Config, ConfigError
 from ssl_vit.methods.mae import MAEConfig
 from ssl_vit.optim import param_groups, warmup_cosine
-from ssl_vit.trainer import fit, make_plan
+from ssl_vit.registry import method_configs
+from ssl_vit.train.loop import fit
+from ssl_vit.train.state import make_plan
+from ssl_vit.weights import complete_checkpoints, latest_checkpoint
 
 from tolerances import GRAD_NORM_RTOL, LOSS_RTOL, ROUNDING, TRAINED
 
-TINY_MODEL = dict(
-    name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
-)
-TINY_METHOD = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
-
-
-def tiny(run_dir: Path, **train) -> Config:
-    t = dict(
-        output_dir=str(run_dir),
-        epochs=4,
-        warmup_epochs=1,
-        batch_size=8,
-        base_lr=0.05,
-        log_every=1,
-        save_every_epochs=0,
-    )
-    t.update(train)
-    return Config(
-        model=ModelConfig(**TINY_MODEL),
-        data=DataConfig(synthetic_size=32, num_workers=0),
-        train=TrainConfig(**t),
-        method=MAEConfig(**TINY_METHOD),
-    )
-
-
-def overrides(cfg: Config) -> list[str]:
-    """The command-line form of a config: --method NAME, then every field (so a subprocess runs
-    exactly `cfg`)."""
-    args = ["--method", cfg.method.name]
-    for section, fields in cfg.to_dict().items():
-        for key, value in fields.items():
-            if not (key == "name" and section == "method"):
-                value = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-                args += [f"--{section}.{key}", str(value)]
-    return args
-
-
-def train_until_killed(cfg: Config, step: int) -> Path:
-    """Run `cfg` in a subprocess, SIGKILL it once checkpoint `step` is complete; that checkpoint."""
-    cmd = [sys.executable, "-m", "ssl_vit", "train", *overrides(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = Path(cfg.train.output_dir) / "checkpoints" / f"step_{step:07d}"
-    deadline = time.time() + 240
-    while not (ckpt / "complete").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    return ckpt
-
-
-def params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [m for m in map(json.loads, lines) if "loss" in m]
+TINY_METHOD = TINY_METHODS["mae"]
 
 
 def test_run_directory_loss_decrease_and_schedule(tmp_path):
@@ -94,7 +39,7 @@ def test_run_directory_loss_decrease_and_schedule(tmp_path):
 
     steps_per_epoch = 32 // 8
     assert result["steps"] == 6 * steps_per_epoch
-    assert Config.from_dict(json.loads((run / "config.json").read_text())) == cfg
+    assert Config.from_dict(json.loads((run / "config.json").read_text()), method_configs()) == cfg
     # checkpoints every 2 epochs, the last 2 kept, each complete
     assert [p.name for p in complete_checkpoints(run)] == ["step_0000016", "step_0000024"]
     assert not list((run / "checkpoints").glob("*.tmp"))
@@ -315,6 +260,8 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        "0",  # any free port: suites may run side by side
         "--mixed_precision",
         "no",
         "--dynamo_backend",
@@ -342,7 +289,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
 
 
 def test_per_parameter_clipping_matches_hand_values():
-    from ssl_vit.trainer import clip_per_param_
+    from ssl_vit.train.step import clip_per_param_
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.1, 0.0, 0.0])  # norms 5 and 0.1

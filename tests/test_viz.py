@@ -14,10 +14,12 @@ from PIL import Image
 from torch import nn
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.cli.visualize import main as visualize
 from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, Config, DataConfig, ModelConfig, TrainConfig
 from ssl_vit.methods.mae import MAE, MAEConfig
+from ssl_vit.methods.protocol import Method
 from ssl_vit.ops import patchify, random_masking, sincos_pos_embed_2d
-from ssl_vit.trainer import fit
+from ssl_vit.train.loop import fit
 from ssl_vit.viz import (
     layer_attentions,
     load_mae,
@@ -29,7 +31,6 @@ from ssl_vit.viz import (
     threshold_mask,
     to_pixels,
 )
-from ssl_vit.viz.commands import main as visualize
 
 from tolerances import ROUNDING
 
@@ -231,8 +232,8 @@ def test_load_mae_from_an_official_full_checkpoint(tmp_path):
 # TensorBoard
 
 
-class EncoderOnly(nn.Module):
-    """A method without `reconstruct` (as DINO, DeiT): only attention summaries."""
+class EncoderOnly(nn.Module, Method):
+    """A method other than MAE (as DINO, DeiT): only attention summaries."""
 
     def __init__(self, backbone: Backbone):
         super().__init__()

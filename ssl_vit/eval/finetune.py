@@ -15,7 +15,7 @@ with strict=True.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from timm.layers import trunc_normal_
@@ -24,8 +24,16 @@ from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.eval.linear_probe import run_evaluator
 from ssl_vit.methods.deit import DeiT, DeiTConfig
+from ssl_vit.methods.protocol import Method
+
+
+def finetune_deit() -> DeiTConfig:
+    """MAE fine-tuning's supervised settings: DeiT's with no teacher, no repeated augmentation,
+    no colour jitter, no model EMA, and the classes counted from the data (num_classes 0)."""
+    return DeiTConfig(
+        num_classes=0, color_jitter=0.0, repeated_aug=1, model_ema=False, model_ema_decay=0.9999
+    )
 
 
 @dataclass
@@ -36,8 +44,6 @@ class FineTuneConfig:
     DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
     which: Literal["teacher", "student"] = "teacher"
     """Network of a DINO training checkpoint whose backbone is fine-tuned."""
-    num_classes: int = 0
-    """Classes of the head; 0 = those of the training split (`ssl-vit finetune` counts them)."""
     global_pool: Literal["avg", "token"] = "avg"
     """avg: mean of the patch tokens through a fresh fc_norm, the final norm dropped (MAE); token:
     the cls token after the final norm."""
@@ -46,35 +52,14 @@ class FineTuneConfig:
     layer_decay^(depth + 1 - l); 1 = off."""
     head_init_std: float = 2e-5
     """Std of the head's truncated-normal weight init (bias 0)."""
-    mixup: float = 0.8
-    """Mixup alpha, 0 = off (targets become soft)."""
-    cutmix: float = 1.0
-    """CutMix alpha, 0 = off."""
-    mixup_switch_prob: float = 0.5
-    """Probability of CutMix instead of Mixup for a batch when both are on."""
-    label_smoothing: float = 0.1
-    """Label smoothing of the (mixed) targets."""
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
-    """timm RandAugment policy of the training view ('' = off)."""
-    color_jitter: float = 0.0
-    """Colour jitter strength, applied only when auto_augment is off (MAE: none)."""
-    reprob: float = 0.25
-    """Random-erasing probability (per-pixel random values)."""
-    model_ema: bool = False
-    """Keep an exponential moving average of the classifier (saved in the checkpoints)."""
-    model_ema_decay: float = 0.9999
-    """EMA decay per optimizer step."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    deit: DeiTConfig = field(default_factory=finetune_deit)
+    """The supervised training (`--method.deit.FIELD`): classes (0 = those of the training
+    split), RandAugment, random erasing, Mixup / CutMix, label smoothing, model EMA, betas."""
 
-    def deit(self) -> DeiTConfig:
-        """The DeiT configuration this fine-tune trains with: no teacher, no repeated aug."""
-        shared = (
-            "num_classes mixup cutmix mixup_switch_prob label_smoothing auto_augment "
-            "color_jitter reprob model_ema model_ema_decay betas"
-        )
-        kw = {k: getattr(self, k) for k in shared.split()}
-        return DeiTConfig(distillation="none", repeated_aug=1, **kw)
+    @property
+    def betas(self) -> tuple[float, float]:
+        """AdamW betas (method.deit.betas)."""
+        return self.deit.betas
 
     def errors(self, cfg: Any) -> list[str]:
         """Every invalid value, each message naming its key; `cfg` is the whole run Config."""
@@ -85,7 +70,11 @@ class FineTuneConfig:
             e.append(f"method.layer_decay: must be in (0, 1], got {self.layer_decay}")
         if self.head_init_std <= 0:
             e.append(f"method.head_init_std: must be positive, got {self.head_init_std}")
-        return e + self.deit().errors(cfg)
+        if self.deit.distillation != "none":
+            e.append("method.deit.distillation: fine-tuning has no teacher; must be none")
+        if self.deit.repeated_aug != 1:
+            e.append("method.deit.repeated_aug: fine-tuning samples each image once; must be 1")
+        return e + [m.replace("method.", "method.deit.", 1) for m in self.deit.errors(cfg)]
 
 
 def avg_pool_backbone(backbone: Backbone) -> Backbone:
@@ -136,17 +125,20 @@ class Classifier(nn.Module):
         }
 
 
-class FineTune(nn.Module):
+class FineTune(nn.Module, Method):
     """DeiT's supervised training (no teacher) of a `Classifier` on the pretrained backbone, with
     layer-wise lr decay."""
+
+    classifies = True
 
     def __init__(self, backbone: Backbone, cfg: FineTuneConfig):
         super().__init__()
         self.cfg = cfg
         if cfg.global_pool == "avg":
             backbone = avg_pool_backbone(backbone)
-        classifier = Classifier(backbone, cfg.num_classes, cfg.global_pool, cfg.head_init_std)
-        self.deit = DeiT(backbone, cfg.deit(), student=classifier)
+        num_classes = cfg.deit.num_classes
+        classifier = Classifier(backbone, num_classes, cfg.global_pool, cfg.head_init_std)
+        self.deit = DeiT(backbone, cfg.deit, student=classifier)
 
     @property
     def backbone(self) -> Backbone:
@@ -169,7 +161,7 @@ class FineTune(nn.Module):
         """(state dict, timm name, kwargs incl. global_pool and num_classes) for timm."""
         return self.deit.export_classifier()
 
-    def param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """timm's layer-decay groups over the classifier (not the EMA): lr_scale per layer, and
         no weight decay (wd_scale 0) for biases, norms, tokens and the position embedding."""
         groups = param_groups_layer_decay(
@@ -202,11 +194,3 @@ def finetune_config() -> Config:
         ),
         method=FineTuneConfig(),
     )
-
-
-PROG = "ssl-vit finetune --checkpoint CHECKPOINT"
-
-
-def main(argv: list[str]) -> int:
-    """`ssl-vit finetune --checkpoint C [--section.field value ...]`."""
-    return run_evaluator(finetune_config(), argv, PROG)

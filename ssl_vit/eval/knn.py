@@ -11,10 +11,7 @@ only the per-image hits are gathered.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,24 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import (
-    CHECKPOINT_HELP,
-    CheckpointError,
-    LoadConfig,
-    load_pretrained,
-    parse_checkpoint,
-)
-from ssl_vit.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    help_text,
-    parse_args,
-    pop_flag,
-)
+from ssl_vit.config import Config
 from ssl_vit.data import DataError
 from ssl_vit.eval.accuracy import eval_loader
 from ssl_vit.eval.features import features
@@ -119,97 +99,3 @@ def knn_eval(
         suffix = "" if i == 0 else f"_k{k}"
         out[f"knn_top1{suffix}"], out[f"knn_top5{suffix}"] = acc[i].tolist()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# `ssl-vit knn`
-
-
-@dataclass
-class KNNConfig:
-    k: tuple[int, ...] = (20,)
-    """Neighbours that vote; several (e.g. 10,20,100,200) give one result each."""
-    temperature: float = 0.07
-    """Vote weight exp(similarity / temperature)."""
-    batch_size: int = 256
-    """Images per device per forward pass."""
-    img_size: int = 0
-    """Evaluation resolution (resize to img_size / 0.875, center crop); 0 = the backbone's own."""
-
-
-@dataclass
-class KNNRoot:
-    """What `ssl-vit knn` runs: the protocol, the labeled data (data.split is the bank,
-    data.val_split the queries) and how the checkpoint's backbone is loaded."""
-
-    knn: KNNConfig = field(default_factory=KNNConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    load: LoadConfig = field(default_factory=LoadConfig)
-
-
-PROG = "ssl-vit knn --checkpoint CHECKPOINT"
-
-
-def configure(argv: list[str]) -> tuple[str, KNNRoot] | None:
-    """(checkpoint, config) from the command line; None when --help was printed."""
-    checkpoint, rest = pop_flag(argv, "--checkpoint")
-    root = KNNRoot()
-    overrides, want_help = parse_args(rest)
-    if want_help:
-        print(help_text(root, PROG) + "\n\n" + CHECKPOINT_HELP)
-        return None
-    apply_overrides(root, overrides)
-    k = root.knn
-    e = root.load.errors()
-    if not checkpoint:
-        e.append("--checkpoint: required (a run directory, a checkpoint file or NAME=PATH)")
-    else:
-        try:
-            parse_checkpoint(checkpoint)
-        except CheckpointError as err:
-            e.append(f"--checkpoint: {err}")
-    if not k.k or min(k.k) < 1:
-        e.append(f"knn.k: each must be >= 1, got {k.k}")
-    for key in ("temperature", "batch_size"):
-        if getattr(k, key) <= 0:
-            e.append(f"knn.{key}: must be positive, got {getattr(k, key)}")
-    if k.img_size < 0:
-        e.append(f"knn.img_size: must be >= 0, got {k.img_size}")
-    if e:
-        raise ConfigError(e)
-    return checkpoint, root
-
-
-def main(argv: list[str]) -> int:
-    """`ssl-vit knn ...`: print the metrics as one JSON line and write knn.json beside the
-    backbone (beside the file, or in the run directory). Exit status 0, or 2 on a config, data or
-    checkpoint error (printed to stderr)."""
-    from accelerate import Accelerator
-
-    try:
-        parsed = configure(argv)
-        if parsed is None:
-            return 0
-        checkpoint, root = parsed
-        backbone = load_pretrained(checkpoint, model=root.load.model(), which=root.load.which)
-        cuda = torch.cuda.is_available()
-        accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
-        img_size = root.knn.img_size or backbone.grid_size[0] * backbone.patch_size
-        cfg = Config(
-            model=ModelConfig(name=backbone.name, img_size=img_size),
-            data=root.data,
-            train=TrainConfig(batch_size=root.knn.batch_size),
-        )
-        metrics = knn_eval(
-            backbone.to(accelerator.device), cfg, accelerator, root.knn.k, root.knn.temperature
-        )
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = {"checkpoint": checkpoint, "k": list(root.knn.k), **metrics}
-    if accelerator.is_main_process:
-        line = json.dumps(result)
-        path, _ = parse_checkpoint(checkpoint)
-        (path if path.is_dir() else path.parent).joinpath("knn.json").write_text(line + "\n")
-        print(line, flush=True)
-    return 0

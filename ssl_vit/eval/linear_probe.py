@@ -16,8 +16,6 @@ sweep, and the best head is reported with every head's accuracy.
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -27,20 +25,9 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import CHECKPOINT_HELP, CheckpointError, load_pretrained
-from ssl_vit.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    help_text,
-    parse_args,
-    pop_flag,
-)
-from ssl_vit.data import DataError, build_dataset, eval_view
+from ssl_vit.config import Config, DataConfig, TrainConfig, field_errors
 from ssl_vit.eval.features import Pool, feature_dim, features
+from ssl_vit.methods.protocol import Method
 
 VIT_B_WIDTH = 768
 """DINO's linear eval reads the last 4 cls tokens below this width (ViT-S), cls + avgpool from
@@ -81,21 +68,16 @@ class LinearProbeConfig:
         e = []
         if not self.checkpoint:
             e.append("method.checkpoint: required (--checkpoint RUN_DIR|FILE|NAME=PATH)")
-        if self.num_classes <= 0:
-            e.append(f"method.num_classes: must be positive, got {self.num_classes}")
-        if self.n_last < 0:
-            e.append(f"method.n_last: must be >= 0, got {self.n_last}")
-        if self.head_init_std <= 0:
-            e.append(f"method.head_init_std: must be positive, got {self.head_init_std}")
+        e += field_errors(
+            self, "method", {"positive": "num_classes head_init_std", ">= 0": "n_last"}
+        )
         if not self.lr_grid or min(self.lr_grid) <= 0:
             e.append(f"method.lr_grid: needs positive values, got {self.lr_grid}")
         if len(self.lr_grid) > 1 and cfg.train.clip_grad and cfg.train.clip_mode == "global":
             e.append(
                 "train.clip_grad: a global norm couples the lr grid's heads; use clip_mode param"
             )
-        if not all(0 <= b < 1 for b in self.betas):
-            e.append(f"method.betas: each must be in [0, 1), got {self.betas}")
-        return e
+        return e + field_errors(self, "method", {"each in [0, 1)": "betas"})
 
 
 def probe_features(
@@ -110,9 +92,11 @@ def probe_features(
     return pool, n_last
 
 
-class LinearProbe(nn.Module):
+class LinearProbe(nn.Module, Method):
     """A frozen backbone, its features computed once per batch, an optional BatchNorm without
     affine parameters, and one linear head per value of the lr grid."""
+
+    classifies = True  # predict: (B, heads, classes), each head scored
 
     def __init__(self, backbone: Backbone, cfg: LinearProbeConfig):
         super().__init__()
@@ -163,7 +147,7 @@ class LinearProbe(nn.Module):
         """(B, C, H, W) -> (B, heads, classes) logits (classification_metrics scores each head)."""
         return self.logits(images)
 
-    def param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Two groups per head, lr_scale = its grid value: the weight (weight decay; LARS trust
         ratio) and the bias (neither: MAE's lars.py adapts and decays only ndim > 1)."""
         groups = []
@@ -197,91 +181,3 @@ def linprobe_config(protocol: Literal["mae", "dino"] = "mae") -> Config:
         ),
         method=LinearProbeConfig(protocol=protocol, batchnorm=mae, head_init_std=0.01),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Running an evaluator from a checkpoint: `ssl-vit linprobe`, `ssl-vit finetune` and their recipes.
-
-
-def pretrained_backbone(cfg: Config) -> Backbone:
-    """The backbone an evaluator starts from (MethodSpec.backbone): method.checkpoint built for
-    cfg.model — its image size (position embedding resampled, bicubic) and drop path."""
-    return load_pretrained(cfg.method.checkpoint, model=cfg.model, which=cfg.method.which)
-
-
-def from_checkpoint(cfg: Config, given: set[str]) -> Config:
-    """Fill what the checkpoint and the data decide, unless the command line `given` it:
-    model.name / img_size / patch_size from the checkpoint's backbone, method.num_classes from
-    the training split, and a linear probe's 'auto' features."""
-    head_only = ModelConfig(img_size=0, num_heads=cfg.model.num_heads)
-    backbone = load_pretrained(cfg.method.checkpoint, model=head_only, which=cfg.method.which)
-    size = backbone.grid_size[0] * backbone.patch_size
-    arch = {"name": backbone.name, "img_size": size, "patch_size": backbone.patch_size}
-    for key, value in arch.items():
-        if f"model.{key}" not in given:
-            setattr(cfg.model, key, value)
-    if cfg.method.num_classes == 0:
-        view = eval_view(cfg.data, cfg.model.img_size)
-        data = build_dataset(cfg.data, view, seed=cfg.train.seed, image_size=cfg.model.img_size)
-        if not data.classes:
-            raise DataError(
-                f"split {cfg.data.split!r} has no labels to count classes; set method.num_classes"
-            )
-        cfg.method.num_classes = len(data.classes)
-    m = cfg.method
-    if isinstance(m, LinearProbeConfig):
-        m.pool, m.n_last = probe_features(
-            m.protocol, m.pool, m.n_last, backbone.embed_dim, backbone.depth
-        )
-        if m.n_last > backbone.depth:
-            raise ConfigError([f"method.n_last: {m.n_last} exceeds the depth {backbone.depth}"])
-    return cfg
-
-
-FROM_CHECKPOINT = """
-model.name, model.img_size and model.patch_size default to the checkpoint's own (a different
-img_size resamples the position embedding); method.num_classes 0 counts the training split's."""
-
-
-def run_evaluator(cfg: Config, argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Entry point of `ssl-vit linprobe|finetune` and of their recipes: `--checkpoint` (or
-    method.checkpoint) and `--section.field` overrides on `cfg`, the rest from the checkpoint
-    (`from_checkpoint`), then `fit`. Prints the final metrics as one JSON line (last and best
-    evaluation; a linear probe adds each head's lr). Exit status 0, or 2 on a config, data or
-    checkpoint error (printed to stderr)."""
-    from accelerate import PartialState
-
-    from ssl_vit.trainer import fit  # imports the method table, which imports this module
-
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        checkpoint, rest = pop_flag(argv, "--checkpoint")
-        overrides, want_help = parse_args(rest)
-        if want_help:
-            print(help_text(cfg, prog or sys.argv[0]) + "\n\n" + CHECKPOINT_HELP + FROM_CHECKPOINT)
-            return 0
-        apply_overrides(cfg, overrides)
-        cfg.method.checkpoint = checkpoint or cfg.method.checkpoint
-        if not cfg.method.checkpoint:
-            raise ConfigError(["--checkpoint: required (a run directory, a file or NAME=PATH)"])
-        result = fit(from_checkpoint(cfg, set(overrides)))
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if isinstance(cfg.method, LinearProbeConfig):
-        result["head_lr"] = [result["peak_lr"] * m for m in cfg.method.lr_grid]
-    if PartialState().is_main_process:
-        print(json.dumps(result), flush=True)
-    return 0
-
-
-PROG = "ssl-vit linprobe --checkpoint CHECKPOINT [--protocol mae|dino]"
-
-
-def main(argv: list[str]) -> int:
-    """`ssl-vit linprobe --checkpoint C [--protocol mae|dino] [--section.field value ...]`."""
-    protocol, rest = pop_flag(argv, "--protocol", "mae")
-    if protocol not in ("mae", "dino"):
-        print(f"error: --protocol: expected mae or dino, got {protocol!r}", file=sys.stderr)
-        return 2
-    return run_evaluator(linprobe_config(protocol), rest, PROG)

@@ -17,7 +17,9 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import classifier_keys, exclude_from_state_dict, load_classifier
+from ssl_vit.config import field_errors
+from ssl_vit.methods.protocol import Method
+from ssl_vit.weights import classifier_keys, exclude_from_state_dict, load_classifier
 
 
 @dataclass
@@ -64,17 +66,13 @@ class DeiTConfig:
     def errors(self, cfg: Any) -> list[str]:
         """Every invalid value, each message naming its key; `cfg` is the whole run Config."""
         rules = {
-            "in [0, 1]": (lambda v: 0 <= v <= 1, "alpha mixup_switch_prob reprob label_smoothing"),
-            "in [0, 1)": (lambda v: 0 <= v < 1, "model_ema_decay"),
-            "positive": (lambda v: v > 0, "tau num_classes repeated_aug"),
-            ">= 0": (lambda v: v >= 0, "mixup cutmix color_jitter teacher_img_size"),
+            "in [0, 1]": "alpha mixup_switch_prob reprob label_smoothing",
+            "in [0, 1)": "model_ema_decay",
+            "positive": "tau num_classes repeated_aug",
+            ">= 0": "mixup cutmix color_jitter teacher_img_size",
+            "each in [0, 1)": "betas",
         }
-        e = [
-            f"method.{k}: must be {rule}, got {getattr(self, k)}"
-            for rule, (ok, keys) in rules.items()
-            for k in keys.split()
-            if not ok(getattr(self, k))
-        ]
+        e = field_errors(self, "method", rules)
         if cfg.data.path == "synthetic" and self.num_classes < cfg.data.synthetic_classes:
             e.append(f"method.num_classes: {self.num_classes} < data.synthetic_classes")
         w = self.teacher_weights
@@ -82,8 +80,6 @@ class DeiTConfig:
             e.append(f"method.teacher_weights: {w!r} is no file; distilling needs the teacher")
         if (self.mixup > 0 or self.cutmix > 0) and cfg.train.batch_size % 2:
             e.append(f"train.batch_size: Mixup needs an even batch, got {cfg.train.batch_size}")
-        if not all(0 <= b < 1 for b in self.betas):
-            e.append(f"method.betas: each must be in [0, 1), got {self.betas}")
         return e
 
 
@@ -115,10 +111,12 @@ class Student(nn.Module):
         return self.head(x[:, 0]), self.head_dist(x[:, 1])
 
 
-class DeiT(nn.Module):
+class DeiT(nn.Module, Method):
     """The student being trained, its frozen teacher (distilled) and its EMA (model_ema). A given
     `student` replaces the cls-token Student (fine-tuning's pooled classifier): a module with
     `.backbone`, `.head`, `.dist_token = None` and forward(images) -> (logits, None)."""
+
+    classifies = True
 
     def __init__(
         self,

@@ -26,8 +26,10 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.config import field_errors
 from ssl_vit.data.device import DeviceView, device_view
 from ssl_vit.data.transforms import Crop, View, multi_crop
+from ssl_vit.methods.protocol import Method
 from ssl_vit.ops import ema_update_
 from ssl_vit.optim import warmup_cosine
 
@@ -77,19 +79,13 @@ class DINOConfig:
 
     def errors(self, cfg: Any) -> list[str]:
         """Every invalid value, each message naming its key; `cfg` is the whole run Config."""
-        e = []
-        for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
-            if getattr(self, key) < 1:
-                e.append(f"method.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
-            if getattr(self, key) <= 0:
-                e.append(f"method.{key}: must be positive, got {getattr(self, key)}")
-        for key in ("center_momentum", "momentum_teacher"):
-            if not 0 <= getattr(self, key) <= 1:
-                e.append(f"method.{key}: must be in [0, 1], got {getattr(self, key)}")
-        for key in ("freeze_last_layer", "local_crops"):
-            if getattr(self, key) < 0:
-                e.append(f"method.{key}: must be >= 0, got {getattr(self, key)}")
+        rules = {
+            ">= 1": "out_dim hidden_dim bottleneck_dim",
+            "positive": "warmup_teacher_temp teacher_temp student_temp",
+            "in [0, 1]": "center_momentum momentum_teacher",
+            ">= 0": "freeze_last_layer local_crops",
+        }
+        e = field_errors(self, "method", rules)
         if not 0 <= self.warmup_teacher_temp_epochs <= cfg.train.epochs:
             e.append(
                 f"method.warmup_teacher_temp_epochs: must be in [0, train.epochs = "
@@ -105,9 +101,7 @@ class DINOConfig:
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi <= 1:
                 e.append(f"method.{key}: need 0 < min <= max <= 1, got {(lo, hi)}")
-        if not all(0 <= b < 1 for b in self.betas):
-            e.append(f"method.betas: each must be in [0, 1), got {self.betas}")
-        return e
+        return e + field_errors(self, "method", {"each in [0, 1)": "betas"})
 
 
 def dino_crops(cfg: Any) -> tuple[Crop, ...]:
@@ -221,7 +215,7 @@ class DINOLoss(nn.Module):
         )
 
 
-class DINO(nn.Module):
+class DINO(nn.Module, Method):
     """Student `backbone` + `head`, EMA `teacher` (no drop path, no gradients), centred loss."""
 
     def __init__(self, backbone: Backbone, cfg: DINOConfig):
@@ -291,15 +285,9 @@ class DINO(nn.Module):
     def on_log(self, metrics: dict[str, Any]) -> None:
         """Warn when the teacher collapses: to one dimension (sharpening outweighs centering) or
         to the uniform distribution (centering outweighs sharpening)."""
-        step, top, h = (
-            metrics["step"],
-            metrics["teacher_batch_max_prob"],
-            metrics["teacher_entropy"],
-        )
+        step, top, h = [metrics[k] for k in ("step", "teacher_batch_max_prob", "teacher_entropy")]
         if top > 1 - COLLAPSE_TOL:
-            msg = (
-                "step %d: DINO teacher collapsed to one dimension (%.3f of the batch's mass on one)"
-            )
+            msg = "step %d: DINO teacher collapsed to one dimension (%.3f of the batch on one)"
             log.warning(msg, step, top)
         if h > (1 - COLLAPSE_TOL) * math.log(self.cfg.out_dim):
             msg = "step %d: DINO teacher collapsed to uniform (entropy %.3f, log(out_dim) %.3f)"

@@ -16,6 +16,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.config import field_errors
+from ssl_vit.methods.protocol import Method
 from ssl_vit.ops import patchify, random_masking, sincos_pos_embed_2d, unpatchify
 
 
@@ -51,9 +53,7 @@ class MAEConfig:
                         f"method.mask_ratio: {self.mask_ratio} keeps no patch of the "
                         f"{num_patches} patches of a {cfg.model.img_size}px image"
                     )
-        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            if getattr(self, key) < 1:
-                e.append(f"method.{key}: must be >= 1, got {getattr(self, key)}")
+        e += field_errors(self, "method", {">= 1": "decoder_dim decoder_depth decoder_heads"})
         if self.decoder_dim >= 1 and self.decoder_heads >= 1:
             if self.decoder_dim % self.decoder_heads:
                 e.append(
@@ -65,11 +65,8 @@ class MAEConfig:
                     f"method.decoder_dim: must be divisible by 4 (2-D sin-cos position "
                     f"embedding), got {self.decoder_dim}"
                 )
-        if self.decoder_mlp_ratio <= 0:
-            e.append(f"method.decoder_mlp_ratio: must be positive, got {self.decoder_mlp_ratio}")
-        if not all(0 <= b < 1 for b in self.betas):
-            e.append(f"method.betas: each must be in [0, 1), got {self.betas}")
-        return e
+        rules = {"positive": "decoder_mlp_ratio", "each in [0, 1)": "betas"}
+        return e + field_errors(self, "method", rules)
 
 
 def patch_mean_std(patches: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,7 +77,7 @@ def patch_mean_std(patches: Tensor) -> tuple[Tensor, Tensor]:
     return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
 
 
-class MAE(nn.Module):
+class MAE(nn.Module, Method):
     """Masked autoencoder: `backbone` is the encoder (exported after training) + our decoder."""
 
     def __init__(self, backbone: Backbone, cfg: MAEConfig):

@@ -13,17 +13,17 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import (
+from ssl_vit.config import Config
+from ssl_vit.methods.mae import MAE, MAEConfig, patch_mean_std
+from ssl_vit.ops import patchify, unpatchify
+from ssl_vit.viz.images import to_pixels
+from ssl_vit.weights import (
     CheckpointError,
     latest_checkpoint,
     load_pretrained,
     parse_checkpoint,
     read_checkpoint,
 )
-from ssl_vit.config import Config
-from ssl_vit.methods.mae import MAE, MAEConfig, patch_mean_std
-from ssl_vit.ops import patchify, unpatchify
-from ssl_vit.viz.images import to_pixels
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 MASKED_GREY = 0.5
@@ -94,11 +94,13 @@ def _load_run(path: Path) -> MAE:
         raise CheckpointError(
             f"{path}: not a run directory (config.json) or one of its checkpoints/step_* folders"
         )
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    if cfg.method.name != "mae":
+    saved = json.loads((run_dir / "config.json").read_text())
+    if saved["method"]["name"] != "mae":
         raise CheckpointError(
-            f"{run_dir}: a {cfg.method.name} run; MAE reconstructions need an MAE run's decoder"
+            f"{run_dir}: a {saved['method']['name']} run; MAE reconstructions need an MAE run's "
+            "decoder"
         )
+    cfg = Config.from_dict(saved, {"mae": MAEConfig})
     mae = MAE(Backbone(cfg.model.name, **cfg.model.timm_kwargs()), cfg.method)
     mae.load_state_dict(load_file(str(step / "model.safetensors")))
     return mae

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.utils import make_grid
 
 from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD
+from ssl_vit.methods.mae import MAE
+from ssl_vit.methods.protocol import Method
 from ssl_vit.viz.attention import cls_attention_maps
 from ssl_vit.viz.images import to_pixels
 from ssl_vit.viz.reconstruction import mae_panels
@@ -20,7 +22,7 @@ PAD = 2
 
 @torch.no_grad()
 def tensorboard_images(
-    method: nn.Module,
+    method: Method,
     images: Tensor,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -33,17 +35,15 @@ def tensorboard_images(
       "attention": image | each head's last-block cls->patch attention | their mean, of the
         exported backbone (DINO: the teacher's); only when it has a cls token;
       "mae_reconstruction": original | masked | reconstruction | with the visible patches, for
-        methods with `reconstruct` (MAE); the mask is drawn from `seed`, the same at every call.
+        MAE; the mask is drawn from `seed`, the same at every call.
     Runs in eval mode and never touches the global RNG, so calling it leaves training unchanged.
     """
-    from ssl_vit.trainer import exported_backbone  # trainer imports this module
-
     was_training = method.training
     method.eval()
     try:
         out = {}
         pixels = to_pixels(images.float(), mean, std).cpu()
-        backbone = exported_backbone(method)
+        backbone = method.export_backbone()
         res = backbone(images, return_attn=True)
         if res.num_prefix:
             p = backbone.patch_size
@@ -55,7 +55,7 @@ def tensorboard_images(
                 for img, img_maps in zip(pixels, maps, strict=True)
             ]
             out["attention"] = make_grid(torch.cat(tiles), nrow=maps.shape[1] + 1, padding=PAD)
-        if hasattr(method, "reconstruct"):
+        if isinstance(method, MAE):
             p = method.backbone.patch_size
             num_patches = (images.shape[-2] // p) * (images.shape[-1] // p)
             gen = torch.Generator().manual_seed(seed)

@@ -1,10 +1,11 @@
-"""`ssl-vit bench`: time a method's training step, with and without its data pipeline.
+"""Time a method's training step, with and without its data pipeline.
 
-    ssl-vit bench --method mae --model.name vit_base_patch16_224 --bench.batch_size 64
-    ssl-vit bench --method dino --bench.modes compute,e2e,loader --data.num_workers 8
+    python tools/bench.py --method mae --model.name vit_base_patch16_224 --bench.batch_size 64
+    python tools/bench.py --method dino --bench.modes compute,e2e,loader --data.num_workers 8
 
-A step is forward + backward + AdamW step (fused, the project's param groups), as the
-trainer runs it. `--bench.modes` picks what is timed:
+A step is the trainer's own (`ssl_vit.train.step`: forward and backward under Accelerate's
+autocast, the schedules, the method's hooks, clipping, the fused AdamW step over the method's
+param groups). `--bench.modes` picks what is timed:
 
 * compute: the step on synthetic tensors held on the device (no data loading, no host copies),
   and, with bench.baseline, a "supervised ViT" step of the same encoder for scale: all tokens,
@@ -42,27 +43,25 @@ from typing import Any, Literal, NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import Tensor, nn
 
 from ssl_vit import flops
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    help_text,
-    parse_args,
-    pop_method,
-    validate,
-)
+from ssl_vit.cli.runner import Args, choice, parse, run_command
+from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, validate
 from ssl_vit.data import DataError, build_dataset, build_loader
 from ssl_vit.data.device import DeviceView, batch_generator, encoded_dataset
-from ssl_vit.methods import METHODS
-from ssl_vit.optim import build_optimizer
-from ssl_vit.trainer import compile_step
+from ssl_vit.methods.protocol import Method
+from ssl_vit.registry import METHODS
+from ssl_vit.train.state import Plan
+from ssl_vit.train.step import (
+    Stepper,
+    compile_step,
+    forward_backward,
+    optimizer_for,
+    optimizer_step,
+)
 
 NUM_CLASSES = flops.FULL_TOKEN_CLASSES
 """Classes of the full-token baseline's head (ImageNet-1k, as the supervised ViT it stands for)."""
@@ -149,7 +148,7 @@ def run_config(root: BenchRoot, method: Any = None) -> Config:
 # Phases: each builds a module with training_step(batch) -> {"loss"} from the bench config.
 
 
-class FullTokenClassifier(nn.Module):
+class FullTokenClassifier(nn.Module, Method):
     """Supervised ViT of the same encoder: all patch tokens, cls token -> linear head -> CE."""
 
     def __init__(self, backbone: Backbone, num_classes: int = NUM_CLASSES):
@@ -207,7 +206,7 @@ def method_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:
     if root.method.name == "deit" and teacher is not None:
         size = root.method.teacher_img_size or root.model.img_size
         teacher_flops = flops.counted_forward_flops(teacher, (1, dims.in_chans, size, size))
-    return flops.step_flops(root.model, root.method, teacher_flops, dims)
+    return flops.step_flops(dims, root.model.img_size, root.method, teacher_flops)
 
 
 def full_token_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:
@@ -383,42 +382,42 @@ def peak_memory_mib(device: torch.device) -> float | None:
 
 
 def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> PhaseResult:
-    """Build the phase's module and optimizer, run warmup then timed steps; in a fresh process.
+    """Build the phase's module and optimizer, run warmup then timed steps of the trainer's own
+    step function; in a fresh process.
 
-    A loader-fed phase times each step from asking the loader for its batch to the synchronised
-    end of the optimizer step, so waiting on the workers and the device copy count."""
+    The schedule spans the timed run with one step per epoch (DINO's last layer is frozen at
+    step 0 only, a warmup step). A loader-fed phase times each step from asking the loader for
+    its batch to the synchronised end of the optimizer step, so waiting on the workers and the
+    device copy count."""
     torch.manual_seed(0)
-    dev = torch.device(device)
+    mixed = "bf16" if precision == "bf16" else "no"
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+    dev = accelerator.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     spec = PHASES[phase]
-    module = spec.build(root).to(dev).train()
+    module = spec.build(root).train()
     step_flops = spec.count(root, module)
-    betas = getattr(root.method, "betas", (0.9, 0.999))
-    optimizer = build_optimizer(module, "adamw", TrainConfig.weight_decay, betas=betas, lr=LR)
     total = root.bench.warmup + root.bench.steps
+    train = run_config(root).train
+    train.lr, train.warmup_epochs = LR, 0
+    b = root.bench.batch_size
+    plan = Plan(1, b, total, 1, total, total, 0, LR)
+    betas = getattr(root.method, "betas", (0.9, 0.999))
+    model, optimizer = accelerator.prepare(module, optimizer_for(module, train, betas))
     if spec.feed == "loader":
         batches = real_batches(root, root.method, total, dev)
     else:
-        backbone = next(m for m in module.modules() if isinstance(m, Backbone))
-        batch = synthetic_batch(root, dev, backbone.patch_embed.proj.in_channels)
+        batch = synthetic_batch(root, dev, module.backbone.patch_embed.proj.in_channels)
         batches = (batch for _ in range(total))
-    if hasattr(module, "set_schedule"):  # as the trainer does (DINO's epoch-based schedules)
-        module.set_schedule(total, total)
-    step_fn = compile_step(module) if root.train.compile else module  # as the trainer compiles
+    module.set_schedule(total, 1)
+    forward = compile_step(model) if root.train.compile else model  # as the trainer compiles
+    stepper = Stepper(accelerator, model, module, optimizer, train, plan, forward)
 
-    # The trainer's before_optimizer_step is left out: it only drops gradients early in a run
-    # (DINO's frozen last layer), and the bench times the steady state.
     def step(i: int) -> Tensor:
-        batch = next(batches)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = step_fn(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(module, "after_optimizer_step"):  # e.g. DINO's EMA teacher update
-            module.after_optimizer_step(i, total)
-        return loss.detach()
+        out = forward_backward(stepper, next(batches), window=1, last=True)
+        optimizer_step(stepper, i, want_norm=False)
+        return out["loss"].detach()
 
     for i in range(root.bench.warmup):
         step(i)
@@ -687,16 +686,14 @@ def table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def configure(argv: list[str]) -> BenchRoot | None:
-    """The bench config from `--method NAME` and `--section.field value` flags; None on --help."""
-    name, rest = pop_method(argv)
-    root = BenchRoot(method=METHODS[name].config())
-    overrides, want_help = parse_args(rest)
-    if want_help:
-        prog = f"ssl-vit bench [--method {{{','.join(METHODS)}}}]"
-        print(help_text(root, prog))
-        return None
-    apply_overrides(root, overrides)
+def bench_root(args: Args) -> BenchRoot:
+    """The bench config tree of the method `--method` names."""
+    return BenchRoot(method=METHODS[choice(args, "--method", list(METHODS), "method")].config())
+
+
+def configure(argv: list[str]) -> BenchRoot:
+    """The checked bench config of a command line (what `main` runs)."""
+    root, _, _ = parse(bench_root, argv, {"--method": "mae"})
     check(root)
     return root
 
@@ -728,28 +725,24 @@ def bench(root: BenchRoot) -> dict[str, Any]:
     return metrics
 
 
-def main(argv: list[str]) -> int:
-    """`ssl-vit bench ...`: exit status 0, or 2 on a config or data error (printed to stderr)."""
-    try:
-        root = configure(argv)
-        if root is None:
-            return 0
-        metrics = bench(root)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(root: BenchRoot, args: Args) -> dict[str, Any]:
+    """Check, time, print the table (stderr), write bench.output; the metrics."""
+    check(root)
+    metrics = bench(root)
     print(table(metrics), file=sys.stderr, flush=True)
-    line = json.dumps(metrics)
     if root.bench.output:
         path = Path(root.bench.output)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(line + "\n")
-    print(line, flush=True)
-    return 0
+        path.write_text(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def main(argv: list[str]) -> int:
+    """`python tools/bench.py [--method NAME] [--section.field value ...]`: the metrics as one
+    JSON line; exit status 0, or 2 on a config or data error (printed to stderr)."""
+    prog = f"python tools/bench.py [--method {{{','.join(METHODS)}}}]"
+    return run_command(bench_root, argv, prog, run, flags={"--method": "mae"})
 
 
 if __name__ == "__main__":
-    # Re-import under the package name so spawned phase processes unpickle `ssl_vit.bench.*`.
-    from ssl_vit.bench import main as _main
-
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

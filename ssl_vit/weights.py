@@ -1,10 +1,8 @@
-"""Checkpoints that survive a crash, resume, and the exported backbone.
+"""Weights in and out: any checkpoint users bring to `--checkpoint` -> a Backbone or a timm
+classifier (loaded safely and strictly, with the official MAE / DINO / DeiT key maps), and our
+exports (timm-named safetensors + a JSON naming the timm model), written atomically.
 
-A checkpoint is `checkpoints/step_XXXXXXX/`, written by Accelerate's `save_state` under a `.tmp`
-name; only when every process has finished writing does the main process add the `complete` marker
-(the last file written) and rename the folder into place. Resume only ever reads complete
-checkpoints, and older ones are deleted only after the new one is complete, so a run killed at any
-moment leaves its previous good state loadable.
+Run checkpoints (the full training state a run resumes from) are ssl_vit.train.checkpoint's.
 """
 
 from __future__ import annotations
@@ -16,9 +14,7 @@ import math
 import os
 import pickle
 import re
-import shutil
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,20 +26,15 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import (
-    ConfigError,
-    ModelConfig,
-    apply_overrides,
-    help_text,
-    parse_args,
-    pop_flag,
-)
+from ssl_vit.config import ModelConfig, field_errors
 
-CHECKPOINTS = "checkpoints"
-COMPLETE = "complete"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_CONFIG = "backbone.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
+CHECKPOINTS = "checkpoints"
+"""A run directory's folder of training checkpoints (ssl_vit.train.checkpoint writes them)."""
+COMPLETE = "complete"
+"""The marker file a checkpoint folder gets last, once every process finished writing it."""
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -63,34 +54,6 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def save_checkpoint(accelerator: Any, run_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Save the full training state of every process atomically; keep the newest `keep_last`.
-
-    Called on every process (Accelerate writes per-process RNG states).
-    """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:07d}"
-    tmp = root / f"step_{step:07d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_atomic(tmp / COMPLETE, json.dumps({"step": step}).encode())
-        if final.exists():  # a resumed run saving the step it resumed from
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def exclude_from_state_dict(module: nn.Module, child: str) -> None:
@@ -126,7 +89,7 @@ def export_timm(
     _fsync_file(tmp)
     os.replace(tmp, weights)
     spec = {"name": name, "kwargs": kwargs}
-    _write_atomic(run_dir / f"{stem}.json", json.dumps(spec, indent=2).encode())
+    write_atomic(run_dir / f"{stem}.json", json.dumps(spec, indent=2).encode())
     return weights
 
 
@@ -155,10 +118,12 @@ def load_backbone(path: str | Path) -> Backbone:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    _write_atomic(Path(path), text.encode())
+    write_atomic(Path(path), text.encode())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a fsynced temporary file renamed into place: a crash
+    leaves the old file or the new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -172,7 +137,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -547,7 +512,7 @@ def load_classifier(
 
 
 # ---------------------------------------------------------------------------------------------
-# `ssl-vit export` (-> a timm-named safetensors) and `ssl-vit import` (-> a run-like directory).
+# Export and import of whole files (`ssl-vit export`, `ssl-vit import`).
 
 CHECKPOINT_HELP = """--checkpoint: a run directory or its backbone.safetensors; an official MAE,
 DINO or DeiT .pth; a timm-named state dict (.pth / .safetensors); or NAME=PATH to name the
@@ -570,46 +535,7 @@ class LoadConfig:
         return ModelConfig(img_size=self.img_size, num_heads=self.num_heads)
 
     def errors(self) -> list[str]:
-        return [
-            f"load.{k}: must be >= 0, got {getattr(self, k)}"
-            for k in ("img_size", "num_heads")
-            if getattr(self, k) < 0
-        ]
-
-
-@dataclass
-class ExportOutput:
-    path: str = ""
-    """The .safetensors file to write (required); the timm name and kwargs go to the .json beside
-    it: `timm.create_model(name, **kwargs)` loads it with strict=True."""
-    what: Literal["auto", "backbone", "classifier"] = "auto"
-    """auto: a run directory's classifier when it wrote classifier.safetensors, else the
-    backbone."""
-
-
-@dataclass
-class ExportRoot:
-    """What `ssl-vit export` runs."""
-
-    output: ExportOutput = field(default_factory=ExportOutput)
-    load: LoadConfig = field(default_factory=LoadConfig)
-
-
-@dataclass
-class ImportOutput:
-    dir: str = ""
-    """Directory to write backbone.safetensors + backbone.json into (required; created), usable
-    as --checkpoint by every command."""
-    overwrite: bool = False
-    """Replace a backbone already in output.dir."""
-
-
-@dataclass
-class ImportRoot:
-    """What `ssl-vit import` runs."""
-
-    output: ImportOutput = field(default_factory=ImportOutput)
-    load: LoadConfig = field(default_factory=LoadConfig)
+        return field_errors(self, "load", {">= 0": "img_size num_heads"})
 
 
 def export_checkpoint(
@@ -688,53 +614,3 @@ def import_checkpoint(
         **backbone.config_dict(),
         "params": sum(p.numel() for p in backbone.parameters()),
     }
-
-
-def export_main(argv: list[str]) -> int:
-    """`ssl-vit export --checkpoint X --output.path F.safetensors`: one JSON line; 2 on errors."""
-
-    def run(checkpoint: str, root: ExportRoot) -> dict[str, Any]:
-        if not root.output.path:
-            raise ConfigError(["--output.path: required (the .safetensors file to write)"])
-        o, load = root.output, root.load
-        return export_checkpoint(
-            checkpoint, o.path, what=o.what, model=load.model(), which=load.which
-        )
-
-    return _command(argv, ExportRoot(), "ssl-vit export --checkpoint CHECKPOINT", run)
-
-
-def import_main(argv: list[str]) -> int:
-    """`ssl-vit import --checkpoint X --output.dir D`: one JSON line; 2 on errors."""
-
-    def run(checkpoint: str, root: ImportRoot) -> dict[str, Any]:
-        if not root.output.dir:
-            raise ConfigError(["--output.dir: required (the directory to write the backbone to)"])
-        o, load = root.output, root.load
-        return import_checkpoint(
-            checkpoint, o.dir, model=load.model(), which=load.which, overwrite=o.overwrite
-        )
-
-    return _command(argv, ImportRoot(), "ssl-vit import --checkpoint CHECKPOINT", run)
-
-
-def _command(argv: list[str], root: Any, prog: str, run: Any) -> int:
-    """Parse `--checkpoint` and `--section.field` flags into `root`, run, print one JSON line."""
-    try:
-        checkpoint, rest = pop_flag(argv, "--checkpoint")
-        overrides, want_help = parse_args(rest)
-        if want_help:
-            print(help_text(root, prog) + "\n\n" + CHECKPOINT_HELP)
-            return 0
-        apply_overrides(root, overrides)
-        errors = root.load.errors()
-        if not checkpoint:
-            errors.append("--checkpoint: required")
-        if errors:
-            raise ConfigError(errors)
-        result = run(checkpoint, root)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result), flush=True)
-    return 0

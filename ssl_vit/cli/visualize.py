@@ -13,7 +13,6 @@ writes its PNG to --output and prints one JSON line saying what it wrote.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,16 +22,8 @@ import torch
 from matplotlib.figure import Figure
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.checkpoint import CheckpointError, load_pretrained
-from ssl_vit.config import (
-    ConfigError,
-    DataConfig,
-    apply_overrides,
-    help_text,
-    parse_args,
-    pop_flag,
-)
-from ssl_vit.data import DataError
+from ssl_vit.cli.runner import Args, run_command
+from ssl_vit.config import ConfigError, DataConfig, field_errors
 from ssl_vit.viz.attention import (
     cls_attention_maps,
     layer_attentions,
@@ -50,6 +41,7 @@ from ssl_vit.viz.render import (
     pos_embed_figure,
     save,
 )
+from ssl_vit.weights import CheckpointError, load_pretrained
 
 
 @dataclass
@@ -65,10 +57,7 @@ class AttentionConfig:
     """PNG to write."""
 
     def errors(self) -> list[str]:
-        e = _non_negative(self, "img_size")
-        if not 0 <= self.threshold <= 1:
-            e.append(f"viz.threshold: must be in [0, 1], got {self.threshold}")
-        return e
+        return field_errors(self, "viz", {">= 0": "img_size", "in [0, 1]": "threshold"})
 
 
 @dataclass
@@ -86,10 +75,7 @@ class MAEVizConfig:
     """PNG to write."""
 
     def errors(self) -> list[str]:
-        e = _positive(self, "num_images")
-        if not 0 <= self.mask_ratio < 1:
-            e.append(f"viz.mask_ratio: must be in [0, 1), got {self.mask_ratio}")
-        return e
+        return field_errors(self, "viz", {">= 1": "num_images", "in [0, 1)": "mask_ratio"})
 
 
 @dataclass
@@ -113,15 +99,7 @@ class DistanceConfig:
     """PNG to write."""
 
     def errors(self) -> list[str]:
-        return _positive(self, "num_images", "batch_size") + _non_negative(self, "img_size")
-
-
-def _positive(cfg: Any, *keys: str) -> list[str]:
-    return [f"viz.{k}: must be >= 1, got {getattr(cfg, k)}" for k in keys if getattr(cfg, k) < 1]
-
-
-def _non_negative(cfg: Any, *keys: str) -> list[str]:
-    return [f"viz.{k}: must be >= 0, got {getattr(cfg, k)}" for k in keys if getattr(cfg, k) < 0]
+        return field_errors(self, "viz", {">= 1": "num_images batch_size", ">= 0": "img_size"})
 
 
 @dataclass
@@ -248,35 +226,20 @@ COMMANDS: dict[str, tuple[type, bool, Callable[[str, VizRoot], tuple[Figure, dic
 USAGE = (__doc__ or "").split("\n\n", 1)[1]
 
 
-def configure(command: str, argv: list[str]) -> tuple[str, VizRoot] | None:
-    """(checkpoint, config) of one command from its flags; None when --help was printed.
-    A flag without a section (`--threshold`) is the command's own (`--viz.threshold`)."""
-    options, reads_images, _ = COMMANDS[command]
-    checkpoint, rest = pop_flag(argv, "--checkpoint")
-    rest = [
+def short_flags(argv: list[str]) -> list[str]:
+    """A flag without a section (`--threshold`) is the command's own (`--viz.threshold`)."""
+    shaping = ("--help", "--checkpoint")
+    return [
         f"--viz.{a[2:]}"
-        if a.startswith("--") and "." not in a.split("=")[0] and a != "--help"
+        if a.startswith("--") and "." not in a.split("=")[0] and a not in shaping
         else a
-        for a in rest
+        for a in argv
     ]
-    root = VizRoot(viz=options(), data=DataConfig() if reads_images else None)
-    overrides, want_help = parse_args(rest)
-    if want_help:
-        prog = f"ssl-vit visualize {command} --checkpoint CKPT [--FIELD VALUE = --viz.FIELD VALUE]"
-        print(help_text(root, prog))
-        return None
-    apply_overrides(root, overrides)
-    errors = root.viz.errors()
-    if not checkpoint:
-        errors.append("--checkpoint: required (a run directory or any checkpoint file)")
-    if errors:
-        raise ConfigError(errors)
-    return checkpoint, root
 
 
 def main(argv: list[str]) -> int:
-    """`ssl-vit visualize COMMAND ...`: exit status 0, or 2 on a usage, config, data or
-    checkpoint error (printed to stderr)."""
+    """`ssl-vit visualize COMMAND --checkpoint CKPT [...]`: one PNG and one JSON line; exit
+    status 0, or 2 on a usage, config, data or checkpoint error (printed to stderr)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: ssl-vit visualize COMMAND --checkpoint CKPT [...]\n\n{USAGE}")
         return 0
@@ -287,17 +250,22 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        parsed = configure(command, argv[1:])
-        if parsed is None:
-            return 0
-        checkpoint, root = parsed
-        fig, info = COMMANDS[command][2](checkpoint, root)
+    options, reads_images, draw = COMMANDS[command]
+
+    def root(args: Args) -> VizRoot:
+        return VizRoot(viz=options(), data=DataConfig() if reads_images else None)
+
+    def run(root: VizRoot, args: Args) -> dict[str, Any]:
+        checkpoint = args["--checkpoint"]
+        errors = root.viz.errors()
+        if not checkpoint:
+            errors.append("--checkpoint: required (a run directory or any checkpoint file)")
+        if errors:
+            raise ConfigError(errors)
+        fig, info = draw(checkpoint, root)
         width, height = save(fig, root.viz.output)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = {"command": f"visualize {command}", "checkpoint": str(checkpoint)}
-    result |= {"output": root.viz.output, "width": width, "height": height, **info}
-    print(json.dumps(result), flush=True)
-    return 0
+        result = {"command": f"visualize {command}", "checkpoint": str(checkpoint)}
+        return result | {"output": root.viz.output, "width": width, "height": height, **info}
+
+    prog = f"ssl-vit visualize {command} --checkpoint CKPT [--FIELD VALUE = --viz.FIELD VALUE]"
+    return run_command(root, short_flags(argv[1:]), prog, run, flags={"--checkpoint": ""})

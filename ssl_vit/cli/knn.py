@@ -1,0 +1,102 @@
+"""`ssl-vit knn --checkpoint CHECKPOINT`: weighted k-NN accuracy of any checkpoint's backbone
+(ssl_vit.eval.knn), one JSON line, also written to knn.json beside the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from ssl_vit.cli.runner import Args, run_command
+from ssl_vit.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    field_errors,
+)
+from ssl_vit.eval.knn import knn_eval
+from ssl_vit.weights import (
+    CHECKPOINT_HELP,
+    CheckpointError,
+    LoadConfig,
+    load_pretrained,
+    parse_checkpoint,
+)
+
+
+@dataclass
+class KNNConfig:
+    k: tuple[int, ...] = (20,)
+    """Neighbours that vote; several (e.g. 10,20,100,200) give one result each."""
+    temperature: float = 0.07
+    """Vote weight exp(similarity / temperature)."""
+    batch_size: int = 256
+    """Images per device per forward pass."""
+    img_size: int = 0
+    """Evaluation resolution (resize to img_size / 0.875, center crop); 0 = the backbone's own."""
+
+    def errors(self) -> list[str]:
+        rules = {"each >= 1": "k", "positive": "temperature batch_size", ">= 0": "img_size"}
+        return field_errors(self, "knn", rules)
+
+
+@dataclass
+class KNNRoot:
+    """What `ssl-vit knn` runs: the protocol, the labeled data (data.split is the bank,
+    data.val_split the queries) and how the checkpoint's backbone is loaded."""
+
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+
+
+def knn(root: KNNRoot, args: Args) -> dict[str, Any]:
+    """Check the options, load the backbone, score it; write knn.json beside the checkpoint."""
+    checkpoint = args["--checkpoint"]
+    e = root.load.errors()
+    if not checkpoint:
+        e.append("--checkpoint: required (a run directory, a checkpoint file or NAME=PATH)")
+    else:
+        try:
+            parse_checkpoint(checkpoint)
+        except CheckpointError as err:
+            e.append(f"--checkpoint: {err}")
+    e += root.knn.errors()
+    if e:
+        raise ConfigError(e)
+    backbone = load_pretrained(checkpoint, model=root.load.model(), which=root.load.which)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    img_size = root.knn.img_size or backbone.grid_size[0] * backbone.patch_size
+    cfg = Config(
+        model=ModelConfig(name=backbone.name, img_size=img_size),
+        data=root.data,
+        train=TrainConfig(batch_size=root.knn.batch_size),
+    )
+    metrics = knn_eval(
+        backbone.to(accelerator.device), cfg, accelerator, root.knn.k, root.knn.temperature
+    )
+    result = {"checkpoint": checkpoint, "k": list(root.knn.k), **metrics}
+    if accelerator.is_main_process:
+        path, _ = parse_checkpoint(checkpoint)
+        (path if path.is_dir() else path.parent).joinpath("knn.json").write_text(
+            json.dumps(result) + "\n"
+        )
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """`ssl-vit knn --checkpoint C [--knn.k 10,20 --data.path ... --load.which student ...]`."""
+    return run_command(
+        lambda args: KNNRoot(),
+        argv,
+        "ssl-vit knn --checkpoint CHECKPOINT",
+        knn,
+        flags={"--checkpoint": ""},
+        help_extra="\n\n" + CHECKPOINT_HELP,
+    )

@@ -1,0 +1,75 @@
+"""The Method contract: what the training loop, the benchmark and the evaluators call on a method.
+
+A method (MAE, DINO, DeiT) or evaluator (linear probe, fine-tune) is an `nn.Module` built as
+`spec.build(backbone, method_cfg)` (ssl_vit.registry) that subclasses `Method`. Every hook is
+documented here once; the bodies here are the defaults (no schedule, no hooks around the optimizer
+step, the `.backbone` exported, no classifier), which a method overrides where it does more. The
+loop calls every hook unconditionally: no `hasattr` probing.
+
+Rules every method keeps: it never imports `accelerate` (the loop owns distribution); no `.cuda()`
+(tensors follow the module's device); collective calls are guarded by
+`torch.distributed.is_initialized()` so a loss also runs in one process without a group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.optim import param_groups
+
+
+@runtime_checkable
+class Method(Protocol):
+    """The hooks of one trainable method, in the order the loop calls them."""
+
+    classifies: ClassVar[bool] = False
+    """True when `predict` gives class logits: the loop's evaluation is top-1/top-5 of `predict`;
+    False: k-NN of `export_backbone()`."""
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, built once before training. Each group may carry
+        `lr_scale` (its lr = the scheduled lr x lr_scale) and `wd_scale` (its weight decay = the
+        scheduled weight decay x wd_scale; default: its `weight_decay` / train.weight_decay).
+        Default: decayed weights and exempt biases, norms, tokens, position embeddings."""
+        return param_groups(self, weight_decay)
+
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once before the first step with the run's optimizer-step counts, for methods
+        with epoch-based schedules of their own (DINO's teacher temperature, frozen last layer)."""
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """One micro-batch (ssl_vit.data's batch dict: "images" or "crops", "labels") -> a dict
+        holding "loss" (scalar, differentiable) and any other scalars to log (detached). `forward`
+        is this same function, so that DDP, FSDP and torch.compile wrap it."""
+        ...
+
+    def before_optimizer_step(self, step: int) -> None:
+        """After backward and before clipping and the optimizer step `step` (0-based): e.g.
+        DINO drops its last layer's gradients while it is frozen."""
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """After optimizer step `step` (0-based) of `total_steps`: EMA updates (DINO's teacher,
+        DeiT's model EMA) and per-step schedules of the method's own."""
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        """On the main process at each log step, with the logged metrics (step, loss, lr, the
+        method's scalars): warnings about the run's health, e.g. DINO's collapse monitor."""
+
+    def export_backbone(self) -> Backbone:
+        """The backbone this method releases (backbone.safetensors, k-NN evaluation, TensorBoard
+        attention maps). Default: `self.backbone`; DINO: the teacher's."""
+        return self.backbone  # type: ignore[attr-defined]
+
+    def predict(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, classes) logits, or (B, heads, classes) for a linear probe's lr
+        grid; only for methods that classify."""
+        raise TypeError(f"{type(self).__name__} does not classify")
+
+    def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]] | None:
+        """(state dict, timm name, kwargs) that `timm.create_model(name, **kwargs)` loads with
+        strict=True (classifier.safetensors + .json), or None where there is no timm classifier
+        to export (a method that does not classify; a linear probe's grid of heads)."""
+        return None

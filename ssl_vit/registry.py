@@ -1,0 +1,112 @@
+"""The explicit tables of what trains through the loop: pretext METHODS and EVALUATORS.
+
+Each entry says how to build the module (a `methods.protocol.Method`) from a backbone and its
+config, which per-image view feeds it (and its batched device counterpart), the sample order, and
+where its backbone comes from. Config parsing takes these tables as arguments (`method_configs`)
+rather than importing them, so config.py stays on the ground floor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.config import Config
+from ssl_vit.data.device import DeviceView, device_single_view, device_supervised_view
+from ssl_vit.data.samplers import RepeatedAugSampler
+from ssl_vit.data.transforms import View, single_view, supervised_view
+from ssl_vit.eval.finetune import FineTune, FineTuneConfig
+from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
+from ssl_vit.eval.pretrained import pretrained_backbone
+from ssl_vit.methods.deit import DeiT, DeiTConfig
+from ssl_vit.methods.dino import DINO, DINOConfig, dino_device_view, dino_view
+from ssl_vit.methods.mae import MAE, MAEConfig
+
+
+def fresh_backbone(cfg: Config) -> Backbone:
+    """A pretext method's starting point: a new timm ViT of cfg.model."""
+    return Backbone(cfg.model.name, **cfg.model.timm_kwargs())
+
+
+class MethodSpec(NamedTuple):
+    config: type
+    """The method's config dataclass; its `name` class attribute is the table key."""
+    build: Callable[..., Any]
+    """build(backbone, method_cfg) -> a `Method` (methods/protocol.py)."""
+    view: Callable[[Config], Callable[[Any], dict]]
+    """view(cfg) -> per-image transform: image -> {"images": ...} or {"crops": [...]}."""
+    device_view: Callable[[Config], DeviceView]
+    """device_view(cfg) -> `view` batched on the device, for data.decode_on_device."""
+    sampler: Callable[[Config, int, int], Any] | None = None
+    """sampler(cfg, dataset_len, num_processes) -> the global sample order of an epoch (with
+    set_epoch), e.g. repeated augmentation; None = shuffling."""
+    backbone: Callable[[Config], Backbone] = fresh_backbone
+    """backbone(cfg) -> the Backbone to build on: fresh for pretext methods, the checkpoint's for
+    evaluators."""
+
+
+def image_view(cfg: Config) -> View:
+    """MAE's and the linear probe's view: crop, flip, normalise."""
+    return single_view(cfg.data, cfg.model.img_size)
+
+
+def image_device_view(cfg: Config) -> DeviceView:
+    return device_single_view(cfg.data, cfg.model.img_size)
+
+
+def supervised(deit: Callable[[Config], DeiTConfig]) -> tuple[Callable, Callable, Callable]:
+    """(view, device view, repeated-augmentation sampler) of supervised training, reading the
+    DeiT settings `deit(cfg)` gives: DeiT's own config, or fine-tuning's nested one. The view:
+    crop, flip, RandAugment, normalise, random erasing (Mixup / CutMix run on the batch)."""
+
+    def view(cfg: Config) -> View:
+        m = deit(cfg)
+        return supervised_view(
+            cfg.data,
+            cfg.model.img_size,
+            auto_augment=m.auto_augment,
+            color_jitter=m.color_jitter,
+            re_prob=m.reprob,
+        )
+
+    def device(cfg: Config) -> DeviceView:
+        m = deit(cfg)
+        args = (m.auto_augment, m.color_jitter, m.reprob)
+        return device_supervised_view(cfg.data, cfg.model.img_size, *args)
+
+    def sampler(cfg: Config, n: int, processes: int) -> RepeatedAugSampler:
+        t = cfg.train
+        return RepeatedAugSampler(n, processes, t.batch_size, deit(cfg).repeated_aug, t.seed)
+
+    return view, device, sampler
+
+
+METHODS: dict[str, MethodSpec] = {
+    "mae": MethodSpec(MAEConfig, MAE, image_view, image_device_view),
+    "dino": MethodSpec(DINOConfig, DINO, dino_view, dino_device_view),
+    "deit": MethodSpec(DeiTConfig, DeiT, *supervised(lambda cfg: cfg.method)),
+}
+"""The pretext methods: `ssl-vit train --method NAME` and the pretraining recipes."""
+
+EVALUATORS: dict[str, MethodSpec] = {
+    "linprobe": MethodSpec(
+        LinearProbeConfig, LinearProbe, image_view, image_device_view, None, pretrained_backbone
+    ),
+    "finetune": MethodSpec(
+        FineTuneConfig,
+        FineTune,
+        *supervised(lambda cfg: cfg.method.deit)[:2],  # shuffled: no repeated augmentation
+        backbone=pretrained_backbone,
+    ),
+}
+"""The evaluators that train through the same loop from a checkpoint's backbone: `ssl-vit
+linprobe`, `ssl-vit finetune` and their recipes."""
+
+TRAINABLE: dict[str, MethodSpec] = METHODS | EVALUATORS
+"""Everything `fit` can run, by config name."""
+
+
+def method_configs() -> dict[str, type]:
+    """Config name -> config dataclass of everything that trains (Config.from_dict's table)."""
+    return {name: spec.config for name, spec in TRAINABLE.items()}

@@ -1,0 +1,82 @@
+"""The one training loop: every method and evaluator trains through `fit`.
+
+Accelerate provides distribution (DDP/FSDP over any number of processes and nodes), mixed
+precision, state saving and trackers; the run's parts (run.py) add the MAE/DINO/DeiT conventions:
+effective batch reached by accumulation, lr scaled by batch, per-iteration warmup + cosine,
+weight-decay exemptions, logging every N steps without a host sync per step, atomic checkpoints
+and exact mid-epoch resume. The loop itself only orders the calls, like MAE's engine_pretrain.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration
+
+from ssl_vit.config import Config, validate
+from ssl_vit.train.run import Run, build_run
+from ssl_vit.train.run_dir import prepare_run_dir, run_log
+from ssl_vit.train.step import forward_backward, optimizer_step
+from ssl_vit.weights import write_text_atomic
+
+
+def fit(cfg: Config) -> dict[str, Any]:
+    """Train `cfg` end to end: run directory, checkpoints, resume, export. Returns final metrics."""
+    validate(cfg)
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    cuda = torch.cuda.is_available()
+    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(t.precision, t.precision)
+    accelerator = Accelerator(
+        cpu=not cuda,  # makes a multi-process launch on a GPU-less machine use gloo (MULTI_CPU)
+        mixed_precision=precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True,
+            data_seed=t.seed,
+            non_blocking=cfg.data.pin_memory and cuda,  # async copies from pinned memory: no sync
+        ),
+    )
+    main = accelerator.is_main_process
+    resume_from = prepare_run_dir(cfg, main)
+    accelerator.wait_for_everyone()
+    with run_log(run_dir, main):
+        if main:
+            write_text_atomic(run_dir / "config.json", cfg.to_json())
+        return train_loop(build_run(cfg, accelerator, resume_from))
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+    """Epochs of micro-batches; an optimizer step at the end of each accumulation window."""
+    state, plan, stepper = run.state, run.plan, run.stepper
+    while state.step < plan.stop_step:
+        for i, batch in run.epoch_batches():
+            # forward and backward of one micro-batch: its share of the window's mean loss
+            window, last = plan.window(i), plan.boundary(i)
+            out = forward_backward(stepper, batch, window, last)
+            run.window.add(out["loss"].detach(), window, run.images_in(batch))
+            if not last:
+                continue
+
+            # the optimizer step: schedules, hooks, clipping, update
+            logging_step = run.log_due()
+            update = optimizer_step(stepper, state.step, want_norm=logging_step)
+            state.step += 1
+            state.batch_in_epoch = i + 1
+            run.window.steps += 1
+            run.bar.update(1)
+
+            # logging and checkpoints
+            if logging_step:
+                run.log_step(out, update, i)
+            if run.step_save_due():
+                run.save()
+            if state.step >= plan.stop_step:
+                break
+        if state.step < plan.stop_step:  # the epoch ran to its end
+            run.end_epoch()
+    return run.finish()

@@ -1,0 +1,94 @@
+"""What the tests share: one tiny-config factory for runs of every method, and the helpers that
+read a run back (metrics, saved weights) or run one in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig, flatten
+from ssl_vit.methods.deit import DeiTConfig
+from ssl_vit.registry import TRAINABLE
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))  # `import bench`: the benchmark is a tools/ script
+
+TINY_MODEL = dict(
+    name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
+)
+"""A 2-block ViT of width 32 on 32 px images, 16 patches of 8 px: a step in milliseconds."""
+TINY_METHODS: dict[str, dict[str, Any]] = {
+    "mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
+    "dino": dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=3, local_crop_size=16),
+    "deit": dict(num_classes=10),
+    "linprobe": dict(num_classes=10),
+    "finetune": dict(deit=DeiTConfig(num_classes=10, repeated_aug=1)),
+}
+"""Each method's (and evaluator's) tiny settings: MAE's decoder; DINO's head and 3 local 16 px
+crops; the classes of DeiT and the evaluators (the synthetic dataset's 10). An evaluator's
+method.checkpoint is the caller's."""
+
+
+def tiny(
+    run_dir: Path,
+    method: str | Any = "mae",
+    *,
+    model: dict[str, Any] | None = None,
+    **train: Any,
+) -> Config:
+    """A tiny run of `method` (a registry name, tiny-sized; or a method config) in `run_dir` on 32
+    synthetic images: 4 epochs of 4 steps of 8 images, logging every step, saving at the end
+    only. `model` adds to TINY_MODEL, `train` overrides train fields."""
+    if isinstance(method, str):
+        method = TRAINABLE[method].config(**TINY_METHODS[method])
+    t = dict(output_dir=str(run_dir), epochs=4, warmup_epochs=1, batch_size=8, base_lr=0.05)
+    t |= dict(log_every=1, save_every_epochs=0)
+    return Config(
+        model=ModelConfig(**TINY_MODEL | (model or {})),
+        data=DataConfig(synthetic_size=32, num_workers=0),
+        train=TrainConfig(**t | train),
+        method=method,
+    )
+
+
+def overrides(cfg: Config) -> list[str]:
+    """The command-line form of a config: --method NAME, then every field (so a subprocess runs
+    exactly `cfg`)."""
+    args = ["--method", cfg.method.name]
+    fields = {k: v for k, v in flatten(cfg.to_dict()).items() if k != "method.name"}
+    for key, value in fields.items():
+        value = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def train_until_killed(cfg: Config, step: int) -> Path:
+    """Run `cfg` in a subprocess, SIGKILL it once checkpoint `step` is complete; that checkpoint."""
+    cmd = [sys.executable, "-m", "ssl_vit", "train", *overrides(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = Path(cfg.train.output_dir) / "checkpoints" / f"step_{step:07d}"
+    deadline = time.time() + 240
+    while not (ckpt / "complete").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    return ckpt
+
+
+def params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model state of checkpoint `step` of a run."""
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The logged training steps of a run (metrics.jsonl rows with a loss)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "loss" in m]
