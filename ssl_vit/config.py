@@ -128,6 +128,9 @@ class DataConfig:
     """Pin host memory for faster copies to the GPU (ignored on CPU)."""
     max_bad_fraction: float = 0.5
     """Stop with an error when more than this fraction of images cannot be read."""
+    timeout: float = 600
+    """Seconds to wait for a batch from the loader workers before stopping with an error (a
+    stuck worker or file system); 0 waits forever. Used when num_workers > 0."""
     decode_on_device: bool = False
     """Loader workers only read file bytes; decoding (nvJPEG on GPU) and the method's view (crops,
     flip; DINO's colour jitter, grayscale, blur, solarisation; DeiT's and fine-tuning's
@@ -152,7 +155,7 @@ class DataConfig:
             e.append(f"data.hflip: must be a probability in [0, 1], got {self.hflip}")
         if any(s <= 0 for s in self.std):
             e.append(f"data.std: must be positive, got {self.std}")
-        e += field_errors(self, "data", {">= 0": "num_workers"})
+        e += field_errors(self, "data", {">= 0": "num_workers timeout"})
         if not 0 < self.max_bad_fraction <= 1:
             e.append(f"data.max_bad_fraction: must be in (0, 1], got {self.max_bad_fraction}")
         return e
@@ -220,10 +223,19 @@ class TrainConfig:
     save_every_steps: int = 0
     """Also save every this many optimizer steps (0 = off)."""
     keep_last: int = 2
-    """Number of most recent checkpoints kept."""
+    """Number of most recent checkpoints kept; at least 2, so that a damaged newest one leaves one
+    to fall back to."""
     resume: str = ""
     """'auto' continues from the newest complete checkpoint in output_dir (or starts fresh when
-    there is none); or a checkpoint directory."""
+    there is none), falling back to the one before when the newest is damaged; or a checkpoint
+    directory."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """On resume, a config that differs from the checkpoint's in what changes the schedule or the
+    data order (epochs, batch sizes, lr, seed, data, mask ratio, ...) is refused unless 'allow'
+    (then the changes are logged). Architecture and method changes are always refused."""
+    discard_newer: bool = False
+    """Resuming from a checkpoint older than the run's newest: delete the newer ones, which this
+    run's saves would replace (without it such a resume is refused)."""
     overwrite: bool = False
     """Replace a previous run in output_dir instead of refusing to start."""
 
@@ -232,7 +244,8 @@ class TrainConfig:
             self,
             "train",
             {
-                "positive": "batch_size accum_steps lr_batch_divisor log_every keep_last",
+                "positive": "batch_size accum_steps lr_batch_divisor log_every",
+                ">= 2": "keep_last",
                 ">= 0": "effective_batch max_steps save_every_steps eval_every_epochs "
                 "image_every_epochs lr min_lr base_lr weight_decay momentum clip_grad "
                 "save_every_epochs warmup_epochs",
@@ -533,6 +546,7 @@ RULES: dict[str, Callable[[Any], bool]] = {
     "positive": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
     ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in (0, 1)": lambda v: 0 < v < 1,
     "in [0, 1)": lambda v: 0 <= v < 1,

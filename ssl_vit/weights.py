@@ -86,6 +86,7 @@ def export_timm(
     weights = run_dir / f"{stem}.safetensors"
     tmp = weights.with_name(weights.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    shareable(tmp)
     _fsync_file(tmp)
     os.replace(tmp, weights)
     spec = {"name": name, "kwargs": kwargs}
@@ -130,6 +131,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def shareable(path: Path) -> None:
+    """Give `path` the mode the umask allows (0644 under the usual 022): safetensors writes 0600,
+    which teammates on a shared cluster cannot read. (Reading the umask means setting it.)"""
+    umask = os.umask(0o22)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync_file(path: Path) -> None:
@@ -275,22 +284,39 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not found")
     with open(path, "rb") as f:
         head = f.read(9)
-    try:
-        if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, JSON header
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, JSON header
+        try:
             return load_file(str(path))
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(
-                path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04")
-            )
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch or safetensors checkpoint ({e})"
+            ) from None
+    plain, advice = (
+        "tensors, containers and argparse.Namespace",
+        "If you trust the file, re-save only its state dict.",
+    )
+    return load_plain(path, [argparse.Namespace], plain, advice)
+
+
+def load_plain(
+    path: Path, allowed: list[Any], plain: str = "tensors and plain data", advice: str = ""
+) -> Any:
+    """torch.load(weights_only=True) of `path`, allowing the `allowed` globals beyond tensors and
+    containers (`plain` says which in messages). A file holding any other pickled object is
+    refused naming it and `advice`, without running anything; an unreadable one is named with
+    the reason."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
+        # torch's wording varies by version ("Unsupported global: GLOBAL m.f", "unsupported
+        # GLOBAL m.f whose module m is blocked"); its advice (weights_only=False) is not ours
+        if found := re.search(r"GLOBAL ([\w.]+)", str(e)):
+            raise UnsafeCheckpointError(path, found[1], plain, advice) from None
         reason = str(e).partition("WeightsUnpickler error:")[2].split("\n\nCheck the doc")[0]
         reason = " ".join(reason.split()) or str(e)
-        if found := re.search(r"Unsupported global: GLOBAL (\S+)", reason):
-            raise CheckpointError(
-                f"{path}: refused: it holds a pickled object ({found[1]}) other than tensors, "
-                "containers and argparse.Namespace, which could run code when loaded; nothing "
-                "in it was run. If you trust the file, re-save only its state dict."
-            ) from None
         raise CheckpointError(
             f"{path}: not a readable PyTorch or safetensors checkpoint ({reason})"
         ) from None
@@ -298,6 +324,16 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointError(
             f"{path}: not a readable PyTorch or safetensors checkpoint ({type(e).__name__}: {e})"
         ) from None
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that pickles an object which could run code when loaded; nothing in it was run."""
+
+    def __init__(self, path: Path, name: str, plain: str, advice: str = ""):
+        super().__init__(
+            f"{path}: refused: it holds a pickled object ({name}) other than {plain}, which "
+            f"could run code when loaded; nothing in it was run. {advice}".strip()
+        )
 
 
 def backbone_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:

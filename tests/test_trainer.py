@@ -166,9 +166,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert [m["step"] for m in resumed[-n:]] == list(range(n + 1, 2 * n + 1))
     assert [m["loss"] for m in resumed[-n:]] == [losses[s] for s in range(n + 1, 2 * n + 1)]
 
-    # control: the same resume without the saved RNG state draws other masks and diverges
-    for f in (control / "checkpoints" / ckpt_n.name).glob("random_states_*.pkl"):
-        f.unlink()
+    # control: the same resume with another RNG state (the one saved at step 2n) draws other
+    # masks and diverges
+    rng = "random_states_0.pkl"
+    shutil.copy(
+        straight / "checkpoints" / f"step_{2 * n:07d}" / rng,
+        control / "checkpoints" / ckpt_n.name / rng,
+    )
     fit(tiny(control, max_steps=2 * n, resume="auto", **long_schedule))
     c = params(control, 2 * n)
     assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -416,7 +416,7 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
 
     def step(i: int) -> Tensor:
         out = forward_backward(stepper, next(batches), window=1, last=True)
-        optimizer_step(stepper, i, want_norm=False)
+        optimizer_step(stepper, i)
         return out["loss"].detach()
 
     for i in range(root.bench.warmup):

@@ -2,25 +2,61 @@
 
 flags that shape the command (--checkpoint, --protocol, --method) -> the config tree's
 `--section.field value` overrides -> --help, or the command's action -> its result as one JSON
-line on stdout (main process only), exit status 0; bad input: one clear message on stderr,
-exit status 2, no traceback.
+line on stdout (main process only), exit status 0. Bad input: one clear message on stderr, exit
+status 2, no traceback; a run that cannot go on (it diverged, a full disk, a stuck loader worker,
+out of memory): the same, exit status 1.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from accelerate import PartialState
 
 from ssl_vit.config import ConfigError, apply_overrides, help_text, parse_args, pop_flag
 from ssl_vit.data import DataError
+from ssl_vit.train.state import RunError
 from ssl_vit.weights import CheckpointError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
 """What the user's input can be at fault for: reported as a message, not a traceback."""
+RUN_FAILURES = (RunError, torch.OutOfMemoryError, MemoryError)
+"""Why a run stops that is not its input's fault: reported as a message too."""
+
+
+def message(e: BaseException) -> str:
+    """The message of `e` alone: without the traceback a DataLoader worker wraps around it, and
+    for an out-of-memory stop with what to do."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:  # raised in a loader worker
+        text = text.rpartition(f"{type(e).__module__}.{type(e).__qualname__}: ")[2]
+    if isinstance(e, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in text:
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        text = (
+            f"out of memory ({first[:300]}): lower --train.batch_size (--train.effective_batch "
+            "keeps the effective batch through accumulation), pass --model.grad_checkpointing "
+            "true, or use a smaller model; then resume with --train.resume auto"
+        )
+    return text
+
+
+def report(e: BaseException) -> None:
+    """Print `e` once per launch (rank 0), and leave it where torchrun's error summary shows it
+    (its TORCHELASTIC_ERROR_FILE) instead of a pointer to enable tracebacks."""
+    text = f"error: {message(e)}"
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
+    if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(error_file, "w") as f:
+            json.dump({"message": text, "timestamp": int(time.time())}, f)
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(2)  # torchrun stops every process once one exits: let rank 0 print first
 
 
 class Args:
@@ -69,8 +105,13 @@ def run_command(
             return 0
         result = action(root, args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return 2
+    except (*RUN_FAILURES, RuntimeError) as e:
+        if not isinstance(e, RUN_FAILURES) and "can't allocate memory" not in str(e):
+            raise  # a bug: its traceback is what helps
+        report(e)
+        return 1
     if result is not None and PartialState().is_main_process:  # one line per launch
         print(json.dumps(result), flush=True)
     return 0

@@ -172,7 +172,10 @@ class ImageDataset(torch.utils.data.Dataset):
             # Only item i's own image is reported, so each unreadable file is counted exactly
             # once per epoch, by whichever worker or process loads its index.
             return {**out, "labels": label, "index": i, "skipped": failed[:1]}
-        raise DataError(f"{len(failed)} consecutive images could not be read: {failed}")
+        raise DataError(
+            f"{len(failed)} consecutive images could not be read, {failed[0]} to {failed[-1]}: "
+            "part of the dataset is damaged or missing; check data.path"
+        )
 
 
 @contextlib.contextmanager
@@ -220,8 +223,10 @@ def build_loader(
     pin_memory: bool,
     seed: int,
     sampler: torch.utils.data.Sampler | None = None,
+    timeout: float = 0,
 ) -> DataLoader:
-    """A plain DataLoader over `dataset` with `collate`.
+    """A plain DataLoader over `dataset` with `collate`; with workers, waiting at most `timeout`
+    seconds (0: forever) for a batch, so that a stuck worker stops the run instead of hanging it.
 
     Its own generator (seeded by `seed`) drives shuffling and worker seeds, so creating an
     iterator leaves the global torch RNG alone. Workers are not persistent, so a `set_epoch`
@@ -239,6 +244,7 @@ def build_loader(
         collate_fn=collate,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
+        timeout=timeout if num_workers else 0,
     )
 
 

@@ -1,58 +1,274 @@
-"""Run checkpoints that survive a crash, and resume.
+"""Run checkpoints that survive a crash, hold nothing that runs code, and resume exactly.
 
-A checkpoint is `checkpoints/step_XXXXXXX/`, written by Accelerate's `save_state` under a `.tmp`
-name; only when every process has finished writing does the main process add the `complete` marker
-(the last file written) and rename the folder into place. Resume only ever reads complete
-checkpoints, and older ones are deleted only after the new one is complete, so a run killed at any
-moment leaves its previous good state loadable.
+A checkpoint is `checkpoints/step_XXXXXXX/`: Accelerate's `save_state` (model, optimizer, each
+process's RNG states) plus `train_state.json` (where the loop stands) and `config.json` (the
+config it ran), written under a `.tmp` name. Only when every process has written its part does the
+main process make each file readable per the umask, fsync it and write the `complete` marker: the
+step and every file with its size. Then the folder is renamed into place and the ones beyond
+keep_last are deleted (renamed `.deleting` first, so a half-deleted folder never looks complete).
+
+Resume checks every file before loading any: present with its recorded size, and plain data —
+torch files load with weights_only=True allowing only numpy's RNG types, FSDP's metadata through
+an allow-listed unpickler — so a tampered file is refused naming it and the offending global, and
+a damaged one is named (`--train.resume auto` then falls back to the checkpoint before).
 """
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
-from ssl_vit.weights import CHECKPOINTS, COMPLETE, complete_checkpoints, fsync_dir, write_atomic
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ssl_vit.train.state import RunError, TrainState
+from ssl_vit.weights import (
+    CHECKPOINTS,
+    COMPLETE,
+    CheckpointError,
+    UnsafeCheckpointError,
+    complete_checkpoints,
+    fsync_dir,
+    load_plain,
+    shareable,
+    write_atomic,
+)
 
 log = logging.getLogger("ssl_vit")
 
+TRAIN_STATE = "train_state.json"
+_np_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
+RNG_GLOBALS = [_np_core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
+"""What Accelerate's random_states_*.pkl pickle beyond tensors: numpy's RNG state (an array)."""
+RNG_GLOBALS += [np.dtypes.UInt32DType]
 
-def save_checkpoint(accelerator: Any, run_dir: str | Path, step: int, keep_last: int) -> Path:
+
+TAMPERED = "ssl_vit never saves one: the file was replaced."
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file that is missing, truncated or unreadable (not one that was tampered
+    with): `--train.resume auto` falls back to the checkpoint before."""
+
+
+def save_checkpoint(
+    accelerator: Any,
+    run_dir: str | Path,
+    state: TrainState,
+    config: str,
+    keep_last: int,
+    at_end: bool = False,
+) -> Path:
     """Save the full training state of every process atomically; keep the newest `keep_last`.
+    `at_end`: saved by the run's end, after its last pictures and evaluation.
 
-    Called on every process (Accelerate writes per-process RNG states).
+    Called on every process (Accelerate writes per-process RNG states). A failed write (a full
+    disk) removes the partial checkpoint and says how much space there is.
     """
     root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:07d}"
-    tmp = root / f"step_{step:07d}.tmp"
-    if accelerator.is_main_process:
+    final = root / f"step_{state.step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    main = accelerator.is_main_process
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_atomic(tmp / COMPLETE, json.dumps({"step": step}).encode())
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            train_state = state.state_dict() | {"num_processes": accelerator.num_processes}
+            train_state["final"] = at_end
+            write_atomic(tmp / TRAIN_STATE, json.dumps(train_state).encode())
+            write_atomic(tmp / "config.json", config.encode())
+            files = seal(tmp)
+            write_atomic(tmp / COMPLETE, json.dumps({"step": state.step, "files": files}).encode())
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports ENOSPC as a RuntimeError
+        if main:
+            raise write_failed(e, tmp, run_dir) from None
+        raise
+    if main:
         if final.exists():  # a resumed run saving the step it resumed from
-            shutil.rmtree(final)
+            discard(final)
         os.replace(tmp, final)
         fsync_dir(root)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+            discard(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def resume(accelerator: Any, checkpoint: Path, state: Any) -> None:
-    """Load a complete checkpoint into everything registered with `accelerator` (model,
-    optimizer, RNG, data position, `state`)."""
+def seal(folder: Path) -> dict[str, int]:
+    """Every file under `folder`: made readable per the umask, fsynced; {relative path: size}."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        shareable(f)
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[str(f.relative_to(folder))] = f.stat().st_size
+    return files
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed out of the `step_*` names first, so that a crash
+    midway leaves a `.deleting` folder (removed at the next start), never a half checkpoint."""
+    doomed = folder.with_name(folder.name + ".deleting")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def write_failed(e: Exception, tmp: Path, run_dir: str | Path) -> Exception:
+    """Remove the partial checkpoint `tmp`; a RunError naming the path and the free space when
+    the disk is full, else `e`."""
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
+    free = shutil.disk_usage(tmp.parent).free
+    shutil.rmtree(tmp, ignore_errors=True)
+    newest = complete_checkpoints(run_dir)[-1:]
+    size = sum(f.stat().st_size for f in newest[0].rglob("*") if f.is_file()) if newest else 0
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < max(size, 2**20)
+    if not full:
+        return e
+    mib = 2**20
+    return RunError(
+        f"no space left on the device: writing the checkpoint {tmp} failed after "
+        f"{written / mib:.1f} MiB with {free / mib:.1f} MiB free on {tmp.parent} (a "
+        f"checkpoint takes about {size / mib:.1f} MiB); the partial checkpoint was removed. "
+        f"The newest complete one is {newest[0] if newest else 'none'}: free some space and "
+        "resume with --train.resume auto"
+    )
+
+
+def clean_checkpoints(run_dir: Path) -> None:
+    """Remove what a crash leaves in checkpoints/: `.tmp` (a save cut short), `.deleting` (a
+    deletion cut short) and step folders without their `complete` marker."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return
+    complete = set(complete_checkpoints(run_dir))
+    for p in sorted(root.glob("step_*")):
+        leftover = p.suffix in (".tmp", ".deleting") or "." not in p.name
+        if p.is_dir() and leftover and p not in complete:
+            log.info("removing %s, left incomplete by an earlier run", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: every file checked, then loaded.
+
+
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """The train state of checkpoint `path` once every file it lists is there with its size and
+    holds plain data, and no other file is; DamagedCheckpointError naming the first missing,
+    truncated or unreadable file, UnsafeCheckpointError naming a file that pickles anything
+    else, CheckpointError naming a file added later (Accelerate would read some)."""
+    try:
+        files = json.loads((path / COMPLETE).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(
+            f"{path / COMPLETE}: no list of the checkpoint's files: written by an earlier "
+            "ssl_vit, whose checkpoints this one does not resume"
+        ) from None
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if str(f.relative_to(path)) not in files and f.name != COMPLETE:
+            raise CheckpointError(
+                f"{f}: not part of the checkpoint (not in its {COMPLETE} list of files); it was "
+                "put there later: remove it"
+            )
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpointError(f"{f}: missing from the checkpoint")
+        check_file(f)  # first: a file tampered with is refused, not taken for a damaged one
+        if f.stat().st_size != size:
+            raise DamagedCheckpointError(
+                f"{f}: {f.stat().st_size} bytes, {size} when written: the file is damaged"
+            )
+    if TRAIN_STATE not in files:
+        raise CheckpointError(f"{path}: no {TRAIN_STATE} (where the loop stands) in the checkpoint")
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
+def check_file(f: Path) -> None:
+    """Whether a checkpoint file reads as plain data, without loading more than its header."""
+    try:
+        if f.suffix == ".safetensors":
+            with safe_open(f, "pt"):
+                pass
+        elif f.suffix == ".json" or f.name == COMPLETE:
+            json.loads(f.read_text())
+        elif f.name == ".metadata":  # torch.distributed.checkpoint (FSDP): a plain pickle
+            with open(f, "rb") as fh:
+                PlainUnpickler(fh, f).load()
+        elif f.suffix in (".pkl", ".bin", ".pt", ".pth"):
+            load_plain(f, RNG_GLOBALS, advice=TAMPERED)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:
+        raise DamagedCheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles the metadata of torch.distributed.checkpoint (FSDP's sharded checkpoints), which
+    torch reads with plain pickle: only its own dataclasses, torch sizes, dtypes and layouts and
+    paths are built; any other global is refused before it is loaded."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {"torch.Size", "torch.serialization._get_layout", "collections.OrderedDict"}
+    NAMES |= {"pathlib.PosixPath", "pathlib.PurePosixPath"}
+
+    def __init__(self, file: Any, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        known = f"{module}.{name}" in self.NAMES
+        if known or module in self.MODULES or module == "torch":  # modules torch has imported
+            obj = super().find_class(module, name)
+            if (
+                known
+                or isinstance(obj, torch.dtype)
+                or (module in self.MODULES and isinstance(obj, type))
+            ):
+                return obj
+        raise UnsafeCheckpointError(self.path, f"{module}.{name}", "checkpoint metadata", TAMPERED)
+
+
+def resume(
+    accelerator: Any, model: Any, checkpoint: Path, state: TrainState, saved: dict[str, Any]
+) -> None:
+    """Load a checked complete checkpoint into everything registered with `accelerator` (the
+    prepared `model`, optimizer, RNG) and `state` (its train_state.json, `saved`); a model of
+    other shapes is refused listing them first."""
+    weights = checkpoint / "model.safetensors"
+    if weights.is_file():  # FSDP checkpoints hold shards instead
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # as Accelerate saves
+        with safe_open(weights, "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        if mismatch := sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k)):
+            listed = ", ".join(
+                f"{k} {have.get(k, 'absent')} vs {want.get(k, 'absent')}" for k in mismatch[:8]
+            )
+            raise CheckpointError(
+                f"{weights}: does not fit the model of this config ({len(mismatch)} tensors "
+                f"differ, checkpoint vs model: {listed})"
+            )
     accelerator.load_state(str(checkpoint))
+    rng = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if rng.is_file() and not torch.equal(
+        torch.get_rng_state(), load_plain(rng, RNG_GLOBALS)["torch_manual_seed"]
+    ):  # Accelerate swallows a failed RNG load
+        raise CheckpointError(f"{rng}: the random states were not restored")
+    state.load_state_dict(saved)
     log.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
         checkpoint,
@@ -60,3 +276,16 @@ def resume(accelerator: Any, checkpoint: Path, state: Any) -> None:
         state.epoch,
         state.batch_in_epoch,
     )
+
+
+def newest_finite(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose weights are all finite (a save refuses others; this
+    also judges checkpoints of earlier versions); FSDP's sharded ones are taken as they are."""
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        weights = ckpt / "model.safetensors"
+        if not weights.is_file():
+            return ckpt
+        with safe_open(weights, "pt") as f:
+            if all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys()):  # noqa: SIM118
+                return ckpt
+    return None

@@ -17,10 +17,9 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
 
 from ssl_vit.config import Config, validate
-from ssl_vit.train.run import Run, build_run
-from ssl_vit.train.run_dir import prepare_run_dir, run_log
+from ssl_vit.train.run import Run, build_run, local
+from ssl_vit.train.run_dir import prepare_run_dir, run_lock, run_log, write_config
 from ssl_vit.train.step import forward_backward, optimizer_step
-from ssl_vit.weights import write_text_atomic
 
 
 def fit(cfg: Config) -> dict[str, Any]:
@@ -42,12 +41,15 @@ def fit(cfg: Config) -> dict[str, Any]:
         ),
     )
     main = accelerator.is_main_process
-    resume_from = prepare_run_dir(cfg, main)
-    accelerator.wait_for_everyone()
-    with run_log(run_dir, main):
+    with run_log(run_dir, main), run_lock(run_dir, main):
+        resume_from = prepare_run_dir(cfg, accelerator)
+        run = build_run(cfg, accelerator, resume_from)
         if main:
-            write_text_atomic(run_dir / "config.json", cfg.to_json())
-        return train_loop(build_run(cfg, accelerator, resume_from))
+            write_config(run_dir, cfg.to_json())
+        try:
+            return train_loop(run)
+        finally:
+            run.bar.close()  # an error's message starts on a line of its own
 
 
 def train_loop(run: Run) -> dict[str, Any]:
@@ -63,20 +65,19 @@ def train_loop(run: Run) -> dict[str, Any]:
                 continue
 
             # the optimizer step: schedules, hooks, clipping, update
-            logging_step = run.log_due()
-            update = optimizer_step(stepper, state.step, want_norm=logging_step)
+            update = optimizer_step(stepper, state.step)
             state.step += 1
             state.batch_in_epoch = i + 1
-            run.window.steps += 1
+            run.window.step(local(update["grad_norm"]))
             run.bar.update(1)
 
-            # logging and checkpoints
-            if logging_step:
+            # logging and checkpoints (at an epoch's end, end_epoch saves)
+            if run.log_due():
                 run.log_step(out, update, i)
-            if run.step_save_due():
-                run.save()
             if state.step >= plan.stop_step:
                 break
+            if i + 1 < plan.batches_per_epoch and run.save_due(epoch_end=False):
+                run.save()
         if state.step < plan.stop_step:  # the epoch ran to its end
             run.end_epoch()
     return run.finish()

@@ -5,8 +5,11 @@ evaluation, pictures, the final export). The loop (loop.py) only orders these ca
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-import math
+import multiprocessing
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ssl_vit.config import Config
@@ -25,9 +29,9 @@ from ssl_vit.eval.accuracy import classification_metrics, eval_loader
 from ssl_vit.eval.knn import knn_eval
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import TRAINABLE, MethodSpec
-from ssl_vit.train.checkpoint import resume, save_checkpoint
-from ssl_vit.train.run_dir import Metrics, as_best, best_evaluation, export_weights
-from ssl_vit.train.state import Plan, TrainState, Window, make_plan
+from ssl_vit.train.checkpoint import newest_finite, resume, save_checkpoint
+from ssl_vit.train.run_dir import Metrics, Resume, as_best, evaluations, export_weights
+from ssl_vit.train.state import Plan, RunError, TrainState, Window, make_plan
 from ssl_vit.train.step import Stepper, compile_step, optimizer_for
 from ssl_vit.viz import dataset_images, tensorboard_images
 from ssl_vit.weights import latest_checkpoint
@@ -35,16 +39,33 @@ from ssl_vit.weights import latest_checkpoint
 log = logging.getLogger("ssl_vit")
 
 
-def batches(loader: Any) -> Iterator[dict]:
+def batches(loader: Any, run_dir: Path) -> Iterator[dict]:
     """Yield the loader's batches without letting data loading touch the global torch RNG, which
-    belongs to the model (masking, drop path): resume restores it and data never shifts it."""
+    belongs to the model (masking, drop path): resume restores it and data never shifts it. A
+    worker that sends nothing for data.timeout seconds stops the run (RunError)."""
     it = iter(loader)
     while True:
-        with torch.random.fork_rng(devices=[]):
-            batch = next(it, None)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(it, None)
+        except RuntimeError as e:
+            if "DataLoader timed out" not in str(e):
+                raise
+            for worker in multiprocessing.active_children():  # a stopped (SIGSTOP) worker
+                os.kill(worker.pid, signal.SIGCONT)  # could not exit when the loader closes
+            raise RunError(
+                f"{e} (data.timeout): a loader worker is stuck or far too slow (a hung file "
+                "system, a stopped process); the newest checkpoint is "
+                f"{latest_checkpoint(run_dir)}: resume with --train.resume auto"
+            ) from None
         if batch is None:
             return
         yield batch
+
+
+def local(t: Tensor) -> Tensor:
+    """This process's shard of an FSDP-sharded tensor (a DTensor); any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @contextlib.contextmanager
@@ -102,6 +123,8 @@ class Run:
     window: Window
     first: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
+    resumed: dict[str, Any] = field(default_factory=dict)
+    """The train state of the checkpoint the run resumed from ({} for a fresh start)."""
     last_saved: int = -1
     last_eval: dict[str, Any] = field(default_factory=dict)
     best_eval: dict[str, Any] = field(default_factory=dict)
@@ -124,7 +147,7 @@ class Run:
         loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         loader.set_epoch(epoch)  # a skipping loader would reset it to its epoch 0
         self.dataset.set_epoch(epoch)  # the augmentation seeds
-        for i, batch in enumerate(batches(loader), start=skip):
+        for i, batch in enumerate(batches(loader, self.run_dir), start=skip):
             if self.device_view is not None:  # keyed by (seed, epoch, batch, rank): resumes exactly
                 key = (self.cfg.train.seed, epoch, i, self.accelerator.process_index)
                 batch = self.device_view.apply(
@@ -141,19 +164,20 @@ class Run:
     # --- after an optimizer step --------------------------------------------------------------
 
     def log_due(self) -> bool:
-        """Whether the coming optimizer step is a log step (every train.log_every, and the last)."""
-        step = self.state.step + 1
+        """Whether the optimizer step just made is a log step (every train.log_every, and the
+        last)."""
+        step = self.state.step
         return step % self.cfg.train.log_every == 0 or step == self.plan.stop_step
 
     def log_step(self, out: dict[str, Tensor], update: dict[str, Any], i: int) -> None:
-        """Metrics of the window since the last log step: the one host sync of the window."""
+        """Metrics of the window since the last log step: the one host sync of the window, which
+        also reads whether it diverged."""
         state, w = self.state, self.window
-        mean_loss = self.accelerator.reduce(w.loss, "mean").item() / w.steps
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"loss is {mean_loss} at step {state.step}; the last good checkpoint is "
-                f"{latest_checkpoint(self.run_dir)}"
-            )
+        both = self.accelerator.reduce(torch.stack([w.loss, w.diverged()]), "sum")
+        loss_sum, diverged = both.tolist()
+        if diverged:
+            self.diverged(f"at a step in {state.step - w.steps + 1}..{state.step}")
+        mean_loss = loss_sum / self.accelerator.num_processes / w.steps
         self.last = {
             "step": state.step,
             "epoch": state.epoch + (i + 1) / self.plan.batches_per_epoch,
@@ -176,15 +200,43 @@ class Run:
             )
         w.reset()
 
-    def save(self) -> None:
-        """A complete checkpoint of the whole training state (every process)."""
+    def save(self, final: bool = False) -> None:
+        """A complete checkpoint of the whole training state (every process), unless a loss or
+        gradient since the last log step or a weight is not finite (one host read)."""
+        tensors = itertools.chain(self.method.parameters(), self.method.buffers())
+        floats = [local(t).detach() for t in tensors if t.is_floating_point()]
+        bad = torch.stack([~torch.isfinite(t).all() for t in floats]).any().float()
+        bad = self.accelerator.reduce(bad + self.window.diverged(), "sum")
+        if bad.item():
+            self.diverged(f"by step {self.state.step}, which was not saved")
         t = self.cfg.train
-        save_checkpoint(self.accelerator, self.run_dir, self.state.step, t.keep_last)
+        config = self.cfg.to_json()
+        save_checkpoint(self.accelerator, self.run_dir, self.state, config, t.keep_last, final)
         self.last_saved = self.state.step
 
-    def step_save_due(self) -> bool:
-        every = self.cfg.train.save_every_steps
-        return bool(every) and self.state.step % every == 0
+    def diverged(self, when: str) -> None:
+        """Stop the run: a loss, gradient or weight stopped being finite (`when`)."""
+        good = newest_finite(self.run_dir)
+        fix = "a lower --train.base_lr (or --train.lr), or --train.clip_grad"
+        then = (
+            f"The newest finite checkpoint is {good}: resume from it with --train.resume {good} "
+            f"and {fix} (schedule changes: add --train.resume_changes allow)"
+            if good
+            else f"No checkpoint was saved before: start again with {fix}"
+        )
+        raise RunError(
+            f"training diverged: a loss, gradient norm or weight was not finite {when}; no "
+            f"checkpoint holds it. {then}"
+        )
+
+    def save_due(self, epoch_end: bool) -> bool:
+        """Whether to save now: every train.save_every_steps, and every train.save_every_epochs
+        at an epoch's end (where end_epoch saves, after its pictures and evaluation, so that a
+        resume never logs a step twice)."""
+        t, step = self.cfg.train, self.state.step
+        every = round(t.save_every_epochs * self.plan.steps_per_epoch)
+        due = bool(t.save_every_steps) and step % t.save_every_steps == 0
+        return due or (epoch_end and bool(every) and step % every == 0)
 
     # --- at the end of an epoch ---------------------------------------------------------------
 
@@ -197,8 +249,7 @@ class Run:
             self.log_images()
         if t.eval_every_epochs and state.epoch % t.eval_every_epochs == 0:
             self.evaluate()
-        every = round(t.save_every_epochs * self.plan.steps_per_epoch)
-        if every and state.step % every == 0 and self.last_saved != state.step:
+        if self.save_due(epoch_end=True) and self.last_saved != state.step:
             self.save()
 
     def log_images(self) -> None:
@@ -228,17 +279,22 @@ class Run:
     # --- the end of the run -------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Final pictures, checkpoint, evaluation and export, unless just done; the result."""
+        """Final pictures, evaluation and checkpoint, unless done before (by the last epoch's
+        end, or by the run this one resumed at its last step); the export; the result."""
         t, state = self.cfg.train, self.state
         self.bar.close()
-        if self.viz_images is not None and not (
-            state.batch_in_epoch == 0 and state.epoch % t.image_every_epochs == 0
+        # resumed from the final checkpoint, which follows the logging below
+        done = self.resumed.get("final") and self.resumed["step"] == state.step
+        if (
+            self.viz_images is not None
+            and not done
+            and not (state.batch_in_epoch == 0 and state.epoch % t.image_every_epochs == 0)
         ):
             self.log_images()  # the final model, unless the last epoch's end just logged it
-        if self.last_saved != state.step:
-            self.save()
-        if t.eval_every_epochs and self.last_eval.get("step") != state.step:
+        if t.eval_every_epochs and not done and self.last_eval.get("step") != state.step:
             self.evaluate()
+        if self.last_saved != state.step:
+            self.save(final=True)
         export_weights(self.method, self.run_dir, self.main)
         export_weights(self.method, self.run_dir, self.main, "classifier")
         result = {
@@ -275,6 +331,7 @@ def build_data(cfg: Config, spec: MethodSpec, accelerator: Accelerator) -> tuple
         pin_memory=cfg.data.pin_memory,
         seed=t.seed,
         sampler=sampler,
+        timeout=cfg.data.timeout,
     )
     return dataset, loader, device_view
 
@@ -310,8 +367,9 @@ def log_start(cfg: Config, accelerator: Accelerator, plan: Plan, images: int) ->
     )
 
 
-def build_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> Run:
-    """The method, its data and optimizer, prepared by Accelerate; resumed from `resume_from`."""
+def build_run(cfg: Config, accelerator: Accelerator, resume_from: Resume | None) -> Run:
+    """The method, its data and optimizer, prepared by Accelerate; resumed from `resume_from`
+    (metrics.jsonl and TensorBoard then drop what was logged after its step)."""
     t, main = cfg.train, accelerator.is_main_process
     set_seed(t.seed)
     spec = TRAINABLE[cfg.method.name]
@@ -322,13 +380,18 @@ def build_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -
     optimizer = optimizer_for(method, t, cfg.method.betas)
     model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     if resume_from is not None:
-        resume(accelerator, resume_from, state)
+        resume(accelerator, model, resume_from.path, state, resume_from.state)
     plan = make_plan(cfg, accelerator.num_processes, len(loader))
     if main:
         log_start(cfg, accelerator, plan, len(dataset))
-    accelerator.init_trackers("tb")
+    run_dir = Path(t.output_dir)
+    # a resume (at step 0 when `auto` found no checkpoint) drops what the crash logged after it
+    resumed = state.step if t.resume else None
+    metrics = Metrics(accelerator, run_dir, resumed)
+    accelerator.wait_for_everyone()  # metrics.jsonl rewritten before any process reads it
+    purge = {"purge_step": state.step + 1} if t.resume else {}
+    accelerator.init_trackers("tb", init_kwargs={"tensorboard": purge})
     viz_images = None
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if t.image_every_epochs and (main or fsdp):  # under FSDP every process joins the forward
@@ -336,7 +399,8 @@ def build_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.set_schedule(plan.total_steps, plan.steps_per_epoch)
     forward = compile_step(model, t.compile_backend) if t.compile else model
-    run_dir = Path(t.output_dir)
+    evals = evaluations(run_dir) if resume_from else []
+    top1 = [r for r in evals if "val_top1" in r]
     bar = tqdm(
         total=plan.stop_step, initial=state.step, disable=not main, desc="train", dynamic_ncols=True
     )
@@ -350,11 +414,13 @@ def build_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -
         device_view=device_view,
         plan=plan,
         state=state,
-        metrics=Metrics(accelerator, run_dir),
+        metrics=metrics,
         bar=bar,
         viz_images=viz_images,
         skips=SkipCounter(cfg.data.max_bad_fraction),
         window=Window(torch.zeros((), device=accelerator.device)),
-        last_saved=state.step if resume_from is not None else -1,
-        best_eval=best_evaluation(run_dir) if resume_from is not None else {},
+        resumed=resume_from.state if resume_from else {},
+        last_saved=state.step if resume_from else -1,
+        last_eval=evals[-1] if evals else {},
+        best_eval=as_best(max(top1, key=lambda r: r["val_top1"])) if top1 else {},
     )

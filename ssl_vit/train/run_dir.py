@@ -1,33 +1,50 @@
-"""The run directory (DESIGN.md § Run directory): checked before a run starts, its log and
-metrics while it runs, its exported weights at the end."""
+"""The run directory (DESIGN.md § Run directory): held by one run at a time, checked before a
+run starts (and against the checkpoint it resumes), its log and metrics while it runs, its
+exported weights at the end."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
+import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from ssl_vit.config import Config, ConfigError
+from ssl_vit.config import Config, ConfigError, flatten
 from ssl_vit.methods.protocol import Method
+from ssl_vit.train.checkpoint import (
+    DamagedCheckpointError,
+    check_checkpoint,
+    clean_checkpoints,
+    discard,
+)
 from ssl_vit.weights import (
     BACKBONE_CONFIG,
     BACKBONE_WEIGHTS,
     CHECKPOINTS,
+    complete_checkpoints,
     export_timm,
-    latest_checkpoint,
+    write_text_atomic,
 )
 
+log = logging.getLogger("ssl_vit")
+
+LOCK = "run.lock"
+"""The run directory's lock file: the holder's pid, host and start time while a run holds it."""
 RUN_FILES = (
     "config.json",
     "metrics.jsonl",
-    "train.log",
     BACKBONE_WEIGHTS,
     BACKBONE_CONFIG,
     "classifier.safetensors",
@@ -36,23 +53,139 @@ RUN_FILES = (
     "classifier_best.json",
 )
 RUN_DIRS = (CHECKPOINTS, "tb")
+ARCHITECTURE = {f"model.{k}" for k in ("name", "img_size", "patch_size", "embed_dim", "depth")}
+ARCHITECTURE |= {"model.num_heads", "method.name"}
+"""Config keys a resume can never change: the model it loads is built from them."""
+OPERATIONAL = {f"train.{k}" for k in ("output_dir", "resume", "resume_changes", "discard_newer")}
+OPERATIONAL |= {f"train.{k}" for k in ("overwrite", "max_steps", "log_every", "keep_last")}
+OPERATIONAL |= {f"train.{k}" for k in ("save_every_steps", "save_every_epochs", "compile")}
+OPERATIONAL |= {"train.compile_backend", "train.eval_every_epochs", "train.image_every_epochs"}
+OPERATIONAL |= {f"data.{k}" for k in ("num_workers", "pin_memory", "timeout", "max_bad_fraction")}
+OPERATIONAL |= {"data.val_split", "model.grad_checkpointing"}
+"""Config keys a resume may change freely: where and how often the run stops, logs, saves,
+evaluates, and how fast it runs; none changes a trained weight. Any other change alters the
+schedule or the data order and needs train.resume_changes allow."""
 
 
-def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
+@contextlib.contextmanager
+def run_lock(run_dir: Path, main: bool) -> Iterator[None]:
+    """One run per directory: the main process holds an flock on run_dir/run.lock, which records
+    its pid and host. A second run is refused naming the holder. The lock of a run that died is
+    reported and taken over: the kernel frees it with the process, or, when the dead run's
+    loader workers (which share the lock) are still exiting, once they are gone."""
+    if not main:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    f = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        f.seek(0)
+        previous = f.read().strip()
+        if not locked(f, 30 if gone(previous) else 0):
+            raise ConfigError(
+                [
+                    f"train.output_dir: {run_dir} is in use by another run "
+                    f"({previous or 'starting up'}, lock {path}): wait for it to end, stop it, or "
+                    "choose another output_dir"
+                ]
+            )
+        if previous:
+            log.warning("%s: taking over the lock of a run that is gone (%s)", path, previous)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%F %T")}
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(me))
+        f.flush()
+        try:
+            yield
+        finally:  # ended, by an error too: nothing to report to the next run
+            f.seek(0)
+            f.truncate()
+    finally:
+        f.close()
+
+
+def locked(f: Any, wait: float) -> bool:
+    """Whether the flock on `f` was taken, trying for `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def gone(holder: str) -> bool:
+    """Whether the lock record `holder` names a process of this host that no longer runs."""
+    try:
+        record = json.loads(holder)
+        if record["host"] != socket.gethostname():
+            return False
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, OSError):
+        pass
+    return False
+
+
+@dataclass
+class Resume:
+    """A checked checkpoint to resume from, and its train state (train_state.json)."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+def prepare_run_dir(cfg: Config, accelerator: Any) -> Resume | None:
     """Check the output directory and return the checkpoint to resume from (None = fresh start).
+    Every process calls it; the main one, holding the lock, cleans and moves things.
 
-    A directory holding anything is only reused with train.resume or train.overwrite, so a
+    What a crash left in checkpoints/ is removed first. A resume checks the checkpoint (every file
+    there and plain; `auto` falls back past damaged ones, which are moved aside as
+    `step_*.damaged`) and the config against the checkpoint's before anything is written. A
+    directory holding anything else is only reused with train.resume or train.overwrite, so a
     forgotten `--train.output_dir` never mixes or destroys two runs.
     """
-    run_dir = Path(cfg.train.output_dir)
-    t = cfg.train
-    if t.resume == "auto":
-        return latest_checkpoint(run_dir)
+    t, run_dir, main = cfg.train, Path(cfg.train.output_dir), accelerator.is_main_process
+    if main:
+        clean_checkpoints(run_dir)
+    accelerator.wait_for_everyone()
     if t.resume:
-        return Path(t.resume)
+        source, damaged = find_resume(run_dir, t.resume, main)
+        newer = []
+        if source is not None:
+            check_config(cfg, source, accelerator.num_processes, main)
+            newer = [
+                c
+                for c in complete_checkpoints(run_dir)
+                if step_of(c) > source.state["step"] and c not in damaged
+            ]
+            if newer and not t.discard_newer:
+                raise ConfigError(
+                    [
+                        f"train.resume: {source.path} is older than the run's newest checkpoints "
+                        f"({', '.join(c.name for c in newer)}), which this run's saves would "
+                        "replace: resume from the newest (--train.resume auto), or pass "
+                        "--train.discard_newer true to delete them"
+                    ]
+                )
+        accelerator.wait_for_everyone()
+        if main:
+            for c in damaged:
+                os.replace(c, c.with_name(c.name + ".damaged"))
+                log.warning("moved the damaged %s aside as %s.damaged", c, c.name)
+            for c in newer:
+                log.warning("deleting %s, newer than the resume source (train.discard_newer)", c)
+                discard(c)
+        return source
     # config.json and train.log alone are what a start that failed before training leaves
     started = run_dir.is_dir() and any(
-        p.name not in ("config.json", "train.log") for p in run_dir.iterdir()
+        p.name not in ("config.json", "train.log", LOCK) for p in run_dir.iterdir()
     )
     if started:
         if not t.overwrite:
@@ -63,12 +196,87 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
                     "output_dir"
                 ]
             )
-        if is_main:
+        if main:
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
+            for old in run_dir.glob("config.*.json"):
+                old.unlink()
+            (run_dir / "train.log").write_text("")  # open in append mode by run_log
             for name in RUN_DIRS:
                 shutil.rmtree(run_dir / name, ignore_errors=True)
+        accelerator.wait_for_everyone()
     return None
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("_")[1])
+
+
+def find_resume(run_dir: Path, resume: str, main: bool) -> tuple[Resume | None, list[Path]]:
+    """(the checkpoint to resume, damaged newer ones to move aside). A given path must be whole;
+    `auto` takes the newest whole one, warning about each damaged one it passes."""
+    if resume != "auto":
+        return Resume(Path(resume), check_checkpoint(Path(resume))), []
+    damaged: list[Path] = []
+    errors: list[Exception] = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        try:
+            return Resume(ckpt, check_checkpoint(ckpt)), damaged
+        except DamagedCheckpointError as e:
+            if main:
+                log.warning("%s; resuming from the checkpoint before it", e)
+            damaged.append(ckpt)
+            errors.append(e)
+    if errors:
+        raise DamagedCheckpointError(f"{errors[0]}; there is no earlier checkpoint to resume from")
+    return None, []
+
+
+def check_config(cfg: Config, source: Resume, num_processes: int, main: bool) -> None:
+    """Compare `cfg` with the config the checkpoint was trained with: architecture or method
+    changes are refused, schedule or data-order ones need train.resume_changes allow (and are
+    logged); each listed as key: old -> new."""
+    saved = json.loads((source.path / "config.json").read_text())
+    old, new = flatten(saved), flatten(json.loads(cfg.to_json()))
+    old["processes"], new["processes"] = source.state["num_processes"], num_processes
+    if old.get("method.name") != new.get("method.name"):
+        keys = ["method.name"]
+    else:
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    keys = [k for k in keys if k not in OPERATIONAL]
+    changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys]
+    if arch := [c for k, c in zip(keys, changes, strict=True) if k in ARCHITECTURE]:
+        raise ConfigError(
+            [
+                f"train.resume: {source.path} was trained with another architecture or method "
+                f"({'; '.join(arch)}), which a resume cannot change: start a new run (another "
+                "train.output_dir)"
+            ]
+        )
+    if changes and cfg.train.resume_changes != "allow":
+        raise ConfigError(
+            [
+                f"train.resume: the config differs from the one {source.path} was trained with "
+                f"in what sets the schedule or the data order ({'; '.join(changes)}): pass "
+                "--train.resume_changes allow to resume with these changes, or drop them"
+            ]
+        )
+    if changes and main:
+        log.warning("resuming %s with changed settings: %s", source.path, "; ".join(changes))
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    """config.json is the config as last run; a different earlier one is kept as
+    config.<n>.json (1 the oldest), so a resumed run's history stays."""
+    path = run_dir / "config.json"
+    if path.is_file() and path.read_text() != text:
+        taken = [
+            int(m[1])
+            for p in run_dir.glob("config.*.json")
+            if (m := re.fullmatch(r"config\.(\d+)\.json", p.name))
+        ]
+        shutil.copy2(path, run_dir / f"config.{max(taken, default=0) + 1}.json")
+    write_text_atomic(path, text)
 
 
 @contextlib.contextmanager
@@ -99,11 +307,21 @@ def run_log(run_dir: Path, main: bool) -> Iterator[None]:
 
 
 class Metrics:
-    """metrics.jsonl (main process) and the trackers (TensorBoard), one row per call."""
+    """metrics.jsonl (main process) and the trackers (TensorBoard), one row per call.
 
-    def __init__(self, accelerator: Any, run_dir: Path):
+    A run resumed at `resumed_step` first drops the rows logged after it (by the run that
+    crashed, which the resumed run logs again) and the final result, atomically, so that each
+    step keeps one row; TensorBoard hides them through its purge_step (build_run).
+    """
+
+    def __init__(self, accelerator: Any, run_dir: Path, resumed_step: int | None = None):
         self.accelerator, self.path = accelerator, run_dir / "metrics.jsonl"
         self.main = accelerator.is_main_process
+        if self.main and resumed_step is not None and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [ln for ln in lines if json.loads(ln).get("step", -1) <= resumed_step]
+            kept = [ln for ln in kept if "final" not in json.loads(ln)]
+            write_text_atomic(self.path, "".join(kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.accelerator.log(metrics, step=step)
@@ -123,13 +341,12 @@ def as_best(evaluation: dict[str, Any]) -> dict[str, Any]:
     return {f"best_{k}": evaluation[k] for k in keys if k in evaluation}
 
 
-def best_evaluation(run_dir: Path) -> dict[str, Any]:
-    """The best top-1 evaluation logged so far in run_dir/metrics.jsonl, so that a resumed run
-    keeps comparing against it; {} when there is none."""
+def evaluations(run_dir: Path) -> list[dict[str, Any]]:
+    """The evaluations logged so far in run_dir/metrics.jsonl (rows with a step and no loss), so
+    that a resumed run reports the last and keeps comparing against the best."""
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    evals = [r for r in rows if "val_top1" in r]
-    return as_best(max(evals, key=lambda r: r["val_top1"])) if evals else {}
+    return [r for r in rows if "step" in r and "loss" not in r]
 
 
 def full_tensor(t: Tensor) -> Tensor:

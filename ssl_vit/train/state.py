@@ -5,15 +5,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ssl_vit.config import Config, ConfigError
 
 
+class RunError(RuntimeError):
+    """The run cannot go on (it diverged, the disk is full, a loader worker is stuck); the
+    message says why and which checkpoint resumes."""
+
+
 @dataclass
 class TrainState:
-    """Where the run is: saved in every checkpoint so resume continues mid-epoch."""
+    """Where the run is: saved in every checkpoint (train_state.json) so resume continues
+    mid-epoch."""
 
     step: int = 0
     epoch: int = 0
@@ -22,7 +29,7 @@ class TrainState:
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
-    def load_state_dict(self, d: dict[str, int]) -> None:
+    def load_state_dict(self, d: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = d["step"], d["epoch"], d["batch_in_epoch"]
 
 
@@ -78,23 +85,40 @@ def make_plan(cfg: Config, num_processes: int, batches_per_epoch: int) -> Plan:
 
 @dataclass
 class Window:
-    """What happened since the last log step: the summed loss stays a device tensor (no host
-    sync per step), images and steps are counted on the host."""
+    """What happened since the last log step: the summed loss and the finiteness of every
+    gradient norm stay device tensors (no host sync per step); images and steps are counted on
+    the host. A non-finite loss stays in the sum, so `diverged` covers both."""
 
     loss: torch.Tensor
     images: int = 0
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
+    norms_finite: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.norms_finite = torch.ones((), dtype=torch.bool, device=self.loss.device)
 
     def add(self, loss: torch.Tensor, window: int, images: int) -> None:
         """One micro-batch's detached loss, weighted as its share of its accumulation window."""
         self.loss += loss / window
         self.images += images
 
+    def step(self, grad_norm: torch.Tensor) -> None:
+        """An optimizer step whose gradients had norm `grad_norm` (a device tensor)."""
+        self.norms_finite &= torch.isfinite(grad_norm)
+        self.steps += 1
+
+    def diverged(self) -> torch.Tensor:
+        """1.0 when a loss or gradient norm of the window was not finite, else 0.0 (a device
+        tensor: read it where the host reads anyway, at log and save steps)."""
+        return (~(torch.isfinite(self.loss) & self.norms_finite)).float()
+
     def elapsed(self) -> float:
         """Seconds since the window started."""
         return time.perf_counter() - self.start
 
     def reset(self) -> None:
+        """A new window; the divergence flag is read first (log_step)."""
         self.loss.zero_()
+        self.norms_finite.fill_(True)
         self.images, self.steps, self.start = 0, 0, time.perf_counter()

@@ -95,22 +95,21 @@ def forward_backward(s: Stepper, batch: dict[str, Any], window: int, last: bool)
     return out
 
 
-def optimizer_step(s: Stepper, step: int, want_norm: bool) -> dict[str, Any]:
+def optimizer_step(s: Stepper, step: int) -> dict[str, Any]:
     """Optimizer step `step` (0-based) on the accumulated gradients. Returns lr, weight_decay and
-    grad_norm (a device tensor when clipping or `want_norm`, else None)."""
+    grad_norm: a device tensor, every step (the loop's divergence check), never read here."""
     t = s.train
     lr, wd = schedule(t, s.plan, step)
     for g in s.optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
         g["weight_decay"] = wd * g["wd_scale"]
     s.method.before_optimizer_step(step)
-    norm = None
     if t.clip_grad and t.clip_mode == "param":
         s.accelerator.unscale_gradients()
         norm = clip_per_param_(s.trainable, t.clip_grad)
     elif t.clip_grad:
         norm = s.accelerator.clip_grad_norm_(s.trainable, t.clip_grad)
-    elif want_norm:
+    else:
         norm = grad_norm(s.trainable)
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)

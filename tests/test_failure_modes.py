@@ -1,0 +1,394 @@
+"""What a run does when things go wrong (docs/architecture.md § Failure modes), on tiny MAE runs:
+tampered and damaged checkpoints, divergence, two runs on one directory, a changed config on
+resume, curves after a crash, a full disk, stuck workers, bad files, out of memory, a config
+error under `accelerate launch`, and the files' permissions."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import metrics, overrides, tiny
+from safetensors.torch import load_file
+from test_trainer import write_image_folder
+
+from ssl_vit.cli import main
+from ssl_vit.cli.runner import run_command
+from ssl_vit.config import ConfigError
+from ssl_vit.data import SyntheticImages
+from ssl_vit.train import checkpoint
+from ssl_vit.train.checkpoint import DamagedCheckpointError, check_file, write_failed
+from ssl_vit.train.loop import fit
+from ssl_vit.train.run_dir import run_lock
+from ssl_vit.train.state import RunError
+from ssl_vit.weights import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    complete_checkpoints,
+    load_classifier,
+)
+
+SCHEDULE = dict(epochs=2, warmup_epochs=0, save_every_steps=2, keep_last=100)
+"""8 steps of 8 images, a checkpoint every 2 (steps 2, 4, 6, 8 kept)."""
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A finished tiny run: metrics for steps 1..8, checkpoints at 2, 4, 6, 8."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    fit(tiny(run, **SCHEDULE))
+    return run
+
+
+def copy(base: Path, tmp_path: Path) -> Path:
+    shutil.copytree(base, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:07d}"
+
+
+class RunsCode:
+    """A pickled object whose unpickling runs `touch target` (os.system, as a tampered file)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+# --- 1. nothing unpickles code -----------------------------------------------------------------
+
+
+def test_tampered_checkpoint_files_are_refused_unrun(base, tmp_path, capsys):
+    run = copy(base, tmp_path)
+    assert not list(run.rglob("custom_checkpoint_*"))  # the loop's state is train_state.json
+    target = tmp_path / "ran"
+    for name in ("random_states_0.pkl", "optimizer.bin"):
+        evil = ckpt(run, 8) / name
+        original = evil.read_bytes()
+        torch.save({"state": RunsCode(target)}, evil)
+        for resume in ("auto", str(ckpt(run, 8))):
+            with pytest.raises(UnsafeCheckpointError) as e:
+                fit(tiny(run, resume=resume, **SCHEDULE))
+            msg = str(e.value)
+            assert msg.startswith(f"{evil}: refused") and "(posix.system)" in msg
+            assert "weights_only" not in msg and not target.exists()
+        evil.write_bytes(original)
+    extra = ckpt(run, 8) / "custom_checkpoint_0.pkl"  # Accelerate unpickles these fully
+    torch.save({"step": RunsCode(target)}, extra)
+    with pytest.raises(CheckpointError, match=f"{extra}: not part of the checkpoint"):
+        fit(tiny(run, resume="auto", **SCHEDULE))
+    extra.unlink()
+    assert not target.exists()
+    fit(tiny(run, resume="auto", **SCHEDULE))  # restored: it resumes
+
+    # FSDP's sharded checkpoints: torch.distributed.checkpoint pickles its metadata
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    check_file(tmp_path / "dcp" / ".metadata")  # plain: passes
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode(target)))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refused.*\(posix\.system\)"):
+        check_file(tmp_path / "dcp" / ".metadata")
+    assert not target.exists()
+
+    # --checkpoint and a DeiT teacher: our message, not torch's advice to unpickle anyway
+    torch.save({"model": RunsCode(target)}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        load_classifier(tmp_path / "evil.pth", "vit_tiny_patch16_224", 10)
+    capsys.readouterr()
+    assert main(["knn", "--checkpoint", str(tmp_path / "evil.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "(posix.system)" in err and "weights_only" not in err and not target.exists()
+
+
+# --- 2. a NaN never reaches a checkpoint -------------------------------------------------------
+
+
+def test_divergence_stops_the_run_before_a_checkpoint_holds_it(tmp_path):
+    run = tmp_path / "run"
+    sane = tiny(run, resume="auto", max_steps=4, log_every=20, **SCHEDULE)
+    fit(tiny(run, max_steps=2, log_every=20, **SCHEDULE))
+    exploding = tiny(run, resume="auto", resume_changes="allow", lr=1e30, log_every=20, **SCHEDULE)
+    with pytest.raises(RunError) as e:  # step 3 sends the weights to 1e30, step 4 overflows
+        fit(exploding)
+    msg = str(e.value)
+    assert msg.startswith("training diverged: a loss, gradient norm or weight was not finite by ")
+    assert f"The newest finite checkpoint is {ckpt(run, 2)}: resume from it" in msg
+    assert [c.name for c in complete_checkpoints(run)] == ["step_0000002"]  # 4 was refused
+    assert all(
+        torch.isfinite(t).all() for t in load_file(str(ckpt(run, 2) / "model.safetensors")).values()
+    )
+    assert fit(sane)["steps"] == 4  # which resumes
+
+    # found at a log step as well: weights of 1e30 after step 1 overflow step 2's loss
+    with pytest.raises(RunError, match=r"not finite at a step in 2\.\.2; .* No checkpoint"):
+        fit(tiny(tmp_path / "logged", lr=1e30, epochs=1, warmup_epochs=0))
+
+
+# --- 3. one run per directory ------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_directory_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny(run, epochs=1, warmup_epochs=0, max_steps=1)
+    with run_lock(run, main=True):  # another run holds it
+        with pytest.raises(ConfigError, match="is in use by another run") as e:
+            fit(cfg)
+        assert f'"pid": {os.getpid()}' in str(e.value) and socket.gethostname() in str(e.value)
+    assert {p.name for p in run.iterdir()} <= {"run.lock", "train.log"}  # nothing written
+
+    dead = {"pid": 2**22 + 1, "host": socket.gethostname(), "since": "yesterday"}
+    (run / "run.lock").write_text(json.dumps(dead))  # a killed run's: no flock held
+    assert fit(cfg)["steps"] == 1
+    log = (run / "train.log").read_text()
+    assert "taking over the lock of a run that is gone" in log
+    assert str(dead["pid"]) in log and (run / "run.lock").read_text() == ""  # released
+
+
+# --- 4. resume checks the config before writing anything ----------------------------------------
+
+
+def test_resume_refuses_config_changes_before_writing_anything(base, tmp_path):
+    run = copy(base, tmp_path)
+    for name in ("step_0000006", "step_0000008"):
+        shutil.rmtree(run / "checkpoints" / name)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    wider = tiny(run, resume="auto", model={"embed_dim": 64}, **SCHEDULE)
+    wider.train.resume_changes = "allow"  # never enough for the architecture
+    with pytest.raises(ConfigError, match=r"architecture or method \(model.embed_dim: 32 -> 64\)"):
+        fit(wider)
+    longer = tiny(run, resume="auto", **SCHEDULE | dict(epochs=3))
+    longer.method.mask_ratio = 0.5
+    with pytest.raises(ConfigError) as e:
+        fit(longer)
+    assert "method.mask_ratio: 0.75 -> 0.5; train.epochs: 2 -> 3" in str(e.value)
+    assert "--train.resume_changes allow" in str(e.value)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # config.json, metrics, TensorBoard untouched
+
+    wide_decoder = tiny(run, resume="auto", resume_changes="allow", **SCHEDULE)
+    wide_decoder.method.decoder_dim = 64  # other shapes, not named by the architecture keys
+    with pytest.raises(CheckpointError, match=r"does not fit the model of this config .*decoder_"):
+        fit(wide_decoder)
+
+    longer.train.resume_changes = "allow"
+    assert fit(longer)["steps"] == 12
+    assert (run / "config.1.json").read_bytes() == before[run / "config.json"]  # history kept
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
+    log = (run / "train.log").read_text()
+    assert "with changed settings: method.mask_ratio: 0.75 -> 0.5; train.epochs: 2 -> 3" in log
+
+
+# --- 5. every piece of state is required -------------------------------------------------------
+
+
+def test_a_checkpoint_missing_a_file_is_an_error_naming_it(base, tmp_path):
+    run = copy(base, tmp_path)
+    for step in (2, 4, 6):
+        shutil.rmtree(ckpt(run, step))
+    for name in ("random_states_0.pkl", "optimizer.bin"):
+        missing = ckpt(run, 8) / name
+        data = missing.read_bytes()
+        missing.unlink()
+        with pytest.raises(DamagedCheckpointError, match=f"{missing}: missing.*no earlier"):
+            fit(tiny(run, resume="auto", **SCHEDULE))
+        with pytest.raises(DamagedCheckpointError, match=f"{missing}: missing"):
+            fit(tiny(run, resume=str(ckpt(run, 8)), **SCHEDULE))
+        missing.write_bytes(data)
+
+
+# --- 6. one value per step after a crash and resume --------------------------------------------
+
+
+def test_one_row_per_step_after_a_crash_and_resume(base, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = copy(base, tmp_path)  # as a run that logged steps 5..8 after its last save at 4
+    fit(tiny(run, resume=str(ckpt(run, 4)), discard_newer=True, **SCHEDULE))
+    assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("final" in r for r in rows) == 1
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2  # before and after
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+
+    # killed before its first checkpoint: `auto` starts again, and the rows start again too
+    shutil.rmtree(run / "checkpoints")
+    fit(tiny(run, resume="auto", max_steps=2, **SCHEDULE))
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+
+# --- 7. a full disk ----------------------------------------------------------------------------
+
+
+def test_full_disk_names_the_path_and_free_space_and_cleans_up(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    save_state = Accelerator.save_state
+
+    def fills_the_disk(self, output_dir, **kw):
+        if output_dir.endswith("step_0000004.tmp"):
+            Path(output_dir, "model.safetensors").write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
+    run = tmp_path / "run"
+    with pytest.raises(RunError) as e:
+        fit(tiny(run, **SCHEDULE))
+    msg = str(e.value)
+    assert msg.startswith("no space left on the device: writing the checkpoint")
+    assert f"{ckpt(run, 4)}.tmp" in msg and "MiB free on" in msg and str(ckpt(run, 2)) in msg
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert [c.name for c in complete_checkpoints(run)] == ["step_0000002"]
+
+    # torch's zip writer reports a full disk as a RuntimeError: told by the free space
+    tmp = tmp_path / "other" / "checkpoints" / "step_0000002.tmp"
+    tmp.mkdir(parents=True)
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 0, 9)
+    )
+    err = write_failed(RuntimeError("unexpected pos 8448 vs 8342"), tmp, tmp_path / "other")
+    assert isinstance(err, RunError) and "0.0 MiB free" in str(err) and not tmp.exists()
+
+
+# --- 8. a damaged newest checkpoint, leftovers of a crash ----------------------------------------
+
+
+def test_damaged_newest_checkpoint_falls_back_and_leftovers_are_cleaned(base, tmp_path):
+    run = copy(base, tmp_path)
+    weights = ckpt(run, 8) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    leftovers = [ckpt(run, 10).with_suffix(".tmp"), ckpt(run, 1).with_suffix(".deleting")]
+    leftovers.append(ckpt(run, 3))  # a step folder without its complete marker
+    for p in leftovers:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    assert fit(tiny(run, resume="auto", **SCHEDULE))["steps"] == 8  # steps 7, 8 again
+    log = (run / "train.log").read_text()
+    assert f"{weights}: " in log and "resuming from the checkpoint before it" in log
+    assert "resumed from" in log and "step_0000006 at step 6" in log
+    assert not any(p.exists() for p in leftovers)
+    assert (run / "checkpoints" / "step_0000008.damaged").is_dir()  # kept aside, named
+    assert [c.name[5:] for c in complete_checkpoints(run)] == [
+        "0000002",
+        "0000004",
+        "0000006",
+        "0000008",
+    ]
+
+
+# --- 9. retention never deletes what is newer than the resume source -----------------------------
+
+
+def test_resume_from_an_older_checkpoint_needs_the_flag_and_keep_last_1_is_refused(base, tmp_path):
+    run = copy(base, tmp_path)
+    with pytest.raises(ConfigError, match="newest checkpoints \\(step_0000006, step_0000008\\)"):
+        fit(tiny(run, resume=str(ckpt(run, 4)), **SCHEDULE | dict(keep_last=2)))
+    assert len(complete_checkpoints(run)) == 4
+    with pytest.raises(ConfigError, match="train.keep_last: must be >= 2, got 1"):
+        fit(tiny(run, resume="auto", **SCHEDULE | dict(keep_last=1)))
+
+
+# --- 10. a stuck loader worker, a run of bad files, out of memory -------------------------------
+
+
+def test_a_stuck_loader_worker_stops_the_run(tmp_path, monkeypatch):
+    getitem = SyntheticImages.__getitem__
+
+    def stuck(self, i):  # the forked worker hangs in its first item (as if SIGSTOPped)
+        time.sleep(120)
+        return getitem(self, i)
+
+    monkeypatch.setattr(SyntheticImages, "__getitem__", stuck)
+    cfg = tiny(tmp_path / "run", epochs=1, warmup_epochs=0)
+    cfg.data.num_workers, cfg.data.timeout = 1, 2
+    start = time.time()
+    with pytest.raises(RunError, match=r"DataLoader timed out after 2 seconds \(data.timeout\)"):
+        fit(cfg)
+    assert time.time() - start < 60
+
+
+def test_a_run_of_bad_files_is_the_data_error_alone(tmp_path, capsys):
+    bad = {f"zz_bad_{i:02d}.jpg": b"not an image" for i in range(70)}  # consecutive by name
+    write_image_folder(tmp_path / "images", 150, bad)
+    cfg = tiny(tmp_path / "run", epochs=1, warmup_epochs=0, batch_size=16)
+    cfg.data.path, cfg.data.num_workers = str(tmp_path / "images"), 2
+    assert main(["train", *overrides(cfg)]) == 2
+    err = capsys.readouterr().err  # the run's log, then the message
+    assert "Traceback" not in err and "Original" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: 64 consecutive images could not be read, ") and "zz_bad_" in last
+
+
+def test_out_of_memory_is_one_message(capsys):
+    def fails(e: Exception) -> int:
+        def action(cfg, args):
+            raise e
+
+        return run_command(lambda args: tiny(Path("unused")), [], "x", action)
+
+    cpu = (
+        "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried"
+    )
+    for e in (RuntimeError(cpu), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")):
+        assert fails(e) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: out of memory (") and "--train.batch_size" in err
+        assert len(err.strip().splitlines()) == 1
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        fails(RuntimeError("a bug"))
+
+
+# --- 11. a config error under accelerate launch ------------------------------------------------
+
+
+def test_config_error_under_accelerate_launch_is_the_message(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    cmd += ["--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ssl_vit", "train"]
+    cmd += ["--train.epochs", "-1", "--train.output_dir", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    message = "train.epochs: must be positive, got -1.0"
+    printed = re.findall(rf"^error: invalid configuration:\n  - {message}", out.stderr, re.M)
+    assert len(printed) == 1  # by rank 0
+    # torchrun's summary shows it as the root cause, not a pointer to enable tracebacks
+    root_cause = out.stderr.split("Root Cause")[1]
+    assert f"traceback : error: invalid configuration:\n  - {message}" in root_cause
+    assert "To enable traceback" not in root_cause
+
+
+# --- 12. files readable per the umask ----------------------------------------------------------
+
+
+def test_run_files_are_readable_per_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        fit(tiny(tmp_path / "run", epochs=1, warmup_epochs=0, max_steps=2))
+    finally:
+        os.umask(old)
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for p in (tmp_path / "run").rglob("*")}
+    assert modes and {m for p, m in modes.items() if Path(p).is_file()} == {"0o640"}, modes
+    assert {m for p, m in modes.items() if Path(p).is_dir()} == {"0o750"}, modes
