@@ -22,6 +22,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,6 +57,12 @@ class ModelConfig:
     """Recompute each backbone block's activations in the backward pass instead of keeping them
     (activation checkpointing): about a third more compute for a fraction of the activation memory;
     for ViT-L/H at batch sizes that do not fit otherwise. Gradients are unchanged."""
+    init: str = ""
+    """Continued pretraining: start from this checkpoint's weights (anything --checkpoint takes)
+    instead of a fresh initialisation; model.name and the sizes become the checkpoint's, the
+    position embedding is brought to model.img_size. MAE takes the decoder too when the file has
+    it (`_full` files, our MAE runs), DINO its student and teacher (and heads), DeiT the student
+    (and heads of the same classes)."""
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `timm.create_model(name, **kw)`: what differs from the name."""
@@ -91,19 +99,32 @@ class ModelConfig:
                 f"model.embed_dim: {self.embed_dim} is not divisible by model.num_heads "
                 f"{self.num_heads}"
             )
+        where = self.init.partition("=")[2] or self.init  # NAME=PATH or a path
+        if self.init and not (Path(self.init).exists() or Path(where).exists()):
+            e.append(f"model.init: {self.init!r} not found (a run directory, a file or NAME=PATH)")
         return e + field_errors(self, "model", {"in [0, 1)": "drop_path"})
 
 
+EVAL_SPLITS = ("val", "validation", "test")
+"""The held-out splits data.val_split 'auto' looks for, in this order (ImageNet folders' `val`,
+the Hugging Face convention's `validation`, then `test`)."""
+
+
 @dataclass
-class DataConfig:
+class EvalDataConfig:
+    """The data an evaluation reads (k-NN, embeddings, pictures): where, which splits, how images
+    are decoded and normalised; no training augmentation."""
+
     path: str = "synthetic"
     """'synthetic' (built-in, no files), an image folder (class sub-folders optional; uses its
     'train' sub-folder when there is one), a saved Hugging Face dataset directory, or 'hf:NAME'
     for a Hugging Face Hub dataset."""
     split: str = "train"
-    """Split to train on: a sub-folder of an image folder, or a Hugging Face split name."""
-    val_split: str = "val"
-    """Labeled split that evaluations run on (synthetic: its own held-out images)."""
+    """Training split (the k-NN bank): a sub-folder of an image folder, or a Hugging Face split."""
+    val_split: str = "auto"
+    """Labeled held-out split evaluations run on; auto = the first of val, validation, test the
+    data has (synthetic: its own held-out images). Evaluating on the training images needs
+    naming data.split here, and results then say held_out false."""
     image_column: str = "image"
     """Image column of a Hugging Face dataset."""
     label_column: str = "label"
@@ -112,30 +133,18 @@ class DataConfig:
     """Number of images in the synthetic training split."""
     synthetic_classes: int = 10
     """Number of classes of the synthetic dataset (10 to 16 shapes and textures)."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area range."""
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     """Resize interpolation."""
-    hflip: float = 0.5
-    """Horizontal-flip probability."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel normalisation mean."""
     std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel normalisation std."""
     num_workers: int = 8
-    """Data-loader worker processes per device (0 loads in the training process)."""
+    """Data-loader worker processes per device (0 loads in the main process)."""
     pin_memory: bool = True
     """Pin host memory for faster copies to the GPU (ignored on CPU)."""
     max_bad_fraction: float = 0.5
     """Stop with an error when more than this fraction of images cannot be read."""
-    timeout: float = 600
-    """Seconds to wait for a batch from the loader workers before stopping with an error (a
-    stuck worker or file system); 0 waits forever. Used when num_workers > 0."""
-    decode_on_device: bool = False
-    """Loader workers only read file bytes; decoding (nvJPEG on GPU) and the method's view (crops,
-    flip; DINO's colour jitter, grayscale, blur, solarisation; DeiT's and fine-tuning's
-    RandAugment and random erasing; normalisation) run batched on the training device, for GPUs
-    that outrun CPU decoding. Every method; the same augmentation distribution as on the CPU."""
 
     def errors(self) -> list[str]:
         e = []
@@ -148,16 +157,38 @@ class DataConfig:
         e += field_errors(self, "data", {"positive": "synthetic_size"})
         if not 10 <= self.synthetic_classes <= 16:
             e.append(f"data.synthetic_classes: must be in [10, 16], got {self.synthetic_classes}")
+        if any(s <= 0 for s in self.std):
+            e.append(f"data.std: must be positive, got {self.std}")
+        e += field_errors(self, "data", {">= 0": "num_workers"})
+        if not 0 < self.max_bad_fraction <= 1:
+            e.append(f"data.max_bad_fraction: must be in (0, 1], got {self.max_bad_fraction}")
+        return e
+
+
+@dataclass
+class DataConfig(EvalDataConfig):
+    """The data of a training run: EvalDataConfig's and the training augmentation."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range."""
+    hflip: float = 0.5
+    """Horizontal-flip probability."""
+    timeout: float = 600
+    """Seconds to wait for a batch from the loader workers before stopping with an error (a
+    stuck worker or file system); 0 waits forever. Used when num_workers > 0."""
+    decode_on_device: bool = False
+    """Loader workers only read file bytes; decoding (nvJPEG on GPU) and the method's view (crops,
+    flip; DINO's colour jitter, grayscale, blur, solarisation; DeiT's and fine-tuning's
+    RandAugment and random erasing; normalisation) run batched on the training device, for GPUs
+    that outrun CPU decoding. Every method; the same augmentation distribution as on the CPU."""
+
+    def errors(self) -> list[str]:
+        e = super().errors() + field_errors(self, "data", {">= 0": "timeout"})
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             e.append(f"data.crop_scale: need 0 < min <= max <= 1, got {self.crop_scale}")
         if not 0 <= self.hflip <= 1:
             e.append(f"data.hflip: must be a probability in [0, 1], got {self.hflip}")
-        if any(s <= 0 for s in self.std):
-            e.append(f"data.std: must be positive, got {self.std}")
-        e += field_errors(self, "data", {">= 0": "num_workers timeout"})
-        if not 0 < self.max_bad_fraction <= 1:
-            e.append(f"data.max_bad_fraction: must be in (0, 1], got {self.max_bad_fraction}")
         return e
 
 
@@ -212,6 +243,11 @@ class TrainConfig:
     """Seed of initialisation, data order, augmentation and masking."""
     log_every: int = 20
     """Log loss, lr, grad norm and img/s every this many optimizer steps."""
+    log_with: str = "tensorboard"
+    """Experiment trackers, comma-separated, passed to Accelerate: tensorboard (events in tb/),
+    wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio when installed; 'all' (every
+    installed one) or 'none'. Tags are grouped train/... and eval/...; metrics.jsonl is always
+    written."""
     eval_every_epochs: int = 0
     """Evaluate on data.val_split every this many epochs and at the end: top-1/top-5 for methods
     that classify, k-NN (k=20, T=0.07) of the exported backbone for the others; 0 = never."""
@@ -265,6 +301,7 @@ class TrainConfig:
             e.append(f"train.resume: {self.resume!r} is neither 'auto' nor a checkpoint directory")
         if self.resume and self.overwrite:
             e.append("train.overwrite: cannot be combined with train.resume")
+        e += self.tracker_errors()
         if self.compile:
             from torch._dynamo import list_backends  # torch only when compiling: --help is fast
 
@@ -273,6 +310,28 @@ class TrainConfig:
                     f"train.compile_backend: unknown torch.compile backend "
                     f"{self.compile_backend!r}; known: "
                     f"{', '.join(['eager', 'aot_eager', *list_backends()])}"
+                )
+        return e
+
+    def trackers(self) -> list[str]:
+        """train.log_with as Accelerate's `log_with` list ([] for none)."""
+        names = [n.strip() for n in self.log_with.split(",") if n.strip()]
+        return [] if names == ["none"] else names
+
+    def tracker_errors(self) -> list[str]:
+        from accelerate.tracking import get_available_trackers  # only when validating a run
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType]
+        installed = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+        e = []
+        for name in self.trackers():
+            if name not in known:
+                e.append(f"train.log_with: unknown tracker {name!r}; known: {known + ['none']}")
+            elif name != "all" and name not in installed:
+                e.append(
+                    f"train.log_with: {name} is not installed (pip install {name}); "
+                    f"installed: {installed}"
                 )
         return e
 
@@ -318,6 +377,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The `section.field` values of a config file (`--config`): JSON (a run's config.json, or
+    --print-config's output), or YAML for .yaml / .yml (PyYAML, which Accelerate and datasets
+    already depend on; safe_load: no objects built). Nested sections are flattened."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError([f"--config: {path}: no such file"])
+    try:
+        text = file.read_text()
+        d = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(
+            [f"--config: {path}: not valid {file.suffix[1:] or 'JSON'} ({e})"]
+        ) from None
+    if not isinstance(d, dict):
+        raise ConfigError([f"--config: {path}: holds a {type(d).__name__}, not sections"])
+    return flatten(d)
 
 
 # ---------------------------------------------------------------------------------------------

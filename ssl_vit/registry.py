@@ -8,20 +8,27 @@ rather than importing them, so config.py stays on the ground floor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import Config
+from ssl_vit.config import Config, ConfigError
+from ssl_vit.data import DataError, build_dataset
 from ssl_vit.data.device import DeviceView, device_single_view, device_supervised_view
 from ssl_vit.data.samplers import RepeatedAugSampler
 from ssl_vit.data.transforms import View, single_view, supervised_view
+from ssl_vit.eval.accuracy import EvalData, eval_data
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig
 from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
 from ssl_vit.eval.pretrained import pretrained_backbone
 from ssl_vit.methods.deit import DeiT, DeiTConfig
 from ssl_vit.methods.dino import DINO, DINOConfig, dino_device_view, dino_view
 from ssl_vit.methods.mae import MAE, MAEConfig
+from ssl_vit.methods.protocol import Method
+from ssl_vit.weights import load_pretrained
+
+log = logging.getLogger("ssl_vit")
 
 
 def fresh_backbone(cfg: Config) -> Backbone:
@@ -110,3 +117,55 @@ TRAINABLE: dict[str, MethodSpec] = METHODS | EVALUATORS
 def method_configs() -> dict[str, type]:
     """Config name -> config dataclass of everything that trains (Config.from_dict's table)."""
     return {name: spec.config for name, spec in TRAINABLE.items()}
+
+
+def build_method(cfg: Config, init: bool = True) -> Method:
+    """The method `cfg` trains, on its backbone (fresh, or an evaluator's checkpoint's); with
+    model.init (and `init`), started from that checkpoint's weights (`Method.init_from`)."""
+    spec = TRAINABLE[cfg.method.name]
+    backbone = spec.backbone(cfg)
+    backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    method = spec.build(backbone, cfg.method)
+    if init and cfg.model.init:
+        taken = method.init_from(cfg.model.init)
+        log.info("model.init: %s from %s", ", ".join(taken), cfg.model.init)
+    return method
+
+
+def prepare(cfg: Config) -> EvalData | None:
+    """What the data and model.init decide of `cfg`, settled before the run directory is made
+    and any step runs: model.init's architecture (model.name and sizes: the checkpoint's), DeiT's
+    classes (num_classes 0: the training split's; more labels than num_classes is an error), and
+    with train.eval_every_epochs the evaluation data, checked (`eval_data`; data.val_split
+    resolved). Returns the evaluation data, or None."""
+    m, model = cfg.method, cfg.model
+    head = m.deit if isinstance(m, FineTuneConfig) else m  # what holds num_classes, if anything
+    classifier = isinstance(head, DeiTConfig | LinearProbeConfig)
+    if model.init:
+        if cfg.method.name in EVALUATORS:
+            raise ConfigError(["model.init: an evaluator starts from --checkpoint"])
+        backbone = load_pretrained(model.init, model=model)
+        model.name = backbone.name
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            setattr(model, key, getattr(backbone, key))
+    if classifier or cfg.data.path.startswith("hf:"):  # a Hub dataset: fails here if offline
+        classes = build_dataset(cfg.data, lambda image: {}, image_size=model.img_size).classes
+        key = "method.deit.num_classes" if head is not m else "method.num_classes"
+        if classifier and not classes:
+            raise DataError(
+                f"{m.name} trains a classifier: the training split {cfg.data.split!r} (data.split) "
+                f"of {cfg.data.path} has no labels to count classes; set {key}"
+            )
+        if classifier and head.num_classes and head.num_classes < len(classes):
+            raise ConfigError([f"{key}: {head.num_classes} < the data's {len(classes)} classes"])
+        if classifier:
+            head.num_classes = head.num_classes or len(classes)
+    if not cfg.train.eval_every_epochs:
+        return None
+    what = "top-1" if TRAINABLE[m.name].build.classifies else "k-NN"
+    try:
+        data = eval_data(cfg, what)
+    except DataError as e:  # a training run can also do without
+        raise DataError(f"{e}; or train without evaluations: train.eval_every_epochs 0") from None
+    cfg.data.val_split = data.split
+    return data

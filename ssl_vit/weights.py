@@ -1,6 +1,8 @@
 """Weights in and out: any checkpoint users bring to `--checkpoint` -> a Backbone or a timm
 classifier (loaded safely and strictly, with the official MAE / DINO / DeiT key maps), and our
-exports (timm-named safetensors + a JSON naming the timm model), written atomically.
+exports in timm's own pretrained layout (a directory of config.json + model.safetensors, as
+`timm.models.save_for_hf` writes it), written atomically. Exports of earlier versions
+(`backbone.safetensors` + `backbone.json`) are still read.
 
 Run checkpoints (the full training state a run resumes from) are ssl_vit.train.checkpoint's.
 """
@@ -14,23 +16,30 @@ import math
 import os
 import pickle
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
-from timm.models import get_arch_name
+from safetensors.torch import load_file
+from timm.models import get_arch_name, save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.config import ModelConfig, field_errors
+from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, field_errors
 
+BACKBONE = "backbone"
+"""A run directory's exported backbone: a timm pretrained directory (`save_timm`)."""
+CLASSIFIER = "classifier"
+TIMM_CONFIG, TIMM_WEIGHTS = "config.json", "model.safetensors"
+"""The files of timm's pretrained layout (save_for_hf, the Hugging Face Hub)."""
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_CONFIG = "backbone.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
+"""The files of earlier versions' exports, still read."""
 CHECKPOINTS = "checkpoints"
 """A run directory's folder of training checkpoints (ssl_vit.train.checkpoint writes them)."""
 COMPLETE = "complete"
@@ -76,46 +85,71 @@ def _fill_child(child: str, module: nn.Module, state: dict, prefix: str, *_: Any
             state.setdefault(key, value)
 
 
-def export_timm(
-    state: dict[str, Any], name: str, kwargs: dict[str, Any], run_dir: str | Path, stem: str
+def save_timm(
+    state: dict[str, Any],
+    name: str,
+    kwargs: dict[str, Any],
+    directory: str | Path,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
 ) -> Path:
-    """Write `<stem>.safetensors` (timm key names) and `<stem>.json` (timm name + kwargs), each
-    atomically: what `timm.create_model(name, **kwargs)` loads with strict=True."""
-    run_dir = Path(run_dir)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    weights = run_dir / f"{stem}.safetensors"
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    shareable(tmp)
-    _fsync_file(tmp)
-    os.replace(tmp, weights)
-    spec = {"name": name, "kwargs": kwargs}
-    write_atomic(run_dir / f"{stem}.json", json.dumps(spec, indent=2).encode())
-    return weights
+    """Write `directory` in timm's pretrained layout with timm's own `save_for_hf`: config.json
+    (the architecture, its kwargs as `model_args`, the input size and normalisation) and
+    model.safetensors, so `timm.create_model("local-dir:DIR", pretrained=True)` builds and loads
+    it as it is, and the folder can be pushed to the Hugging Face Hub unchanged. `state` must
+    load strictly into `timm.create_model(name, **kwargs)` (CheckpointError otherwise). Written
+    as DIR.tmp and renamed into place: a crash leaves the old export or the new one."""
+    directory = Path(directory)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        model.load_state_dict(state, strict=True)  # copied to the CPU model, from any device
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"does not load into timm {name} {kwargs}: {e}") from None
+    h, w = model.patch_embed.img_size
+    model.pretrained_cfg = {  # what timm's data config reads; no tag or source of timm's own
+        "architecture": name,
+        "input_size": (3, h, w),
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "num_classes": model.num_classes,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    tmp, old = (directory.with_name(directory.name + s) for s in (".tmp", ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_for_hf(model, str(tmp), model_args=kwargs, safe_serialization=True)
+    for f in tmp.iterdir():
+        shareable(f)  # safetensors writes 0600
+        _fsync_file(f)
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def timm_dir(path: Path) -> bool:
+    """Whether `path` is a directory in timm's pretrained layout (config.json naming an
+    architecture, model.safetensors): our exports, a `save_for_hf` folder, a Hub download."""
+    config = path / TIMM_CONFIG
+    return (path / TIMM_WEIGHTS).is_file() and config.is_file() and "architecture" in _json(config)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return spec if isinstance(spec, dict) else {}
 
 
 def export_backbone(backbone: Backbone, run_dir: str | Path) -> Path:
-    """backbone.safetensors + backbone.json, for timm.create_model(name, num_classes=0)."""
-    spec = backbone.config_dict()
-    return export_timm(backbone.state_dict(), spec["name"], spec["kwargs"], run_dir, "backbone")
-
-
-def load_backbone(path: str | Path) -> Backbone:
-    """A Backbone from a run directory, or a `backbone.safetensors` with `backbone.json` beside."""
-    path = Path(path)
-    weights = path / BACKBONE_WEIGHTS if path.is_dir() else path
-    config = weights.with_name(BACKBONE_CONFIG)
-    for f in (weights, config):
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"{f}: not found (expected a run directory holding "
-                f"{BACKBONE_WEIGHTS} and {BACKBONE_CONFIG})"
-            )
-    spec = json.loads(config.read_text())
-    backbone = Backbone(spec["name"], **spec["kwargs"])
-    state = load_file(str(weights))
-    load_strict(backbone, state, weights, list(state))
-    return backbone
+    """run_dir/backbone/: the backbone as timm's pretrained directory (num_classes 0)."""
+    kwargs = {**backbone.timm_kwargs, "num_classes": 0}
+    return save_timm(backbone.state_dict(), backbone.name, kwargs, Path(run_dir) / BACKBONE)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -211,19 +245,7 @@ def load_pretrained(
     if which not in WHICH:
         raise CheckpointError(f"which: expected one of {list(WHICH)}, got {which!r}")
     path, arch = parse_checkpoint(checkpoint)
-    if path.is_dir():
-        weights = path / BACKBONE_WEIGHTS
-        if not weights.is_file():
-            raise CheckpointError(
-                f"{path}: a directory without {BACKBONE_WEIGHTS} (a run directory has "
-                f"{BACKBONE_WEIGHTS} and {BACKBONE_CONFIG} once training has finished)"
-            )
-        spec_file: Path | None = weights.with_name(BACKBONE_CONFIG)
-        if not spec_file.is_file():
-            raise CheckpointError(f"{spec_file}: not found (written beside {weights})")
-        path = weights
-    else:
-        spec_file = path.with_suffix(".json") if path.suffix == ".safetensors" else None
+    path, spec_file = weights_and_spec(path)
     obj = read_checkpoint(path)
     state, top_keys = _select_state(obj, which, path)
     state = backbone_keys(state)
@@ -249,6 +271,33 @@ def load_pretrained(
     state = checkpoint_filter_fn(state, backbone)
     load_strict(backbone, state, path, top_keys)
     return backbone
+
+
+def weights_and_spec(path: Path, stem: str = BACKBONE) -> tuple[Path, Path | None]:
+    """(weights file, the JSON naming its architecture, if any) of a path `--checkpoint` names:
+    a timm pretrained directory; a run directory (its `stem`/ export, or an earlier version's
+    `stem`.safetensors + .json); a model.safetensors in a timm directory; a `.safetensors` with
+    its `<stem>.json` beside; any other file (no JSON)."""
+    if path.is_dir():
+        for candidate in (path, path / stem):
+            if timm_dir(candidate):
+                return candidate / TIMM_WEIGHTS, candidate / TIMM_CONFIG
+        weights = path / f"{stem}.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(
+                f"{path}: a directory without {stem}/ (a run directory has it once training has "
+                f"finished; a timm directory holds {TIMM_CONFIG} and {TIMM_WEIGHTS})"
+            )
+        if not weights.with_suffix(".json").is_file():
+            raise CheckpointError(
+                f"{weights.with_suffix('.json')}: not found (written beside {weights})"
+            )
+        return weights, weights.with_suffix(".json")
+    if path.suffix != ".safetensors":
+        return path, None
+    if path.name == TIMM_WEIGHTS and timm_dir(path.parent):
+        return path, path.parent / TIMM_CONFIG
+    return path, path.with_suffix(".json")
 
 
 def parse_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None]:
@@ -482,12 +531,20 @@ def _select_state(obj: Any, which: str | None, path: Path) -> tuple[dict[str, Te
 
 
 def _read_spec(path: Path) -> tuple[str, dict[str, Any]]:
-    """(timm name, timm kwargs) of a backbone.json, classifier.json or export JSON."""
+    """(timm name, timm kwargs) of a timm config.json (`architecture`, `model_args`), or of an
+    earlier version's backbone.json / classifier.json / export JSON (`name`, `kwargs`)."""
+    spec = _json(path)
     try:
-        spec = json.loads(path.read_text())
+        if "architecture" in spec:  # newer timm also records the factory's own arguments
+            kwargs = dict(spec.get("model_args") or {})
+            kwargs.setdefault("num_classes", spec.get("num_classes", 0))
+            size = kwargs.get("img_size")
+            if isinstance(size, list) and len(set(size)) == 1:  # JSON's [h, w] of a square
+                kwargs["img_size"] = size[0]
+            return str(spec["architecture"]), kwargs
         return str(spec["name"]), dict(spec["kwargs"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a {{'name', 'kwargs'}} JSON ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: names no timm architecture ({e})") from None
 
 
 def _override(kwargs: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
@@ -515,20 +572,14 @@ def load_classifier(
     that many. Nothing is downloaded.
     """
     path, arch = parse_checkpoint(checkpoint)
-    if path.is_dir():
-        path = path / CLASSIFIER_WEIGHTS
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path}: not found (a run directory has one once it trained a classifier)"
-            )
-    spec = path.with_suffix(".json")
-    if arch is None and path.suffix == ".safetensors" and spec.is_file():
+    path, spec = weights_and_spec(path, CLASSIFIER)
+    if arch is None and spec is not None and spec.is_file():
         name, kwargs = _read_spec(spec)
     elif arch or name:
         name = get_arch_name(arch or name)  # a pretrained tag is ignored: nothing is downloaded
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
     else:
-        raise CheckpointError(f"{path}: no {spec.name} beside it: name its model as NAME=PATH")
+        raise CheckpointError(f"{path}: no JSON naming its model beside it: give it as NAME=PATH")
     state, top_keys = _select_state(read_checkpoint(path), None, path)
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -582,44 +633,35 @@ def export_checkpoint(
     model: ModelConfig | None = None,
     which: str = "teacher",
 ) -> dict[str, Any]:
-    """Write `output` (.safetensors, timm names) and its .json (timm name + kwargs, num_classes
-    included), checked to load with strict=True into `timm.create_model(name, **kwargs)`.
+    """Write the directory `output` in timm's pretrained layout (`save_timm`: config.json +
+    model.safetensors), which `timm.create_model("local-dir:OUTPUT", pretrained=True)` loads.
 
-    The backbone of any checkpoint load_pretrained takes (num_classes=0), or the classifier of a
-    run directory that wrote classifier.safetensors (`what`: auto | backbone | classifier).
-    Returns what was written.
-    """
-    output = Path(output)
-    if output.suffix != ".safetensors":
-        raise CheckpointError(f"{output}: the export must be a .safetensors file")
-    classifier = Path(checkpoint) / CLASSIFIER_WEIGHTS
-    if what == "classifier" and not classifier.is_file():
+    The backbone of any checkpoint load_pretrained takes (num_classes 0), or the classifier of a
+    run directory that trained one (`what`: auto | backbone | classifier | backbone_ema |
+    classifier_ema, the _ema ones a run's model EMA). Returns what was written."""
+    run = Path(checkpoint)
+    kind = what
+    if what == "auto":
+        trained = any((run / f).exists() for f in (CLASSIFIER, CLASSIFIER_WEIGHTS))
+        kind = CLASSIFIER if run.is_dir() and trained else BACKBONE
+    if kind != BACKBONE and ((model is not None and _override({}, model)) or which != "teacher"):
         raise CheckpointError(
-            f"{classifier}: not found (only a run directory that trained a classifier has one)"
+            "the load options (image size, heads, which) apply to backbone exports only"
         )
-    if what == "classifier" or (what == "auto" and classifier.is_file()):
-        if (model is not None and _override({}, model)) or which != "teacher":
-            raise CheckpointError(
-                "the load options (image size, heads, which) apply to backbone exports only"
-            )
-        kind, source = "classifier", classifier
-        state, _ = _select_state(read_checkpoint(classifier), which, classifier)
-        name, kwargs = _read_spec(classifier.with_suffix(".json"))
-    else:
+    if kind == BACKBONE:
         backbone = load_pretrained(checkpoint, model=model, which=which)
-        kind, source = "backbone", Path(str(checkpoint))
         state = backbone.state_dict()
         name, kwargs = backbone.name, {**backbone.timm_kwargs, "num_classes": 0}
-    try:
-        timm.create_model(name, pretrained=False, **kwargs).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source}: does not load into timm {name} {kwargs}: {e}") from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    weights = export_timm(state, name, kwargs, output.parent, output.stem)
+    else:
+        if not run.is_dir():
+            raise CheckpointError(f"{run}: exporting its {kind} needs a run directory")
+        weights, spec = weights_and_spec(run, kind)
+        state, _ = _select_state(read_checkpoint(weights), None, weights)
+        name, kwargs = _read_spec(spec)
+    out = save_timm(state, name, kwargs, output)
     return {
         "exported": kind,
-        "weights": str(weights),
-        "config": str(weights.with_suffix(".json")),
+        "dir": str(out),
         "name": name,
         "kwargs": kwargs,
         "params": sum(t.numel() for t in state.values()),
@@ -634,19 +676,18 @@ def import_checkpoint(
     which: str = "teacher",
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the backbone of any accepted checkpoint as `output_dir`/backbone.safetensors +
-    backbone.json, so that it is a run-like directory every command takes. Returns what was
+    """Write the backbone of any accepted checkpoint as `output_dir`/backbone/ (timm's pretrained
+    layout), so that output_dir is a run-like directory every command takes. Returns what was
     written."""
     out = Path(output_dir)
-    if (out / BACKBONE_WEIGHTS).exists() and not overwrite:
-        raise CheckpointError(f"{out}: already holds {BACKBONE_WEIGHTS} (overwrite replaces it)")
+    if (out / BACKBONE).exists() and not overwrite:
+        raise CheckpointError(f"{out}: already holds {BACKBONE}/ (overwrite replaces it)")
     backbone = load_pretrained(checkpoint, model=model, which=which)
     out.mkdir(parents=True, exist_ok=True)
-    weights = export_backbone(backbone, out)
+    written = export_backbone(backbone, out)
     return {
         "imported": str(checkpoint),
-        "weights": str(weights),
-        "config": str(out / BACKBONE_CONFIG),
+        "dir": str(written),
         **backbone.config_dict(),
         "params": sum(p.numel() for p in backbone.parameters()),
     }

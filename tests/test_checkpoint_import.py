@@ -22,10 +22,10 @@ from ssl_vit.config import ModelConfig
 from ssl_vit.weights import (
     CheckpointError,
     export_backbone,
-    export_timm,
     infer_architecture,
     load_classifier,
     load_pretrained,
+    save_timm,
 )
 
 from tolerances import FORWARD
@@ -192,15 +192,23 @@ def test_timm_name_with_local_weights(tmp_path):
     assert backbone.name == "deit_tiny_patch16_224" and backbone.num_prefix_tokens == 1
 
 
-def test_run_directory_and_backbone_file(tmp_path):
+def test_run_directory_timm_directory_and_earlier_exports(tmp_path):
+    """A run directory, its backbone/ (timm's layout), the weights file in it, and an earlier
+    version's backbone.safetensors + backbone.json all load the same backbone."""
     backbone = Backbone(NAME, **KW)
     perturbed(backbone, 8)
-    export_backbone(backbone, tmp_path)
+    export_backbone(backbone, tmp_path / "run")
+    old = tmp_path / "old"  # an earlier version's export
+    old.mkdir()
+    save_file(backbone.state_dict(), str(old / "backbone.safetensors"))
+    (old / "backbone.json").write_text(json.dumps(backbone.config_dict()))
     reference = backbone.to_timm().eval()
-    for checkpoint in (tmp_path, tmp_path / "backbone.safetensors"):
+    run = tmp_path / "run"
+    for checkpoint in (run, run / "backbone", run / "backbone" / "model.safetensors", old):
         loaded = load_pretrained(checkpoint)
-        assert loaded.config_dict() == backbone.config_dict()
+        assert loaded.name == NAME and loaded.timm_kwargs.items() >= KW.items()
         assert_features(loaded, reference)
+    assert_features(load_pretrained(old / "backbone.safetensors"), reference)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +283,7 @@ def test_malicious_pickle_refused_and_never_run(tmp_path, capsys):
     out = tmp_path / "imported"
     assert main(["import", "--checkpoint", str(evil), "--output.dir", str(out)]) == 2
     assert "refused" in capsys.readouterr().err
-    assert not target.exists() and not (out / "backbone.safetensors").exists()
+    assert not target.exists() and not (out / "backbone").exists()
 
 
 def test_wrong_checkpoint_lists_missing_unexpected_misshaped_and_top_keys(tmp_path):
@@ -316,7 +324,7 @@ def test_unusable_inputs_fail_naming_the_path(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     cases = {
         str(tmp_path / "nope.pth"): "not found",
-        str(tmp_path / "empty_dir"): "a directory without backbone.safetensors",
+        str(tmp_path / "empty_dir"): "a directory without backbone/",
         str(tmp_path / "garbage.pth"): "not a readable PyTorch or safetensors checkpoint",
         str(tmp_path / "empty.pth"): "not a readable PyTorch or safetensors checkpoint",
         str(tmp_path / "bad.safetensors"): "not a readable PyTorch or safetensors checkpoint",
@@ -341,51 +349,55 @@ def json_line(capsys) -> dict:
     return json.loads(out[0])
 
 
-def test_export_timm_strict_then_import_round_trip_bit_exact(tmp_path, capsys):
+def test_export_is_timms_own_layout_then_import_round_trip_bit_exact(tmp_path, capsys):
+    """An export with non-default kwargs is a timm pretrained directory: timm.create_model(
+    "local-dir:DIR", pretrained=True) builds it with those kwargs and its features equal ours."""
     backbone = Backbone(NAME, **KW, drop_path_rate=0.1)
     perturbed(backbone, 11)
     run = tmp_path / "run"
-    run.mkdir()
     export_backbone(backbone, run)
 
-    out = tmp_path / "export" / "vit_tiny_mae.safetensors"
-    assert main(["export", "--checkpoint", str(run), "--output.path", str(out)]) == 0
+    out = tmp_path / "export" / "vit_tiny_mae"
+    assert main(["export", "--checkpoint", str(run), "--output.dir", str(out)]) == 0
     line = json_line(capsys)
-    assert line["exported"] == "backbone" and line["weights"] == str(out)
-    spec = json.loads(out.with_suffix(".json").read_text())
-    assert spec == {"name": NAME, "kwargs": {**backbone.timm_kwargs, "num_classes": 0}}
-    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"]).eval()
-    model.load_state_dict(load_file(str(out)), strict=True)
-    assert_features(backbone, model)
+    assert line["exported"] == "backbone" and line["dir"] == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == NAME and config["num_classes"] == 0
+    assert config["model_args"].items() >= {"patch_size": 8, "drop_path_rate": 0.1}.items()
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model.patch_embed.patch_size == (8, 8) and model.embed_dim == 48
+    x = images()
+    with torch.no_grad():
+        diff = (backbone.eval()(x).tokens - model.forward_features(x)).abs().max()
+    assert diff == 0
 
     imported = tmp_path / "imported"
     assert main(["import", "--checkpoint", str(out), "--output.dir", str(imported)]) == 0
-    assert json_line(capsys)["weights"] == str(imported / "backbone.safetensors")
-    original, back = backbone.state_dict(), load_file(str(imported / "backbone.safetensors"))
+    assert json_line(capsys)["dir"] == str(imported / "backbone")
+    original = backbone.state_dict()
+    back = load_file(str(imported / "backbone" / "model.safetensors"))
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
-    assert json.loads((imported / "backbone.json").read_text()) == backbone.config_dict()
+    assert load_pretrained(imported).timm_kwargs.items() >= backbone.timm_kwargs.items()
 
     assert main(["import", "--checkpoint", str(out), "--output.dir", str(imported)]) == 2
-    assert "already holds backbone.safetensors" in capsys.readouterr().err
+    assert "already holds backbone/" in capsys.readouterr().err
 
 
 def test_export_classifier_of_a_run(tmp_path, capsys):
     """A run that trained a (distilled) classifier exports it whole; importing the export takes
     its backbone."""
     run = tmp_path / "run"
-    run.mkdir()
     export_backbone(Backbone(NAME, **KW), run)
     name, kwargs = "deit_tiny_distilled_patch16_224", {**KW, "num_classes": 10}
     classifier = perturbed(timm.create_model(name, **kwargs), 12)
-    export_timm(classifier.state_dict(), name, kwargs, run, "classifier")
-    out = tmp_path / "clf.safetensors"
-    assert main(["export", "--checkpoint", str(run), "--output.path", str(out)]) == 0
+    save_timm(classifier.state_dict(), name, kwargs, run / "classifier")
+    out = tmp_path / "clf"
+    assert main(["export", "--checkpoint", str(run), "--output.dir", str(out)]) == 0
     assert json_line(capsys)["exported"] == "classifier"
-    spec = json.loads(out.with_suffix(".json").read_text())
-    assert spec == {"name": name, "kwargs": kwargs}
-    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"]).eval()
-    model.load_state_dict(load_file(str(out)), strict=True)
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(model(images()), classifier(images()))
         # the run and its export are classifiers a DeiT teacher can be loaded from
@@ -393,7 +405,7 @@ def test_export_classifier_of_a_run(tmp_path, capsys):
             assert torch.equal(loaded(images()), classifier(images()))
 
     backbone = load_pretrained(out)
-    assert backbone.config_dict() == {"name": "deit_tiny_patch16_224", "kwargs": KW}
+    assert backbone.name == "deit_tiny_patch16_224" and backbone.timm_kwargs.items() >= KW.items()
     pos = classifier.pos_embed.detach()
     assert torch.equal(backbone.pos_embed.detach(), torch.cat([pos[:, :1], pos[:, 2:]], dim=1))
     assert torch.equal(backbone.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)

@@ -103,9 +103,11 @@ def test_one_step_through_fit(name, tmp_path):
     assert result["steps"] == 1 and math.isfinite(result["first_loss"])
     run = tmp_path / "run"
     assert json.loads((run / "config.json").read_text())["method"]["name"] == name
-    exported = load_file(str(run / "backbone.safetensors"))
+    exported = load_file(str(run / "backbone" / "model.safetensors"))
     assert exported.keys() == method.export_backbone().state_dict().keys()
-    assert (run / "classifier.safetensors").is_file() == (method.export_classifier() is not None)
+    assert (run / "classifier" / "model.safetensors").is_file() == (
+        method.export_classifier() is not None
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from ssl_vit.cli import main as cli_main
 from ssl_vit.config import DataConfig
 from ssl_vit.data import (
     DataError,
@@ -403,7 +404,9 @@ def test_saved_hf_dataset_dict_selects_the_split(tmp_path):
 
 def test_hub_dataset_goes_through_load_dataset(monkeypatch):
     import datasets
+    from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no reachability check
     calls = []
 
     def load_dataset(name, split):
@@ -418,6 +421,30 @@ def test_hub_dataset_goes_through_load_dataset(monkeypatch):
     assert calls == [("someone/pets", "train")] and ds[2]["labels"] == 2
     with pytest.raises(DataError, match="hf:someone/pets.*Unknown split"):
         build_dataset(cfg, single_view(cfg, 16), "val")
+
+
+def test_unreachable_hub_fails_at_once_in_one_line_leaving_no_run_directory(
+    tmp_path, monkeypatch, capsys
+):
+    """Offline, a Hub dataset is one request and one line, before any run directory exists
+    (before: datasets' five retries over ~40 s, a 66-line ConnectionError, config.json left)."""
+    import datasets
+    from huggingface_hub import constants, utils
+
+    class Offline:
+        def head(self, url, timeout):
+            raise ConnectionError(f"cannot resolve {url}")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(utils, "get_session", lambda: Offline())
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("no retries"))
+    run = tmp_path / "run"
+    args = ["train", "--data.path", "hf:someone/pets", "--train.output_dir", str(run)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: hf:someone/pets: cannot load it from the")
+    assert "ConnectionError: cannot resolve" in err[0] and "HF_HUB_OFFLINE=1" in err[0]
+    assert not run.exists()
 
 
 def test_data_package_imports_without_hugging_face_datasets():

@@ -28,7 +28,7 @@ from ssl_vit.data.transforms import supervised_view
 from ssl_vit.methods.deit import DeiT, DeiTConfig
 from ssl_vit.optim import param_groups
 from ssl_vit.train.loop import fit
-from ssl_vit.weights import CheckpointError, export_timm, load_classifier
+from ssl_vit.weights import CheckpointError, load_classifier, save_timm
 
 K = 5  # classes
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -186,8 +186,8 @@ def test_export_loads_strictly_into_timm_with_equal_logits(distillation):
 def test_load_classifier_each_accepted_form(tmp_path):
     images, _ = batch()
     trained = make(distillation="hard").eval()
-    export_timm(*trained.export_classifier(), tmp_path, "classifier")  # an ssl_vit run's export
-    for form in (tmp_path, tmp_path / "classifier.safetensors"):
+    save_timm(*trained.export_classifier(), tmp_path / "classifier")  # an ssl_vit run's export
+    for form in (tmp_path, tmp_path / "classifier", tmp_path / "classifier" / "model.safetensors"):
         got = load_classifier(form, "regnety_160", K)  # the JSON names the model, not `name`
         assert not got.training and type(got).__name__ == "VisionTransformerDistilled"
         torch.testing.assert_close(got(images), trained.predict(images))
@@ -228,13 +228,15 @@ def test_load_classifier_errors_name_the_file_and_the_fault(tmp_path):
         load_classifier(tmp_path / "teacher.pth", "test_resnet", 7)  # 7 classes, the file has 5
     assert str(e.value).startswith(f"{tmp_path / 'teacher.pth'}: does not fit timm test_resnet")
     assert "mis-shaped (2):\n    fc.weight checkpoint (5, 96) vs model (7, 96)" in str(e.value)
-    export_timm(*make().eval().export_classifier(), tmp_path, "classifier")
-    with pytest.raises(CheckpointError, match=r"classifier.safetensors: .* of 5 classes, not 7"):
+    save_timm(*make().eval().export_classifier(), tmp_path / "classifier")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: .* of 5 classes, not 7"):
         load_classifier(tmp_path, "", 7)
-    with pytest.raises(CheckpointError, match=r"teacher.pth: no teacher.json .* NAME=PATH"):
+    with pytest.raises(
+        CheckpointError, match=r"teacher.pth: no JSON naming its model .* NAME=PATH"
+    ):
         load_classifier(tmp_path / "teacher.pth")  # no name anywhere
     (tmp_path / "empty").mkdir()  # a run directory before its export
-    with pytest.raises(CheckpointError, match=r"empty/classifier.safetensors: not found"):
+    with pytest.raises(CheckpointError, match=r"empty: a directory without classifier/"):
         load_classifier(tmp_path / "empty", "test_resnet")
     with pytest.raises(CheckpointError, match=r"nope.pth: not found \(the weights file"):
         load_classifier(f"test_resnet={tmp_path / 'nope.pth'}")

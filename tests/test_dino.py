@@ -205,7 +205,7 @@ def test_weight_decay_schedule_and_frozen_last_layer_through_the_trainer(tmp_pat
     assert not torch.equal(epoch2[key], initial[key])
     assert not torch.equal(epoch1["head.mlp.0.weight"], initial["head.mlp.0.weight"])
     # the exported backbone is the teacher's
-    exported = load_file(str(run / "backbone.safetensors"))
+    exported = load_file(str(run / "backbone" / "model.safetensors"))
     final = load_file(str(ckpt / "step_0000012" / "model.safetensors"))
     name = "blocks.0.attn.qkv.weight"
     assert torch.equal(exported[name], final[f"teacher.backbone.{name}"])

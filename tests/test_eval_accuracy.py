@@ -13,7 +13,9 @@ from ssl_vit.methods.mae import MAEConfig
 
 
 class OneProcess:
-    """The two accelerator calls classification_metrics makes, for a single process."""
+    """The accelerator calls classification_metrics makes, for a single process."""
+
+    is_main_process = True
 
     def autocast(self):
         return contextlib.nullcontext()

@@ -224,18 +224,19 @@ def test_one_row_per_step_after_a_crash_and_resume(base, tmp_path):
     assert [r["step"] for r in metrics(run)] == list(range(1, 9))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("final" in r for r in rows) == 1
-    events = EventAccumulator(str(run / "tb"))
+    tb = run / "tb" / "ssl_vit"
+    events = EventAccumulator(str(tb))
     events.Reload()
-    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2  # before and after
-    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 2  # before and after
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
     # killed before its first checkpoint: `auto` starts again, and the rows start again too
     shutil.rmtree(run / "checkpoints")
     fit(tiny(run, resume="auto", max_steps=2, **SCHEDULE))
     assert [r["step"] for r in metrics(run)] == [1, 2]
-    events = EventAccumulator(str(run / "tb"))
+    events = EventAccumulator(str(tb))
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
 
 
 # --- 7. a full disk ----------------------------------------------------------------------------

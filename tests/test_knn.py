@@ -18,7 +18,7 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.cli.knn import main
 from ssl_vit.config import ModelConfig
 from ssl_vit.eval.knn import embed
-from ssl_vit.weights import export_backbone, import_checkpoint, load_backbone, load_pretrained
+from ssl_vit.weights import export_backbone, import_checkpoint, load_pretrained
 
 from tolerances import FORWARD
 
@@ -83,7 +83,7 @@ def test_official_dino_checkpoint_equals_our_run_directory(tmp_path, capsys):
     with torch.no_grad():
         want = F.normalize(teacher.forward_features(x)[:, 0], dim=-1)
         got_official = embed(load_pretrained(official, model=heads).eval(), x, accelerator)
-        got_run = embed(load_backbone(run).eval(), x, accelerator)
+        got_run = embed(load_pretrained(run).eval(), x, accelerator)
         got_student = embed(
             load_pretrained(official, model=heads, which="student").eval(), x, accelerator
         )
@@ -97,7 +97,10 @@ def test_official_dino_checkpoint_equals_our_run_directory(tmp_path, capsys):
     from_official = knn(capsys, str(official), "--load.num_heads", "3")
     assert from_official["checkpoint"] == str(official)
     assert metrics(from_official) == metrics(from_run)
-    assert set(metrics(from_run)) == {"k", "knn_top1", "knn_top5", "knn_top1_k1", "knn_top5_k1"}
+    assert set(metrics(from_run)) == {
+        "k", "knn_top1", "knn_top5", "knn_top1_k1", "knn_top5_k1", "eval_split", "held_out"
+    }  # fmt: skip
+    assert (from_run["eval_split"], from_run["held_out"]) == ("val", True)
     assert from_run["knn_top5"] > from_run["knn_top1"] > 0  # a real measurement, not all 0
     assert json.loads((official.parent / "knn.json").read_text()) == from_official
     assert json.loads((run / "knn.json").read_text()) == from_run

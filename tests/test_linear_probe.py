@@ -29,7 +29,9 @@ K = 10
 
 
 class OneProcess:
-    """The two accelerator calls classification_metrics makes, for a single process."""
+    """The accelerator calls classification_metrics makes, for a single process."""
+
+    is_main_process = True
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -163,8 +165,8 @@ def test_linprobe_run_keeps_the_backbone_bit_identical(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    original = load_file(str(pre / "backbone.safetensors"))
-    exported = load_file(str(run / "backbone.safetensors"))
+    original = load_file(str(pre / "backbone" / "model.safetensors"))
+    exported = load_file(str(run / "backbone" / "model.safetensors"))
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
     for step in range(1, 9):  # the frozen backbone inside every saved training state, too

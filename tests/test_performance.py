@@ -155,8 +155,8 @@ def test_grad_checkpointing_run_is_identical(tmp_path):
         fit(cfg)
     assert "activation checkpointing" in (checkpointed / "train.log").read_text()
     assert [m["loss"] for m in metrics(plain)] == [m["loss"] for m in metrics(checkpointed)]
-    a = load_file(str(plain / "backbone.safetensors"))
-    b = load_file(str(checkpointed / "backbone.safetensors"))
+    a = load_file(str(plain / "backbone" / "model.safetensors"))
+    b = load_file(str(checkpointed / "backbone" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -238,8 +238,8 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, method):
         assert m2["loss"] == pytest.approx(m1["loss"], rel=LOSS_RTOL)
         assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=GRAD_NORM_RTOL)
     # the exported backbone (DINO: the EMA teacher's) gathered from the shards
-    a = load_file(str(tmp_path / "one" / "backbone.safetensors"))
-    b = load_file(str(tmp_path / "two" / "backbone.safetensors"))
+    a = load_file(str(tmp_path / "one" / "backbone" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "backbone" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], **TRAINED)
     # k-NN evaluation at the end runs on the sharded model

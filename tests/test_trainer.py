@@ -17,7 +17,6 @@ import timm
 import torch
 from conftest import TINY_METHODS, TINY_MODEL, metrics, overrides, params, tiny, train_until_killed
 from PIL import Image
-from safetensors.torch import load_file
 
 from ssl_vit.config import Config, ConfigError
 from ssl_vit.methods.mae import MAEConfig
@@ -45,10 +44,9 @@ def test_run_directory_loss_decrease_and_schedule(tmp_path):
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert list((run / "tb").rglob("events.out.tfevents.*"))
 
-    # the exported backbone loads strictly into timm and carries the trained weights
-    spec = json.loads((run / "backbone.json").read_text())
-    model = timm.create_model(spec["name"], num_classes=0, **spec["kwargs"])
-    model.load_state_dict(load_file(str(run / "backbone.safetensors")), strict=True)
+    # the exported backbone: timm builds and loads it from its own directory layout
+    model = timm.create_model(f"local-dir:{run / 'backbone'}", pretrained=True)
+    assert model.num_classes == 0 and model.patch_embed.img_size == (32, 32)
     trained = params(run, 24)
     assert torch.equal(model.blocks[1].mlp.fc2.weight, trained["backbone.blocks.1.mlp.fc2.weight"])
 
@@ -150,7 +148,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     killed_cfg = tiny(killed, **long_schedule)
     killed_cfg.data.num_workers = 2  # augmentation does not depend on who loads the images
     ckpt_n = train_until_killed(killed_cfg, n)
-    assert not (killed / "backbone.safetensors").exists()
+    assert not (killed / "backbone" / "model.safetensors").exists()
 
     control = tmp_path / "control"
     shutil.copytree(ckpt_n, control / "checkpoints" / ckpt_n.name)
@@ -242,7 +240,7 @@ def test_corrupt_images_are_skipped_and_logged(tmp_path):
     cfg.data.path = str(tmp_path / "images")
     result = fit(cfg)
     assert result["steps"] == 2
-    assert (tmp_path / "run" / "backbone.safetensors").exists()
+    assert (tmp_path / "run" / "backbone" / "model.safetensors").exists()
     log = (tmp_path / "run" / "train.log").read_text()
     for p in bad:
         assert str(p) in log
@@ -331,11 +329,15 @@ def test_tensorboard_holds_image_summaries_and_training_is_unchanged(tmp_path):
 
     plain, pictured = tmp_path / "plain", tmp_path / "pictured"
     fit(tiny(plain, epochs=2, warmup_epochs=0))
-    fit(tiny(pictured, epochs=2, warmup_epochs=0, image_every_epochs=1))
+    fit(tiny(pictured, epochs=2, warmup_epochs=0, image_every_epochs=1, eval_every_epochs=2))
     events = EventAccumulator(str(next((pictured / "tb").rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    assert sorted(events.Tags()["images"]) == ["attention", "mae_reconstruction"]
-    assert [e.step for e in events.Images("mae_reconstruction")] == [4, 8]
+    assert sorted(events.Tags()["images"]) == ["images/attention", "images/mae_reconstruction"]
+    assert [e.step for e in events.Images("images/mae_reconstruction")] == [4, 8]
+    scalars = events.Tags()["scalars"]  # grouped: train/..., eval/...
+    assert {"train/loss", "train/lr", "train/img_per_s", "eval/knn_top1"} <= set(scalars)
+    assert all(t.startswith(("train/", "eval/")) for t in scalars)
+    assert [e.step for e in events.Scalars("eval/knn_top1")] == [8]
     a, b = params(plain, 8), params(pictured, 8)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the pictures never touch the training RNG
 

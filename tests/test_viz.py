@@ -338,7 +338,7 @@ def test_pos_embed_command(run_dir, tmp_path, capsys):
         capsys,
         "pos-embed",
         "--checkpoint",
-        str(run_dir / "backbone.safetensors"),
+        str(run_dir / "backbone"),
         "--output",
         str(out),
     )

@@ -464,7 +464,7 @@ def run_loader(root: BenchRoot, device: str = "cpu") -> dict[str, LoaderResult]:
     dev = torch.device(device)
     results = {}
     for name in root.bench.loader_views:
-        method = root.method if root.method.name == name else METHODS[name].config()
+        method = root.method if root.method.name == name else method_config(name)
         if root.data.decode_on_device:
             batches = real_batches(root, method, warm + n, dev)
         else:  # host-side throughput: no pinning (nor the CUDA context it would create)
@@ -686,9 +686,18 @@ def table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def method_config(name: str) -> Any:
+    """A method's default config; classes counted from data (num_classes 0, DeiT) are
+    NUM_CLASSES here, where synthetic tensors replace the data."""
+    cfg = METHODS[name].config()
+    if getattr(cfg, "num_classes", None) == 0:
+        cfg.num_classes = NUM_CLASSES
+    return cfg
+
+
 def bench_root(args: Args) -> BenchRoot:
     """The bench config tree of the method `--method` names."""
-    return BenchRoot(method=METHODS[choice(args, "--method", list(METHODS), "method")].config())
+    return BenchRoot(method=method_config(choice(args, "--method", list(METHODS), "method")))
 
 
 def configure(argv: list[str]) -> BenchRoot:

@@ -2,11 +2,12 @@
 
 ssl-vit train --method mae [--section.field value ...]
 ssl-vit knn --checkpoint RUN_DIR [--section.field value ...]
+ssl-vit embed --checkpoint CHECKPOINT --data.path DIR [--embed.output F.parquet ...]
 ssl-vit linprobe --checkpoint CHECKPOINT [--protocol mae|dino] [--section.field value ...]
 ssl-vit finetune --checkpoint CHECKPOINT [--section.field value ...]
-ssl-vit export --checkpoint CHECKPOINT --output.path FILE.safetensors [--section.field value ...]
+ssl-vit export --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
 ssl-vit import --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
-ssl-vit visualize {attention,mae,pos-embed,attention-distance} --checkpoint CHECKPOINT [...]
+ssl-vit visualize {attention,mae,pca,pos-embed,attention-distance} --checkpoint CHECKPOINT [...]
 accelerate launch recipes/mae_vitb.py [--section.field value ...]
 """
 
@@ -15,18 +16,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ssl_vit.cli import knn, train, visualize, weights
+from ssl_vit.cli import embed, knn, train, visualize, weights
 
 USAGE = """usage: ssl-vit COMMAND [--section.field VALUE ...]
 
 commands:
   train   pretrain with a method's default config (--method mae); recipes/ hold the papers' recipes
   knn     weighted k-NN accuracy of any checkpoint's backbone (--checkpoint CHECKPOINT)
+  embed   the features of every image of a folder or dataset -> .parquet / .safetensors with ids
   linprobe  linear probe of a frozen backbone, MAE or DINO protocol (--checkpoint, --protocol)
   finetune  fine-tune a backbone end to end, MAE protocol (--checkpoint CHECKPOINT)
-  export  a run's backbone (or classifier) or any checkpoint -> timm-named safetensors + JSON
-  import  any checkpoint (official MAE/DINO/DeiT .pth, NAME=PATH) -> backbone.safetensors + JSON
-  visualize  attention | mae | pos-embed | attention-distance pictures of a checkpoint -> PNG
+  export  a run's backbone (or classifier) or any checkpoint -> a timm pretrained directory
+  import  any checkpoint (official MAE/DINO/DeiT .pth, NAME=PATH) -> DIR/backbone/ (timm layout)
+  visualize  attention | mae | pca | pos-embed | attention-distance pictures of a checkpoint -> PNG
 
 `ssl-vit COMMAND --help` lists every field of that command with its doc and default. The training
 step benchmark is `python tools/bench.py` (see README § Benchmark)."""
@@ -34,6 +36,7 @@ step benchmark is `python tools/bench.py` (see README § Benchmark)."""
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train.train_main,
     "knn": knn.main,
+    "embed": embed.main,
     "linprobe": train.linprobe_main,
     "finetune": train.finetune_main,
     "export": weights.export_main,

@@ -14,11 +14,12 @@ from ssl_vit.cli.runner import Args, run_command
 from ssl_vit.config import (
     Config,
     ConfigError,
-    DataConfig,
+    EvalDataConfig,
     ModelConfig,
     TrainConfig,
     field_errors,
 )
+from ssl_vit.eval.accuracy import eval_data
 from ssl_vit.eval.knn import knn_eval
 from ssl_vit.weights import (
     CHECKPOINT_HELP,
@@ -51,7 +52,7 @@ class KNNRoot:
     data.val_split the queries) and how the checkpoint's backbone is loaded."""
 
     knn: KNNConfig = field(default_factory=KNNConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
 
 
@@ -66,7 +67,7 @@ def knn(root: KNNRoot, args: Args) -> dict[str, Any]:
             parse_checkpoint(checkpoint)
         except CheckpointError as err:
             e.append(f"--checkpoint: {err}")
-    e += root.knn.errors()
+    e += root.knn.errors() + root.data.errors()
     if e:
         raise ConfigError(e)
     backbone = load_pretrained(checkpoint, model=root.load.model(), which=root.load.which)
@@ -78,10 +79,11 @@ def knn(root: KNNRoot, args: Args) -> dict[str, Any]:
         data=root.data,
         train=TrainConfig(batch_size=root.knn.batch_size),
     )
+    data = eval_data(cfg, "k-NN")  # before the bank: wrong data fails in seconds, not hours
     metrics = knn_eval(
-        backbone.to(accelerator.device), cfg, accelerator, root.knn.k, root.knn.temperature
+        backbone.to(accelerator.device), cfg, accelerator, root.knn.k, root.knn.temperature, data
     )
-    result = {"checkpoint": checkpoint, "k": list(root.knn.k), **metrics}
+    result = {"checkpoint": checkpoint, "k": list(root.knn.k), **metrics, **data.result()}
     if accelerator.is_main_process:
         path, _ = parse_checkpoint(checkpoint)
         (path if path.is_dir() else path.parent).joinpath("knn.json").write_text(

@@ -1,14 +1,16 @@
 """The one command runner: every `ssl-vit` subcommand and every recipe goes through `run_command`.
 
-flags that shape the command (--checkpoint, --protocol, --method) -> the config tree's
-`--section.field value` overrides -> --help, or the command's action -> its result as one JSON
-line on stdout (main process only), exit status 0. Bad input: one clear message on stderr, exit
-status 2, no traceback; a run that cannot go on (it diverged, a full disk, a stuck loader worker,
-out of memory): the same, exit status 1.
+flags that shape the command (--checkpoint, --protocol, --method) -> a config file's values
+(--config FILE, JSON or YAML) -> the config tree's `--section.field value` overrides -> --help,
+--print-config (the resolved tree as JSON, reusable as --config), or the command's action -> its
+result as one JSON line on stdout (main process only), exit status 0. Bad input: one clear
+message on stderr, exit status 2, no traceback; a run that cannot go on (it diverged, a full
+disk, a stuck loader worker, out of memory): the same, exit status 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -19,7 +21,15 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from ssl_vit.config import ConfigError, apply_overrides, help_text, parse_args, pop_flag
+from ssl_vit.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    help_text,
+    parse_args,
+    pop_flag,
+    read_config,
+)
 from ssl_vit.data import DataError
 from ssl_vit.train.state import RunError
 from ssl_vit.weights import CheckpointError
@@ -63,8 +73,8 @@ class Args:
     """What the command line said besides the overrides: the shaping flags' values and the keys
     it set (so that defaults filled later from a checkpoint never replace them)."""
 
-    def __init__(self, flags: dict[str, str], given: set[str]):
-        self.flags, self.given = flags, given
+    def __init__(self, flags: dict[str, str], given: set[str], print_config: bool = False):
+        self.flags, self.given, self.print_config = flags, given, print_config
 
     def __getitem__(self, flag: str) -> str:
         return self.flags[flag]
@@ -74,17 +84,44 @@ def parse(
     make_root: Callable[[Args], Any], argv: Sequence[str], flags: dict[str, str] | None = None
 ) -> tuple[Any, Args, bool]:
     """(root, args, whether --help was asked): `flags` (flag -> default) are taken out of argv
-    first and may shape the config tree, root = make_root(args); the rest of argv are
-    `--section.field` overrides, applied to root unless --help was asked."""
+    first and may shape the config tree, root = make_root(args); then the values of a --config
+    file (which also gives --method and --protocol when the command line does not), then the rest
+    of argv, `--section.field` overrides; neither applied when --help was asked."""
     rest, values = list(argv), {}
+    config_file, rest = pop_flag(rest, "--config")
+    print_config = "--print-config" in rest
+    rest = [a for a in rest if a != "--print-config"]
+    from_file = read_config(config_file) if config_file else {}
     for flag, default in (flags or {}).items():
-        values[flag], rest = pop_flag(rest, flag, default)
+        values[flag], rest = pop_flag(rest, flag, "\0")
+        if values[flag] == "\0":
+            values[flag] = str(from_file.get(FILE_FLAGS.get(flag, ""), default))
     overrides, want_help = parse_args(rest)
-    args = Args(values, set(overrides))
+    args = Args(values, set(from_file) | set(overrides), print_config)
     root = make_root(args)
     if not want_help:
+        name = from_file.pop("method.name", None)
+        if name is not None and isinstance(root, Config) and name != root.method.name:
+            raise ConfigError(
+                [f"--config: {config_file} is a {name} config, not {root.method.name}"]
+            )
+        try:
+            apply_overrides(root, from_file)
+        except ConfigError as e:
+            raise ConfigError(
+                [f"--config {config_file}: {m.lstrip('-')}" for m in e.errors]
+            ) from None
         apply_overrides(root, overrides)
     return root, args, want_help
+
+
+FILE_FLAGS = {"--method": "method.name", "--protocol": "method.protocol"}
+"""The shaping flags a config file gives by its values, when the command line does not."""
+
+
+def as_dict(root: Any) -> dict[str, Any]:
+    """The command's config tree as --print-config shows it (and --config reads it back)."""
+    return root.to_dict() if isinstance(root, Config) else dataclasses.asdict(root)
 
 
 def run_command(
@@ -102,6 +139,9 @@ def run_command(
         root, args, want_help = parse(make_root, argv, flags)
         if want_help:
             print(help_text(root, prog) + help_extra)
+            return 0
+        if args.print_config:
+            print(json.dumps(as_dict(root), indent=2))
             return 0
         result = action(root, args)
     except USER_ERRORS as e:

@@ -1,14 +1,16 @@
 """`ssl-vit visualize`: pictures of what a checkpoint learned, one PNG per command.
 
     ssl-vit visualize attention --checkpoint CKPT [--image PATH] [--threshold 0.6]
-    ssl-vit visualize mae --checkpoint RUN_DIR [--num_images 4 --data.path ...]
+    ssl-vit visualize mae --checkpoint RUN_DIR [--image A.jpg,B.jpg | --data.path ...]
+    ssl-vit visualize pca --checkpoint CKPT [--image A.jpg,B.jpg | --data.path DIR] [--img_size 448]
     ssl-vit visualize pos-embed --checkpoint CKPT
     ssl-vit visualize attention-distance --checkpoint CKPT [--num_images 128]
 
 CKPT is anything `--checkpoint` accepts (`load_pretrained`); `mae` needs the decoder: our MAE run
 directory or an official `*_full.pth` / visualize file. A command's own options are `--viz.field`
-or just `--field`; images come from `--data.*` (the synthetic dataset by default). Each command
-writes its PNG to --output and prints one JSON line saying what it wrote.
+or just `--field`; images come from `--image` files or from `--data.*` (its evaluation split when
+it has one, else its training split; the synthetic dataset by default). Each command writes its
+PNG to --output and prints one JSON line saying what it wrote.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from matplotlib.figure import Figure
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli.runner import Args, run_command
-from ssl_vit.config import ConfigError, DataConfig, field_errors
+from ssl_vit.config import ConfigError, EvalDataConfig, field_errors
 from ssl_vit.viz.attention import (
     cls_attention_maps,
     layer_attentions,
     mean_attention_distance,
     threshold_mask,
 )
-from ssl_vit.viz.images import dataset_images, load_image, to_pixels
+from ssl_vit.viz.images import dataset_images, load_image, load_images, picture_split, to_pixels
+from ssl_vit.viz.pca import pca_rgb
 from ssl_vit.viz.pos_embed import patch_pos_embed, pos_embed_similarity
 from ssl_vit.viz.reconstruction import PANELS, load_mae, mae_panels
 from ssl_vit.viz.render import (
@@ -62,8 +65,11 @@ class AttentionConfig:
 
 @dataclass
 class MAEVizConfig:
+    image: str = ""
+    """Image files, comma-separated (short side resized, centre-cropped square); '' = num_images
+    images of data.path."""
     num_images: int = 4
-    """Images (rows) from data.val_split of data.path."""
+    """Images (rows) from data.path, when no image is given."""
     mask_ratio: float = 0.0
     """Fraction of patches removed; 0 = the one the model was trained with."""
     seed: int = 0
@@ -76,6 +82,26 @@ class MAEVizConfig:
 
     def errors(self) -> list[str]:
         return field_errors(self, "viz", {">= 1": "num_images", "in [0, 1)": "mask_ratio"})
+
+
+@dataclass
+class PCAConfig:
+    image: str = ""
+    """Image files, comma-separated (short side resized, centre-cropped square); '' = num_images
+    images of data.path."""
+    num_images: int = 4
+    """Images from data.path, when no image is given."""
+    img_size: int = 0
+    """Image side (position embedding resampled; DINOv2's figures use 448+); 0 = the model's own."""
+    threshold: float = 0.0
+    """Foreground: patches whose standardised first component exceeds this."""
+    remove_background: bool = True
+    """Black out the background (the first component's low side); false colours every patch."""
+    output: str = "pca.png"
+    """PNG to write."""
+
+    def errors(self) -> list[str]:
+        return field_errors(self, "viz", {">= 1": "num_images", ">= 0": "img_size"})
 
 
 @dataclass
@@ -109,7 +135,7 @@ class VizRoot:
 
     viz: Any = None
     """The command's options (AttentionConfig, ...)."""
-    data: DataConfig | None = field(default_factory=DataConfig)
+    data: EvalDataConfig | None = field(default_factory=EvalDataConfig)
 
 
 def _device() -> torch.device:
@@ -154,7 +180,7 @@ def attention(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
                 for t, m in zip(titles, masks, strict=True)
             ]
         )
-    source = c.image or f"{d.path}:{d.val_split}[0]"
+    source = c.image or f"{d.path}:{picture_split(d)}[0]"
     return panel_grid(rows), {"image": source, "heads": backbone.num_heads, "grid": list(grid)}
 
 
@@ -165,19 +191,62 @@ def mae(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
     model = load_mae(checkpoint, c.norm_pix).to(_device())
     if c.mask_ratio:
         model.cfg.mask_ratio = c.mask_ratio
-    x = dataset_images(d, c.num_images, _native_size(model.backbone)).to(_device())
+    size, p = _native_size(model.backbone), model.backbone.patch_size
+    if c.image:
+        x = load_images(c.image, size, p, d.mean, d.std)
+    else:
+        x = dataset_images(d, c.num_images, size)
+    x, n = x.to(_device()), len(x)
     gen = torch.Generator().manual_seed(c.seed)
-    noise = torch.rand(c.num_images, model.backbone.num_patches, generator=gen).to(_device())
+    noise = torch.rand(n, model.backbone.num_patches, generator=gen).to(_device())
     panels = mae_panels(model, x, noise, d.mean, d.std).cpu()
     rows = [
-        [(PANELS[j] if i == 0 else "", panels[i, j]) for j in range(len(PANELS))]
-        for i in range(c.num_images)
+        [(PANELS[j] if i == 0 else "", panels[i, j]) for j in range(len(PANELS))] for i in range(n)
     ]
     info = {
-        "num_images": c.num_images,
+        "images": c.image.split(",") if c.image else f"{d.path}:{picture_split(d)}[:{n}]",
+        "num_images": n,
         "mask_ratio": model.cfg.mask_ratio,
         "norm_pix": model.cfg.norm_pix_loss,
         "columns": list(PANELS),
+    }
+    return panel_grid(rows), info
+
+
+@torch.no_grad()
+def pca(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
+    """The images over the first 3 principal components of their last-block patch features as
+    RGB, one PCA over all images, background removed by the first component (DINOv2, Fig. 1)."""
+    c, d = root.viz, root.data
+    backbone = load_pretrained(checkpoint).to(_device()).eval()
+    p = backbone.patch_size
+    size = c.img_size or _native_size(backbone)
+    if size % p:
+        raise ConfigError([f"viz.img_size: {size} is not a multiple of the patch size {p}"])
+    if c.image:
+        x = load_images(c.image, size, p, d.mean, d.std)
+    else:
+        x = dataset_images(d, c.num_images, size)
+    out = backbone(x.to(_device()))
+    grid = (size // p, size // p)
+    rgb, fg, explained = pca_rgb(
+        out.tokens[:, out.num_prefix :].float().cpu(), grid, c.threshold, c.remove_background
+    )
+    pixels = to_pixels(x, d.mean, d.std)
+    names = c.image.split(",") if c.image else [f"image {i + 1}" for i in range(len(x))]
+    rgb = torch.nn.functional.interpolate(rgb, size=(size, size))  # nearest: a block per patch
+    rows = [
+        [(n.rsplit("/", 1)[-1], img) for n, img in zip(names, pixels, strict=True)],
+        [
+            (f"{100 * float(m.float().mean()):.0f}% foreground", im)
+            for m, im in zip(fg, rgb, strict=True)
+        ],
+    ]
+    info = {
+        "images": names if c.image else f"{d.path}:{picture_split(d)}[:{len(x)}]",
+        "grid": list(grid),
+        "foreground": [round(float(m.float().mean()), 4) for m in fg],
+        "explained_variance": [round(v, 4) for v in explained.tolist()],
     }
     return panel_grid(rows), info
 
@@ -218,6 +287,7 @@ def attention_distance(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str
 COMMANDS: dict[str, tuple[type, bool, Callable[[str, VizRoot], tuple[Figure, dict]]]] = {
     "attention": (AttentionConfig, True, attention),
     "mae": (MAEVizConfig, True, mae),
+    "pca": (PCAConfig, True, pca),
     "pos-embed": (PosEmbedConfig, False, pos_embed),
     "attention-distance": (DistanceConfig, True, attention_distance),
 }
@@ -228,7 +298,7 @@ USAGE = (__doc__ or "").split("\n\n", 1)[1]
 
 def short_flags(argv: list[str]) -> list[str]:
     """A flag without a section (`--threshold`) is the command's own (`--viz.threshold`)."""
-    shaping = ("--help", "--checkpoint")
+    shaping = ("--help", "--checkpoint", "--config", "--print-config")
     return [
         f"--viz.{a[2:]}"
         if a.startswith("--") and "." not in a.split("=")[0] and a not in shaping
@@ -253,7 +323,7 @@ def main(argv: list[str]) -> int:
     options, reads_images, draw = COMMANDS[command]
 
     def root(args: Args) -> VizRoot:
-        return VizRoot(viz=options(), data=DataConfig() if reads_images else None)
+        return VizRoot(viz=options(), data=EvalDataConfig() if reads_images else None)
 
     def run(root: VizRoot, args: Args) -> dict[str, Any]:
         checkpoint = args["--checkpoint"]

@@ -1,5 +1,6 @@
-"""`ssl-vit export` (any checkpoint, or a run's backbone or classifier -> a timm-named safetensors
-+ JSON) and `ssl-vit import` (any checkpoint -> a run-like directory every command takes)."""
+"""`ssl-vit export` (any checkpoint, or a run's backbone or classifier -> a directory in timm's
+pretrained layout, config.json + model.safetensors) and `ssl-vit import` (any checkpoint -> a
+run-like directory every command takes)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from ssl_vit.weights import CHECKPOINT_HELP, LoadConfig, export_checkpoint, impo
 
 @dataclass
 class ExportOutput:
-    path: str = ""
-    """The .safetensors file to write (required); the timm name and kwargs go to the .json beside
-    it: `timm.create_model(name, **kwargs)` loads it with strict=True."""
-    what: Literal["auto", "backbone", "classifier"] = "auto"
-    """auto: a run directory's classifier when it wrote classifier.safetensors, else the
-    backbone."""
+    dir: str = ""
+    """The directory to write (required): config.json + model.safetensors, as timm's save_for_hf;
+    `timm.create_model("local-dir:DIR", pretrained=True)` loads it, and it can be pushed to the
+    Hugging Face Hub as it is."""
+    what: Literal["auto", "backbone", "classifier", "backbone_ema", "classifier_ema"] = "auto"
+    """auto: a run directory's classifier when it trained one, else the backbone; the _ema ones:
+    a run's model EMA (DeiT, fine-tuning)."""
 
 
 @dataclass
@@ -32,8 +34,8 @@ class ExportRoot:
 @dataclass
 class ImportOutput:
     dir: str = ""
-    """Directory to write backbone.safetensors + backbone.json into (required; created), usable
-    as --checkpoint by every command."""
+    """Directory to write backbone/ into (timm's pretrained layout; required, created), usable as
+    --checkpoint by every command."""
     overwrite: bool = False
     """Replace a backbone already in output.dir."""
 
@@ -60,10 +62,8 @@ def checked(root: ExportRoot | ImportRoot, args: Args, output: str, what: str) -
 
 def export(root: ExportRoot, args: Args) -> dict[str, Any]:
     o, load = root.output, root.load
-    checkpoint = checked(
-        root, args, o.path, "--output.path: required (the .safetensors file to write)"
-    )
-    return export_checkpoint(checkpoint, o.path, what=o.what, model=load.model(), which=load.which)
+    checkpoint = checked(root, args, o.dir, "--output.dir: required (the directory to write)")
+    return export_checkpoint(checkpoint, o.dir, what=o.what, model=load.model(), which=load.which)
 
 
 def import_(root: ImportRoot, args: Args) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def import_(root: ImportRoot, args: Args) -> dict[str, Any]:
 
 
 def export_main(argv: list[str]) -> int:
-    """`ssl-vit export --checkpoint X --output.path F.safetensors`: one JSON line; 2 on errors."""
+    """`ssl-vit export --checkpoint X --output.dir DIR`: one JSON line; 2 on errors."""
     prog = "ssl-vit export --checkpoint CHECKPOINT"
     return run_command(
         lambda args: ExportRoot(), argv, prog, export, flags={"--checkpoint": ""},

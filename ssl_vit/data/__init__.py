@@ -7,6 +7,7 @@ from ssl_vit.data.datasets import (
     build_dataset,
     build_loader,
     collate,
+    eval_split,
     open_image,
     seeded,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "device_single_view",
     "device_view",
     "encoded_dataset",
+    "eval_split",
     "eval_view",
     "build_dataset",
     "build_loader",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import random
@@ -29,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config import EVAL_SPLITS, EvalDataConfig
 from ssl_vit.data.encoded_batch import EncodedBatch
 from ssl_vit.data.synthetic import SyntheticImages
 
@@ -283,21 +284,27 @@ class SkipCounter:
 
 
 def build_dataset(
-    data_cfg: DataConfig,
+    data_cfg: EvalDataConfig,
     view: Callable[[Any], dict[str, Any]],
     split: str | None = None,
     *,
     seed: int = 0,
     image_size: int = 224,
+    classes: Sequence[str] | None = None,
 ) -> ImageDataset:
     """The dataset `data_cfg.path` names, split `split` (default data_cfg.split), through `view`.
 
+    Only the training split (data_cfg.split) may be the folder itself when it has no such
+    sub-folder (a flat or class-folder tree); any other split must exist as one, or this raises:
+    an evaluation never silently reads the training images. `classes` (the training split's class
+    names) labels an evaluation split by name, so a split missing a class keeps the same indices.
     `seed` keys the per-sample augmentation; `image_size` is the side of the rendered synthetic
     images (files keep their own size). File-backed sources are probed: when more than
     data_cfg.max_bad_fraction of a sample of images cannot be read, this raises before training.
     """
     split = split or data_cfg.split
     path = data_cfg.path
+    field = "data.split" if split == data_cfg.split else "data.val_split"
     if path == "synthetic":
         size = data_cfg.synthetic_size
         if split != "train":
@@ -305,23 +312,60 @@ def build_dataset(
         try:
             source: Source = SyntheticImages(size, data_cfg.synthetic_classes, image_size, split)
         except ValueError as e:
-            raise DataError(f"data.path 'synthetic': {e}") from None
+            raise DataError(f"data.path 'synthetic': {e} ({field})") from None
         return ImageDataset(source, view, seed)
     if path.startswith("hf:"):
-        source, where = _hub_dataset(path[3:], split, data_cfg), path
+        source, where = _hub_dataset(path[3:], split, data_cfg, field), path
     else:
         root = Path(path)
         if not root.exists():
             raise DataError(f"data.path {path!r} does not exist")
         if not _is_saved_hf(root) and (root / split).is_dir():
             root = root / split
+        elif not _is_saved_hf(root) and split != data_cfg.split:
+            raise DataError(
+                f"{root}: no split {split!r} ({field}): no such sub-folder; "
+                f"its sub-folders: {_subfolders(root)}"
+            )
         if _is_saved_hf(root):
-            source = _saved_hf_dataset(root, split, data_cfg)
+            source = _saved_hf_dataset(root, split, data_cfg, field)
         else:
-            source = _image_folder(root)
+            source = _image_folder(root, classes)
         where = str(root)
     _probe(source, data_cfg.max_bad_fraction, where)
     return ImageDataset(source, view, seed)
+
+
+def eval_split(data_cfg: EvalDataConfig) -> str:
+    """The split evaluations read: data_cfg.val_split as named, or for 'auto' the first of
+    EVAL_SPLITS the data has. DataError when there is none: scoring the training images against
+    themselves would measure memory, so that is done only when data.split is named."""
+    if data_cfg.val_split != "auto":
+        return data_cfg.val_split
+    path = data_cfg.path
+    if path == "synthetic":
+        return "val"
+    if path.startswith("hf:"):
+        found = _hub_split_names(path[3:])
+    else:
+        root = Path(path)
+        if _is_saved_hf(root):
+            found = _saved_splits(root)
+        else:  # split sub-folders beside data.split's; without it the folder is one set
+            found = _subfolders(root) if (root / data_cfg.split).is_dir() else []
+    for split in EVAL_SPLITS:
+        if split in found:
+            return split
+    raise DataError(
+        f"data.val_split auto: {path} has no held-out split ({', '.join(EVAL_SPLITS)}); its "
+        f"splits: {found or 'none (one set of images)'}. Add one, name one with --data.val_split "
+        f"NAME, or evaluate on the training images with --data.val_split {data_cfg.split} "
+        "(results then say held_out false)"
+    )
+
+
+def _subfolders(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _is_saved_hf(root: Path) -> bool:
@@ -330,25 +374,73 @@ def _is_saved_hf(root: Path) -> bool:
     return saved or (root / "dataset_dict.json").is_file()
 
 
-def _saved_hf_dataset(root: Path, split: str, data_cfg: DataConfig) -> HFImages:
+def _saved_splits(root: Path) -> list[str]:
+    """The splits of a saved DatasetDict (its dataset_dict.json); [] for a single Dataset."""
+    marker = root / "dataset_dict.json"
+    return list(json.loads(marker.read_text())["splits"]) if marker.is_file() else []
+
+
+def _saved_hf_dataset(root: Path, split: str, data_cfg: EvalDataConfig, field: str) -> HFImages:
     import datasets
 
     ds = datasets.load_from_disk(str(root))
     name = str(root)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{root}: no split {split!r} (data.split); available: {list(ds)}")
+            raise DataError(f"{root}: no split {split!r} ({field}); available: {list(ds)}")
         ds, name = ds[split], f"{root}:{split}"
+    elif split != data_cfg.split:
+        raise DataError(
+            f"{root}: a single saved Dataset (the training data) has no split {split!r} "
+            f"({field}); save a DatasetDict with a held-out split"
+        )
     return HFImages(ds, name, data_cfg.image_column, data_cfg.label_column)
 
 
-def _hub_dataset(name: str, split: str, data_cfg: DataConfig) -> HFImages:
+def _hub_error(name: str, e: Exception) -> DataError:
+    """One line for a Hub dataset that cannot be had (offline, unknown name, no access)."""
+    reason = " ".join(str(e).split())[:300]
+    return DataError(
+        f"hf:{name}: cannot load it from the Hugging Face Hub ({type(e).__name__}: {reason}). "
+        "Offline, use a copy saved with save_to_disk (data.path DIR), or set HF_HUB_OFFLINE=1 to "
+        "read the local cache"
+    )
+
+
+def _check_hub(name: str) -> None:
+    """One request to the Hub (through its client, proxies included) before `datasets` asks it,
+    which retries an unreachable Hub for most of a minute; nothing when offline mode is set."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as e:  # requests' or httpx's connection errors, by version
+        raise _hub_error(name, e) from None
+
+
+def _hub_split_names(name: str) -> list[str]:
     import datasets
 
+    _check_hub(name)
+    try:
+        return list(datasets.get_dataset_split_names(name))
+    except Exception as e:  # offline, unknown or gated: the Hub's errors have many types
+        raise _hub_error(name, e) from None
+
+
+def _hub_dataset(name: str, split: str, data_cfg: EvalDataConfig, field: str) -> HFImages:
+    import datasets
+
+    _check_hub(name)
     try:
         ds = datasets.load_dataset(name, split=split)
     except ValueError as e:  # an unknown split; the message lists the available ones
-        raise DataError(f"hf:{name}: {e}") from None
+        raise DataError(f"hf:{name}: {e} ({field})") from None
+    except Exception as e:  # offline, unknown or gated: the Hub's errors have many types
+        raise _hub_error(name, e) from None
     return HFImages(ds, f"hf:{name}:{split}", data_cfg.image_column, data_cfg.label_column)
 
 
@@ -365,16 +457,23 @@ def _find_images(root: Path) -> list[str]:
     return found
 
 
-def _image_folder(root: Path) -> ImageFiles:
-    """Class sub-folders (labels = sorted sub-folder index, as torchvision's ImageFolder) when
-    `root` holds only sub-folders with images, else every image under `root` with label -1."""
+def _image_folder(root: Path, classes: Sequence[str] | None = None) -> ImageFiles:
+    """Class sub-folders (labels = sorted sub-folder index, as torchvision's ImageFolder; with
+    `classes`, the index of the folder's name in it) when `root` holds only sub-folders with
+    images, else every image under `root` with label -1."""
     if not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in root.iterdir()):
         subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         per_class = {d.name: files for d in subdirs if (files := _find_images(d))}
         if per_class:
+            names = list(per_class) if classes is None else list(classes)
+            if unknown := [c for c in per_class if c not in names]:
+                raise DataError(
+                    f"{root}: class folders {unknown} are no class of the training split "
+                    f"(its classes: {names[:20]})"
+                )
             files = [f for c in per_class for f in per_class[c]]
-            labels = [k for k, c in enumerate(per_class) for _ in per_class[c]]
-            return ImageFiles(files, labels, list(per_class))
+            labels = [names.index(c) for c in per_class for _ in per_class[c]]
+            return ImageFiles(files, labels, names)
     files = _find_images(root)
     if not files:
         exts = ", ".join(IMG_EXTENSIONS)

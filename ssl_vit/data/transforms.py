@@ -16,7 +16,7 @@ from timm.data import create_transform
 from timm.data.auto_augment import posterize as timm_posterize
 from torchvision.transforms import v2
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config import DataConfig, EvalDataConfig
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def multi_crop(data_cfg: DataConfig, crops: Sequence[Crop]) -> View:
     return View("crops", Crops(tuple(crop_transform(c, data_cfg) for c in crops)))
 
 
-def eval_view(data_cfg: DataConfig, img_size: int, crop_ratio: float = 0.875) -> View:
+def eval_view(data_cfg: EvalDataConfig, img_size: int, crop_ratio: float = 0.875) -> View:
     """The evaluation view of every protocol: resize the short side to img_size / crop_ratio
     (256 for 224), center crop img_size, normalise. Deterministic.
 

@@ -83,7 +83,7 @@ def avg_pool_backbone(backbone: Backbone) -> Backbone:
     copied. Its state dict is that of timm.create_model(name, num_classes=0, global_pool='avg')."""
     if backbone.timm_kwargs.get("global_pool") == "avg":
         return backbone
-    pooled = Backbone(backbone.name, **backbone.timm_kwargs, global_pool="avg")
+    pooled = Backbone(backbone.name, **{**backbone.timm_kwargs, "global_pool": "avg"})
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("norm.")}
     fresh = {k: v for k, v in pooled.state_dict().items() if k.startswith("fc_norm.")}
     pooled.load_state_dict(state | fresh)
@@ -160,6 +160,9 @@ class FineTune(nn.Module, Method):
     def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
         """(state dict, timm name, kwargs incl. global_pool and num_classes) for timm."""
         return self.deit.export_classifier()
+
+    def ema_view(self) -> Method | None:
+        return self.deit.ema_view()
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """timm's layer-decay groups over the classifier (not the EMA): lr_scale per layer, and

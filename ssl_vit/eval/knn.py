@@ -21,8 +21,8 @@ from torch import Tensor
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config
 from ssl_vit.data import DataError
-from ssl_vit.eval.accuracy import eval_loader
-from ssl_vit.eval.features import features
+from ssl_vit.eval.accuracy import EvalData, eval_data, eval_loader
+from ssl_vit.eval.features import features, progress
 
 
 def knn_votes(sim: Tensor, neighbor_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
@@ -66,15 +66,19 @@ def knn_eval(
     accelerator: Any,
     ks: Sequence[int] = (20,),
     temperature: float = 0.07,
+    data: EvalData | None = None,
 ) -> dict[str, float]:
     """k-NN top-1 / top-5 accuracy (%) of `backbone` (on accelerator.device): bank = cfg.data.split,
-    queries = cfg.data.val_split, both through the evaluation view. Keys knn_top1, knn_top5 for
-    ks[0] and knn_top1_k{k}, knn_top5_k{k} for the others. The same dict on every process."""
+    queries = `data.split` (eval_data(cfg): checked first when not given), both through the
+    evaluation view. Keys knn_top1, knn_top5 for ks[0] and knn_top1_k{k}, knn_top5_k{k} for the
+    others. The same dict on every process."""
+    data = data or eval_data(cfg, "k-NN")
     was_training = backbone.training
     backbone.eval()
     try:
         bank, bank_labels = [], []
-        for batch in eval_loader(cfg, cfg.data.split, accelerator):
+        loader = eval_loader(cfg, cfg.data.split, accelerator, classes=data.classes)
+        for batch in progress(loader, accelerator, "k-NN bank"):
             gathered = accelerator.gather_for_metrics(
                 (embed(backbone, batch["images"], accelerator), batch["labels"])
             )
@@ -83,11 +87,12 @@ def knn_eval(
         bank_t, bank_labels_t = torch.cat(bank), torch.cat(bank_labels)
         if (bank_labels_t < 0).any():
             raise DataError(f"k-NN needs a labeled bank; split {cfg.data.split!r} is unlabeled")
-        num_classes = int(bank_labels_t.max()) + 1
+        num_classes = len(data.classes)
         hits = []
-        for batch in eval_loader(cfg, cfg.data.val_split, accelerator):
+        loader = eval_loader(cfg, data.split, accelerator, classes=data.classes)
+        for batch in progress(loader, accelerator, "k-NN queries"):
             if (batch["labels"] < 0).any():
-                raise DataError(f"k-NN needs labels; split {cfg.data.val_split!r} is unlabeled")
+                raise DataError(f"k-NN needs labels; split {data.split!r} is unlabeled")
             q = embed(backbone, batch["images"], accelerator)
             h = knn_hits(bank_t, bank_labels_t, q, batch["labels"], ks, temperature, num_classes)
             hits.append(accelerator.gather_for_metrics(h))

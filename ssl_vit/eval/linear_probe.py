@@ -56,7 +56,7 @@ class LinearProbeConfig:
     head_init_std: float = 0.01
     """Std of the heads' truncated-normal weight init (biases 0)."""
     num_classes: int = 0
-    """Classes of the heads; 0 = those of the training split (`ssl-vit linprobe` counts them)."""
+    """Classes of the heads; 0 = those of the training split."""
     lr_grid: tuple[float, ...] = (1.0,)
     """One head per value, all trained in one pass on the same features: head i's lr is value i x
     the scheduled lr (train.lr, or base_lr x batch / lr_batch_divisor)."""
@@ -69,7 +69,7 @@ class LinearProbeConfig:
         if not self.checkpoint:
             e.append("method.checkpoint: required (--checkpoint RUN_DIR|FILE|NAME=PATH)")
         e += field_errors(
-            self, "method", {"positive": "num_classes head_init_std", ">= 0": "n_last"}
+            self, "method", {"positive": "head_init_std", ">= 0": "num_classes n_last"}
         )
         if not self.lr_grid or min(self.lr_grid) <= 0:
             e.append(f"method.lr_grid: needs positive values, got {self.lr_grid}")

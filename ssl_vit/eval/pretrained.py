@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config, ConfigError, ModelConfig
-from ssl_vit.data import DataError, build_dataset, eval_view
-from ssl_vit.eval.finetune import FineTuneConfig
 from ssl_vit.eval.linear_probe import LinearProbeConfig, probe_features
 from ssl_vit.weights import load_pretrained
 
@@ -23,9 +21,9 @@ def pretrained_backbone(cfg: Config) -> Backbone:
 
 
 def from_checkpoint(cfg: Config, given: set[str]) -> Config:
-    """Fill what the checkpoint and the data decide, unless the command line `given` it:
-    model.name / img_size / patch_size from the checkpoint's backbone, the number of classes from
-    the training split, and a linear probe's 'auto' features."""
+    """Fill what the checkpoint decides, unless the command line `given` it: model.name /
+    img_size / patch_size from the checkpoint's backbone, and a linear probe's 'auto' features
+    (the classes: registry.prepare)."""
     head_only = ModelConfig(img_size=0, num_heads=cfg.model.num_heads)
     backbone = load_pretrained(cfg.method.checkpoint, model=head_only, which=cfg.method.which)
     size = backbone.grid_size[0] * backbone.patch_size
@@ -34,14 +32,6 @@ def from_checkpoint(cfg: Config, given: set[str]) -> Config:
         if f"model.{key}" not in given:
             setattr(cfg.model, key, value)
     m = cfg.method
-    finetune = isinstance(m, FineTuneConfig)
-    head, key = (m.deit, "method.deit.num_classes") if finetune else (m, "method.num_classes")
-    if head.num_classes == 0:
-        view = eval_view(cfg.data, cfg.model.img_size)
-        data = build_dataset(cfg.data, view, seed=cfg.train.seed, image_size=cfg.model.img_size)
-        if not data.classes:
-            raise DataError(f"split {cfg.data.split!r} has no labels to count classes; set {key}")
-        head.num_classes = len(data.classes)
     if isinstance(m, LinearProbeConfig):
         m.pool, m.n_last = probe_features(
             m.protocol, m.pool, m.n_last, backbone.embed_dim, backbone.depth

@@ -4,6 +4,7 @@ is no token and no teacher: supervised training of a ViT classifier (reused by f
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import field_errors
+from ssl_vit.methods.init import init_classifier
 from ssl_vit.methods.protocol import Method
 from ssl_vit.weights import classifier_keys, exclude_from_state_dict, load_classifier
 
@@ -38,8 +40,8 @@ class DeiTConfig:
     .safetensors) for `teacher`, or an ssl_vit run directory / its classifier.safetensors."""
     teacher_img_size: int = 0
     """Teacher input side; the (mixed) images are resized to it, bicubic. 0 = the student's."""
-    num_classes: int = 1000
-    """Number of classes of the heads (and of the teacher's output)."""
+    num_classes: int = 0
+    """Number of classes of the heads (and of the teacher's output); 0 = the training split's."""
     mixup: float = 0.8
     """Mixup alpha, 0 = off (timm Mixup on the device; targets become soft)."""
     cutmix: float = 1.0
@@ -68,13 +70,11 @@ class DeiTConfig:
         rules = {
             "in [0, 1]": "alpha mixup_switch_prob reprob label_smoothing",
             "in [0, 1)": "model_ema_decay",
-            "positive": "tau num_classes repeated_aug",
-            ">= 0": "mixup cutmix color_jitter teacher_img_size",
+            "positive": "tau repeated_aug",
+            ">= 0": "num_classes mixup cutmix color_jitter teacher_img_size",
             "each in [0, 1)": "betas",
         }
         e = field_errors(self, "method", rules)
-        if cfg.data.path == "synthetic" and self.num_classes < cfg.data.synthetic_classes:
-            e.append(f"method.num_classes: {self.num_classes} < data.synthetic_classes")
         w = self.teacher_weights
         if self.distillation != "none" and not (w and Path(w).exists()):
             e.append(f"method.teacher_weights: {w!r} is no file; distilling needs the teacher")
@@ -189,6 +189,22 @@ class DeiT(nn.Module, Method):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         if self.ema is not None:
             self.ema.update(self.student)
+
+    def init_from(self, checkpoint: str) -> list[str]:
+        """The student from `checkpoint` (`init_classifier`); the EMA restarts from it."""
+        taken = init_classifier(self.student, checkpoint)
+        if self.ema is not None:
+            self.ema.set(self.student)
+        return taken
+
+    def ema_view(self) -> Method | None:
+        """The model EMA as a DeiT of its own (this one with the EMA's student), evaluated and
+        exported beside the raw weights (suffix `_ema`); None without one."""
+        if self.ema is None:
+            return None
+        view = copy.copy(self)  # shallow: shares everything but its table of sub-modules
+        view._modules = self._modules | {"student": self.ema.module}
+        return view
 
     def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
         """(state dict, timm name, kwargs) that `timm.create_model(name, **kwargs)` loads strictly;

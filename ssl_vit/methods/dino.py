@@ -29,6 +29,7 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import field_errors
 from ssl_vit.data.device import DeviceView, device_view
 from ssl_vit.data.transforms import Crop, View, multi_crop
+from ssl_vit.methods.init import init_student_teacher
 from ssl_vit.methods.protocol import Method
 from ssl_vit.ops import ema_update_
 from ssl_vit.optim import warmup_cosine
@@ -266,6 +267,11 @@ class DINO(nn.Module, Method):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return self.training_step(batch)
+
+    def init_from(self, checkpoint: str) -> list[str]:
+        """Student and teacher from `checkpoint` (`init_student_teacher`). The center starts from
+        zero, as at DINO's start: re-estimated on the new data within a few steps."""
+        return init_student_teacher(self.backbone, self.head, self.teacher, checkpoint)
 
     def before_optimizer_step(self, step: int) -> None:
         """Drop the last layer's gradients during the first cfg.freeze_last_layer epochs."""

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import field_errors
+from ssl_vit.methods.init import init_backbone, load_part, method_tensors
 from ssl_vit.methods.protocol import Method
 from ssl_vit.ops import patchify, random_masking, sincos_pos_embed_2d, unpatchify
+from ssl_vit.weights import CheckpointError
 
 
 @dataclass
@@ -110,8 +112,8 @@ class MAE(nn.Module, Method):
         self._init_weights()
 
     @torch.no_grad()
-    def _init_weights(self) -> None:
-        """The paper's init: fixed sin-cos positions, xavier Linear/patch embed, tokens std 0.02."""
+    def _set_pos_embed(self) -> None:
+        """Encoder and decoder position embeddings: fixed 2-D sin-cos of the grid, never learned."""
         grid = self.backbone.grid_size
         enc_pos = self.backbone.pos_embed
         enc_pos.copy_(sincos_pos_embed_2d(enc_pos.shape[-1], *grid, cls_token=True)[None])
@@ -119,6 +121,11 @@ class MAE(nn.Module, Method):
         self.decoder_pos_embed.copy_(
             sincos_pos_embed_2d(self.cfg.decoder_dim, *grid, cls_token=True)[None]
         )
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """The paper's init: fixed sin-cos positions, xavier Linear/patch embed, tokens std 0.02."""
+        self._set_pos_embed()
         w = self.backbone.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.backbone.cls_token, std=0.02)
@@ -131,6 +138,31 @@ class MAE(nn.Module, Method):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def init_from(self, checkpoint: str) -> list[str]:
+        """The encoder from `checkpoint`'s backbone, and the mask token and decoder when it has
+        them (official `_full` files, our MAE runs; its decoder must match method.decoder_*).
+        Both position embeddings stay the fixed sin-cos of this grid, as MAE's code builds them
+        for any image size."""
+        init_backbone(self.backbone, checkpoint)
+        tensors = method_tensors(checkpoint)
+        decoder = {k: v for k, v in tensors.items() if k.startswith("decoder_")}
+        taken = ["encoder"]
+        if "mask_token" in tensors and decoder:
+            decoder = {k: v for k, v in decoder.items() if k != "decoder_pos_embed"}
+            for part in ("decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred"):
+                load_part(getattr(self, part), decoder, f"{part}.", checkpoint)
+            token = tensors["mask_token"]
+            if token.shape != self.mask_token.shape:
+                raise CheckpointError(
+                    f"{checkpoint}: mask_token {tuple(token.shape)} does not fit "
+                    f"{tuple(self.mask_token.shape)} (method.decoder_dim)"
+                )
+            with torch.no_grad():
+                self.mask_token.copy_(token)
+            taken.append("decoder")
+        self._set_pos_embed()
+        return taken
 
     def forward_loss(self, images: Tensor, noise: Tensor | None = None) -> dict[str, Tensor]:
         """Mask, encode the kept patches, decode all, and score the masked ones.

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from torch import Tensor
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.methods.init import init_backbone
 from ssl_vit.optim import param_groups
 
 
@@ -28,6 +29,14 @@ class Method(Protocol):
     classifies: ClassVar[bool] = False
     """True when `predict` gives class logits: the loop's evaluation is top-1/top-5 of `predict`;
     False: k-NN of `export_backbone()`."""
+
+    def init_from(self, checkpoint: str) -> list[str]:
+        """Continued pretraining (model.init): once, after construction and before the optimizer
+        is built, load the networks `checkpoint` holds (any format --checkpoint takes; position
+        embeddings brought to this grid by methods.init.init_backbone). Returns the parts taken,
+        for the log. Default: the backbone."""
+        init_backbone(self.backbone, checkpoint)  # type: ignore[attr-defined]
+        return ["backbone"]
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups, built once before training. Each group may carry
@@ -67,6 +76,11 @@ class Method(Protocol):
         """(B, C, H, W) -> (B, classes) logits, or (B, heads, classes) for a linear probe's lr
         grid; only for methods that classify."""
         raise TypeError(f"{type(self).__name__} does not classify")
+
+    def ema_view(self) -> Method | None:
+        """The method's model EMA as a method of its own (DeiT, fine-tuning with model_ema):
+        evaluated and exported beside the raw weights, suffix `_ema`; None when it keeps none."""
+        return None
 
     def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]] | None:
         """(state dict, timm name, kwargs) that `timm.create_model(name, **kwargs)` loads with

@@ -68,7 +68,7 @@ def save_checkpoint(
     at_end: bool = False,
 ) -> Path:
     """Save the full training state of every process atomically; keep the newest `keep_last`.
-    `at_end`: saved by the run's end, after its last pictures and evaluation.
+    `at_end`: saved by the run's end, after its last pictures.
 
     Called on every process (Accelerate writes per-process RNG states). A failed write (a full
     disk) removes the partial checkpoint and says how much space there is.

@@ -17,6 +17,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
 
 from ssl_vit.config import Config, validate
+from ssl_vit.registry import prepare
 from ssl_vit.train.run import Run, build_run, local
 from ssl_vit.train.run_dir import prepare_run_dir, run_lock, run_log, write_config
 from ssl_vit.train.step import forward_backward, optimizer_step
@@ -25,6 +26,7 @@ from ssl_vit.train.step import forward_backward, optimizer_step
 def fit(cfg: Config) -> dict[str, Any]:
     """Train `cfg` end to end: run directory, checkpoints, resume, export. Returns final metrics."""
     validate(cfg)
+    eval_data = prepare(cfg)  # what the data and model.init decide; before the run directory
     t = cfg.train
     run_dir = Path(t.output_dir)
     cuda = torch.cuda.is_available()
@@ -32,8 +34,10 @@ def fit(cfg: Config) -> dict[str, Any]:
     accelerator = Accelerator(
         cpu=not cuda,  # makes a multi-process launch on a GPU-less machine use gloo (MULTI_CPU)
         mixed_precision=precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        log_with=t.trackers() or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tb")
+        ),
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True,
             data_seed=t.seed,
@@ -43,7 +47,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     main = accelerator.is_main_process
     with run_log(run_dir, main), run_lock(run_dir, main):
         resume_from = prepare_run_dir(cfg, accelerator)
-        run = build_run(cfg, accelerator, resume_from)
+        run = build_run(cfg, accelerator, resume_from, eval_data)
         if main:
             write_config(run_dir, cfg.to_json())
         try:

@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,19 @@ from tqdm.auto import tqdm
 
 from ssl_vit.config import Config
 from ssl_vit.data import SkipCounter, batch_generator, build_dataset, build_loader, encoded_dataset
-from ssl_vit.eval.accuracy import classification_metrics, eval_loader
+from ssl_vit.eval.accuracy import EvalData, classification_metrics, eval_loader
 from ssl_vit.eval.knn import knn_eval
 from ssl_vit.methods.protocol import Method
-from ssl_vit.registry import TRAINABLE, MethodSpec
+from ssl_vit.registry import TRAINABLE, MethodSpec, build_method
 from ssl_vit.train.checkpoint import newest_finite, resume, save_checkpoint
-from ssl_vit.train.run_dir import Metrics, Resume, as_best, evaluations, export_weights
+from ssl_vit.train.run_dir import (
+    Metrics,
+    Resume,
+    as_best,
+    evaluations,
+    export_weights,
+    first_logged,
+)
 from ssl_vit.train.state import Plan, RunError, TrainState, Window, make_plan
 from ssl_vit.train.step import Stepper, compile_step, optimizer_for
 from ssl_vit.viz import dataset_images, tensorboard_images
@@ -83,20 +91,27 @@ def gathered(model: nn.Module) -> Iterator[None]:
         model.reshard()
 
 
-def evaluate(cfg: Config, accelerator: Accelerator, method: Method) -> dict[str, float]:
-    """Validation metrics of the model being trained, computed on every process: top-1/top-5 of
-    `method.predict` when it classifies, else k-NN of its exported backbone. Runs in eval mode
-    under a forked RNG, so whether and when it runs never changes the training itself."""
+def evaluate(
+    cfg: Config, accelerator: Accelerator, method: Method, data: EvalData
+) -> dict[str, float]:
+    """Validation metrics of the model being trained on `data` (checked before the first step),
+    computed on every process: top-1/top-5 of `method.predict` when it classifies, else k-NN of
+    its exported backbone. Runs in eval mode under a forked RNG, so whether and when it runs
+    never changes the training itself."""
     was_training = method.training
     method.eval()
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             if method.classifies:
-                loader = eval_loader(cfg, cfg.data.val_split, accelerator)
+                loader = eval_loader(cfg, data.split, accelerator, classes=data.classes)
                 metrics = classification_metrics(method.predict, loader, accelerator)
-                return {f"val_{k}": v for k, v in metrics.items()}
-            return knn_eval(method.export_backbone(), cfg, accelerator)
+                out = {f"val_{k}": v for k, v in metrics.items()}
+                if (ema := method.ema_view()) is not None:  # the model EMA's, on the same data
+                    metrics = classification_metrics(ema.predict, loader, accelerator)
+                    out |= {f"val_ema_{k}": v for k, v in metrics.items()}
+                return out
+            return knn_eval(method.export_backbone(), cfg, accelerator, data=data)
     finally:
         method.train(was_training)
 
@@ -121,6 +136,8 @@ class Run:
     viz_images: Tensor | None
     skips: SkipCounter
     window: Window
+    eval_data: EvalData | None
+    """The evaluation data, checked before the run (None when the run does not evaluate)."""
     first: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
     resumed: dict[str, Any] = field(default_factory=dict)
@@ -190,7 +207,7 @@ class Run:
         }
         self.last |= {k: float(v) for k, v in out.items() if k != "loss"}
         self.first = self.first or self.last
-        self.metrics.log(self.last, state.step)
+        self.metrics.log(self.last, state.step, "train")
         if self.main:
             self.method.on_log(self.last)
             self.bar.set_postfix(
@@ -231,8 +248,7 @@ class Run:
 
     def save_due(self, epoch_end: bool) -> bool:
         """Whether to save now: every train.save_every_steps, and every train.save_every_epochs
-        at an epoch's end (where end_epoch saves, after its pictures and evaluation, so that a
-        resume never logs a step twice)."""
+        at an epoch's end (where end_epoch saves, after its pictures and before its evaluation)."""
         t, step = self.cfg.train, self.state.step
         every = round(t.save_every_epochs * self.plan.steps_per_epoch)
         due = bool(t.save_every_steps) and step % t.save_every_steps == 0
@@ -241,16 +257,19 @@ class Run:
     # --- at the end of an epoch ---------------------------------------------------------------
 
     def end_epoch(self) -> None:
-        """Next epoch; then, when due, TensorBoard pictures, an evaluation, a checkpoint."""
+        """Next epoch; then, when due, TensorBoard pictures, a checkpoint, an evaluation (after
+        the save: a failing evaluation loses no training). Their time is left out of img/s."""
         t, state = self.cfg.train, self.state
+        start = time.perf_counter()
         state.epoch += 1
         state.batch_in_epoch = 0
         if self.viz_images is not None and state.epoch % t.image_every_epochs == 0:
             self.log_images()
-        if t.eval_every_epochs and state.epoch % t.eval_every_epochs == 0:
-            self.evaluate()
         if self.save_due(epoch_end=True) and self.last_saved != state.step:
             self.save()
+        if t.eval_every_epochs and state.epoch % t.eval_every_epochs == 0:
+            self.evaluate()
+        self.window.start += time.perf_counter() - start
 
     def log_images(self) -> None:
         """MAE reconstructions and attention maps of the fixed images, to TensorBoard."""
@@ -259,31 +278,34 @@ class Run:
             summaries = tensorboard_images(
                 self.method, self.viz_images, cfg.data.mean, cfg.data.std
             )
-        if not self.main:
+        names = [t.name for t in self.accelerator.trackers]
+        if not self.main or "tensorboard" not in names:
             return
         writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
         for tag, image in summaries.items():
-            writer.add_image(tag, image, self.state.step)
+            writer.add_image(f"images/{tag}", image, self.state.step)
 
     def evaluate(self) -> None:
         """Evaluate, log, and keep the best classifier (classifier_best.*)."""
-        self.last_eval = {"step": self.state.step, "epoch": self.state.epoch}
+        epoch = self.state.step / self.plan.steps_per_epoch  # the epochs trained, as logged
+        self.last_eval = {"step": self.state.step, "epoch": epoch}
         with gathered(self.method):
-            self.last_eval |= evaluate(self.cfg, self.accelerator, self.method)
-        self.metrics.log(self.last_eval, self.state.step)
+            self.last_eval |= evaluate(self.cfg, self.accelerator, self.method, self.eval_data)
+        self.metrics.log(self.last_eval, self.state.step, "eval")
         log.info("evaluation at step %d: %s", self.state.step, self.last_eval)
         if self.last_eval.get("val_top1", -1.0) > self.best_eval.get("best_val_top1", -1.0):
             self.best_eval = as_best(self.last_eval)
-            export_weights(self.method, self.run_dir, self.main, "classifier_best")
+            export_weights(self.method, self.cfg, self.main, "classifier_best")
 
     # --- the end of the run -------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Final pictures, evaluation and checkpoint, unless done before (by the last epoch's
-        end, or by the run this one resumed at its last step); the export; the result."""
+        """Final pictures and checkpoint, unless done before (by the last epoch's end, or by the
+        run this one resumed at its last step); the exports; the final evaluation unless logged
+        at this step already; the result."""
         t, state = self.cfg.train, self.state
         self.bar.close()
-        # resumed from the final checkpoint, which follows the logging below
+        # resumed from the final checkpoint, which follows the pictures below
         done = self.resumed.get("final") and self.resumed["step"] == state.step
         if (
             self.viz_images is not None
@@ -291,12 +313,14 @@ class Run:
             and not (state.batch_in_epoch == 0 and state.epoch % t.image_every_epochs == 0)
         ):
             self.log_images()  # the final model, unless the last epoch's end just logged it
-        if t.eval_every_epochs and not done and self.last_eval.get("step") != state.step:
-            self.evaluate()
         if self.last_saved != state.step:
             self.save(final=True)
-        export_weights(self.method, self.run_dir, self.main)
-        export_weights(self.method, self.run_dir, self.main, "classifier")
+        for stem in ("backbone", "classifier"):  # the model EMA's beside the raw weights
+            export_weights(self.method, self.cfg, self.main, stem)
+            if (ema := self.method.ema_view()) is not None:
+                export_weights(ema, self.cfg, self.main, f"{stem}_ema")
+        if t.eval_every_epochs and self.last_eval.get("step") != state.step:
+            self.evaluate()
         result = {
             "run_dir": str(self.run_dir),
             "steps": state.step,
@@ -306,6 +330,8 @@ class Run:
             "peak_lr": self.plan.peak_lr,
         } | {k: v for k, v in self.last_eval.items() if k not in ("step", "epoch")}
         result |= self.best_eval
+        if self.eval_data is not None:
+            result |= self.eval_data.result()
         self.metrics.write({"final": result})
         self.accelerator.end_training()
         return result
@@ -367,15 +393,15 @@ def log_start(cfg: Config, accelerator: Accelerator, plan: Plan, images: int) ->
     )
 
 
-def build_run(cfg: Config, accelerator: Accelerator, resume_from: Resume | None) -> Run:
+def build_run(
+    cfg: Config, accelerator: Accelerator, resume_from: Resume | None, eval_data: EvalData | None
+) -> Run:
     """The method, its data and optimizer, prepared by Accelerate; resumed from `resume_from`
     (metrics.jsonl and TensorBoard then drop what was logged after its step)."""
     t, main = cfg.train, accelerator.is_main_process
     set_seed(t.seed)
     spec = TRAINABLE[cfg.method.name]
-    backbone = spec.backbone(cfg)  # fresh for pretext methods, the checkpoint's for evaluators
-    backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    method = spec.build(backbone, cfg.method)
+    method = build_method(cfg, init=resume_from is None)  # resume replaces model.init's weights
     dataset, loader, device_view = build_data(cfg, spec, accelerator)
     optimizer = optimizer_for(method, t, cfg.method.betas)
     model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
@@ -391,7 +417,7 @@ def build_run(cfg: Config, accelerator: Accelerator, resume_from: Resume | None)
     metrics = Metrics(accelerator, run_dir, resumed)
     accelerator.wait_for_everyone()  # metrics.jsonl rewritten before any process reads it
     purge = {"purge_step": state.step + 1} if t.resume else {}
-    accelerator.init_trackers("tb", init_kwargs={"tensorboard": purge})
+    accelerator.init_trackers("ssl_vit", init_kwargs={"tensorboard": purge})  # tb/ssl_vit/
     viz_images = None
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if t.image_every_epochs and (main or fsdp):  # under FSDP every process joins the forward
@@ -419,6 +445,8 @@ def build_run(cfg: Config, accelerator: Accelerator, resume_from: Resume | None)
         viz_images=viz_images,
         skips=SkipCounter(cfg.data.max_bad_fraction),
         window=Window(torch.zeros((), device=accelerator.device)),
+        eval_data=eval_data,
+        first=first_logged(run_dir) if resume_from else {},
         resumed=resume_from.state if resume_from else {},
         last_saved=state.step if resume_from else -1,
         last_eval=evals[-1] if evals else {},

@@ -29,30 +29,18 @@ from ssl_vit.train.checkpoint import (
     clean_checkpoints,
     discard,
 )
-from ssl_vit.weights import (
-    BACKBONE_CONFIG,
-    BACKBONE_WEIGHTS,
-    CHECKPOINTS,
-    complete_checkpoints,
-    export_timm,
-    write_text_atomic,
-)
+from ssl_vit.weights import CHECKPOINTS, complete_checkpoints, save_timm, write_text_atomic
 
 log = logging.getLogger("ssl_vit")
 
 LOCK = "run.lock"
 """The run directory's lock file: the holder's pid, host and start time while a run holds it."""
-RUN_FILES = (
-    "config.json",
-    "metrics.jsonl",
-    BACKBONE_WEIGHTS,
-    BACKBONE_CONFIG,
-    "classifier.safetensors",
-    "classifier.json",
-    "classifier_best.safetensors",
-    "classifier_best.json",
-)
-RUN_DIRS = (CHECKPOINTS, "tb")
+RUN_FILES = ("config.json", "metrics.jsonl")
+OLD_EXPORTS = ("backbone", "classifier", "classifier_best")
+"""Exports of earlier versions, <stem>.safetensors + <stem>.json, removed by train.overwrite."""
+EXPORTS = ("backbone", "backbone_ema", "classifier", "classifier_ema", "classifier_best")
+"""The exports a run may write, each a timm pretrained directory (weights.save_timm)."""
+RUN_DIRS = (CHECKPOINTS, "tb", *EXPORTS)
 ARCHITECTURE = {f"model.{k}" for k in ("name", "img_size", "patch_size", "embed_dim", "depth")}
 ARCHITECTURE |= {"model.num_heads", "method.name"}
 """Config keys a resume can never change: the model it loads is built from them."""
@@ -60,6 +48,7 @@ OPERATIONAL = {f"train.{k}" for k in ("output_dir", "resume", "resume_changes", 
 OPERATIONAL |= {f"train.{k}" for k in ("overwrite", "max_steps", "log_every", "keep_last")}
 OPERATIONAL |= {f"train.{k}" for k in ("save_every_steps", "save_every_epochs", "compile")}
 OPERATIONAL |= {"train.compile_backend", "train.eval_every_epochs", "train.image_every_epochs"}
+OPERATIONAL |= {"train.log_with"}
 OPERATIONAL |= {f"data.{k}" for k in ("num_workers", "pin_memory", "timeout", "max_bad_fraction")}
 OPERATIONAL |= {"data.val_split", "model.grad_checkpointing"}
 """Config keys a resume may change freely: where and how often the run stops, logs, saves,
@@ -197,7 +186,8 @@ def prepare_run_dir(cfg: Config, accelerator: Any) -> Resume | None:
                 ]
             )
         if main:
-            for name in RUN_FILES:
+            old = [f"{stem}{ext}" for stem in OLD_EXPORTS for ext in (".safetensors", ".json")]
+            for name in (*RUN_FILES, *old):
                 (run_dir / name).unlink(missing_ok=True)
             for old in run_dir.glob("config.*.json"):
                 old.unlink()
@@ -323,8 +313,10 @@ class Metrics:
             kept = [ln for ln in kept if "final" not in json.loads(ln)]
             write_text_atomic(self.path, "".join(kept))
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.accelerator.log(metrics, step=step)
+    def log(self, metrics: dict[str, Any], step: int, group: str) -> None:
+        """A row in metrics.jsonl, and to the trackers as `group`/name (train/loss, eval/...)."""
+        tags = {f"{group}/{k}": v for k, v in metrics.items() if k != "step"}
+        self.accelerator.log(tags, step=step)
         self.write(metrics)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -349,16 +341,26 @@ def evaluations(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in rows if "step" in r and "loss" not in r]
 
 
+def first_logged(run_dir: Path) -> dict[str, Any]:
+    """The first logged training step in run_dir/metrics.jsonl, so that a resumed run reports
+    the run's first loss, not its own segment's; {} when there is none."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if "loss" in (row := json.loads(line)):
+            return row
+    return {}
+
+
 def full_tensor(t: Tensor) -> Tensor:
     """The whole tensor of an FSDP-sharded parameter (a DTensor); any other tensor as it is."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def export_weights(method: Method, run_dir: Path, main: bool, stem: str = "backbone") -> None:
-    """Write the exported backbone (stem "backbone") or the method's timm classifier, if it has
-    one (any other stem). Called on every process: under FSDP each gathers the shards (a
-    collective); the main process writes."""
-    if stem == "backbone":
+def export_weights(method: Method, cfg: Config, main: bool, stem: str = "backbone") -> None:
+    """Write run_dir/`stem`/ (timm's pretrained layout): the exported backbone (stems backbone*)
+    or the method's timm classifier, if it has one (classifier*). Called on every process: under
+    FSDP each gathers the shards (a collective); the main process writes."""
+    if stem.startswith("backbone"):
         backbone = method.export_backbone()
         state, spec = backbone.state_dict(), backbone.config_dict()
         name, kwargs = spec["name"], spec["kwargs"]
@@ -368,4 +370,6 @@ def export_weights(method: Method, run_dir: Path, main: bool, stem: str = "backb
         return
     state = {k: full_tensor(v) for k, v in state.items()}
     if main:
-        export_timm(state, name, kwargs, run_dir, stem)
+        kwargs = {"num_classes": 0, **kwargs}  # a backbone: no head
+        out = Path(cfg.train.output_dir) / stem
+        save_timm(state, name, kwargs, out, mean=cfg.data.mean, std=cfg.data.std)

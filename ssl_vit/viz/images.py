@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ssl_vit.config import DataConfig
-from ssl_vit.data import DataError, build_dataset, eval_view, open_image
+from ssl_vit.config import EvalDataConfig
+from ssl_vit.data import DataError, build_dataset, eval_split, eval_view, open_image
 
 
 def to_pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -42,10 +42,28 @@ def load_image(
     return v2.Normalize(mean, std)(v2.CenterCrop((h, w))(image))[None]
 
 
-def dataset_images(data_cfg: DataConfig, n: int, img_size: int, split: str = "") -> Tensor:
-    """The first n images (n, 3, img_size, img_size) of a split (default data_cfg.val_split)
+def load_images(
+    paths: str, size: int, patch_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """Comma-separated image files -> (n, 3, size, size) normalised: each short side resized to
+    `size`, centre-cropped square (the grid a model with a fixed position embedding needs)."""
+    images = [load_image(p.strip(), size, patch_size, mean, std) for p in paths.split(",")]
+    return torch.cat([v2.CenterCrop(size)(x) for x in images])
+
+
+def picture_split(data_cfg: EvalDataConfig) -> str:
+    """The split pictures show: the evaluation split when the data has one, else the training
+    split (a picture measures nothing, so a folder of photos is fine as it is)."""
+    try:
+        return eval_split(data_cfg)
+    except DataError:
+        return data_cfg.split
+
+
+def dataset_images(data_cfg: EvalDataConfig, n: int, img_size: int, split: str = "") -> Tensor:
+    """The first n images (n, 3, img_size, img_size) of a split (default `picture_split`)
     through the evaluation view (resize, centre crop, normalise): a fixed, deterministic set."""
-    split = split or data_cfg.val_split
+    split = split or picture_split(data_cfg)
     dataset = build_dataset(data_cfg, eval_view(data_cfg, img_size), split, image_size=img_size)
     if len(dataset) < n:
         raise DataError(
