@@ -2,21 +2,66 @@
 
 It owns timm's submodules and parameters under timm's own names (so its state dict is a timm state
 dict) and adds what pretext methods need from an encoder: running on a subset of patch tokens, extra
-prefix tokens, any input resolution, the last n blocks' outputs, and the last block's attention.
+prefix tokens, any input resolution (with the position-embedding resampling formula the caller
+picks, `resample_pos_embed`), the last n blocks' outputs, and the last block's attention.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+PosInterp = Literal["antialias", "bicubic", "offset"]
+"""How a position embedding is resized to another patch grid (`resample_pos_embed`)."""
+
+
+def resample_pos_embed(
+    pos: Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int],
+    num_prefix: int,
+    mode: PosInterp = "antialias",
+) -> Tensor:
+    """(1, P + h0*w0, D) -> (1, P + h*w, D): the patch positions resized on their 2-D grid
+    (h0, w0) -> (h, w), bicubic, the P prefix positions unchanged; the same tensor when the grids
+    are equal. The three formulas the pretraining codebases use differ by up to ~0.06 on a
+    trained ViT-S/16 embedding (docs/fidelity.md), so the caller picks its own:
+
+    antialias: timm's resample_abs_pos_embed (antialiased bicubic, PIL's kernel), what timm's
+      dynamic-size ViT and checkpoint_filter_fn do.
+    bicubic: F.interpolate(size=(h, w), mode="bicubic", align_corners=False), no antialiasing:
+      the checkpoint-resize formula of the masked-autoencoder and data-efficient-transformer code
+      (util/pos_embed.py interpolate_pos_embed; main.py).
+    offset: F.interpolate(scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic"), no
+      antialiasing: the self-distillation code's interpolate_pos_encoding, which samples at that
+      scale (the 0.1 guards the output size against float error).
+    """
+    if tuple(new_grid) == tuple(old_grid):
+        return pos
+    if mode == "antialias":
+        return resample_abs_pos_embed(pos, new_grid, old_grid, num_prefix_tokens=num_prefix)
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:].float()
+    grid = rearrange(grid, "1 (h w) d -> 1 d h w", h=old_grid[0], w=old_grid[1])
+    if mode == "bicubic":
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    elif mode == "offset":
+        scale = tuple((n + 0.1) / o for n, o in zip(new_grid, old_grid, strict=True))
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    else:
+        raise ValueError(f"position-embedding interpolation: unknown mode {mode!r}")
+    if tuple(grid.shape[-2:]) != tuple(new_grid):
+        raise ValueError(f"resampled to {tuple(grid.shape[-2:])}, not {tuple(new_grid)}")
+    return torch.cat([prefix, rearrange(grid, "1 d h w -> 1 (h w) d").to(pos.dtype)], dim=1)
 
 
 @dataclass
@@ -32,9 +77,13 @@ class BackboneOutput:
 
 
 class Backbone(nn.Module):
-    """A timm ViT whose `state_dict()` is that of `timm.create_model(name, num_classes=0, **kw)`."""
+    """A timm ViT whose `state_dict()` is that of `timm.create_model(name, num_classes=0, **kw)`.
 
-    def __init__(self, name: str, **timm_kwargs: Any):
+    pos_interp: how `forward` resizes the position embedding for an input whose patch grid is not
+    the stored one (`resample_pos_embed`); a runtime choice of the caller, not part of the
+    weights or of backbone.json."""
+
+    def __init__(self, name: str, *, pos_interp: PosInterp = "antialias", **timm_kwargs: Any):
         super().__init__()
         try:
             json.dumps(timm_kwargs)
@@ -46,7 +95,7 @@ class Backbone(nn.Module):
         self.timm_kwargs = dict(timm_kwargs)
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         # Adopt timm's parameters and submodules under their own names; absent tokens stay None.
-        for attr in ("cls_token", "reg_token", "pos_embed"):
+        for attr in ("cls_token", "dist_token", "reg_token", "pos_embed"):
             setattr(self, attr, getattr(model, attr, None))
         for attr, param in model.named_parameters(recurse=False):
             setattr(self, attr, param)
@@ -63,6 +112,7 @@ class Backbone(nn.Module):
         if ph != pw:
             raise ValueError(f"only square patches are supported, got {ph}x{pw}")
         self.patch_size: int = ph
+        self.pos_interp: PosInterp = pos_interp
         self.grad_checkpointing = False
         """Recompute each block in the backward pass instead of storing its activations."""
 
@@ -100,16 +150,13 @@ class Backbone(nn.Module):
         x = self.patch_embed(images)  # (B, L, D); (B, h, w, D) if built with dynamic_img_size
         x = x.flatten(1, -2)
         n_own = self.num_prefix_tokens
-        own = [
-            t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None
-        ]
+        tokens = (self.cls_token, self.dist_token, self.reg_token)  # timm's order
+        own = [t.expand(x.shape[0], -1, -1) for t in tokens if t is not None]
         if self.pos_embed is not None:
             n_pos_prefix = 0 if self.no_embed_class else n_own
-            pos = resample_abs_pos_embed(
-                self.pos_embed,
-                new_size=self.patch_embed.dynamic_feat_size(images.shape[-2:]),
-                old_size=self.grid_size,
-                num_prefix_tokens=n_pos_prefix,
+            grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
+            pos = resample_pos_embed(
+                self.pos_embed, grid, self.grid_size, n_pos_prefix, self.pos_interp
             )
             x = x + pos[:, n_pos_prefix:]
             if n_pos_prefix:
@@ -151,8 +198,19 @@ class Backbone(nn.Module):
         return {"name": self.name, "kwargs": dict(self.timm_kwargs)}
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that get no weight decay: the position embedding and the tokens."""
-        return {n for n in ("pos_embed", "cls_token", "reg_token") if getattr(self, n) is not None}
+        """timm's: the position embedding and the tokens (by timm's rule, not every method's)."""
+        names = ("pos_embed", "cls_token", "dist_token", "reg_token")
+        return {n for n in names if getattr(self, n) is not None}
+
+
+def cls_of_crops(backbone: Backbone, crops: list[Tensor]) -> Tensor:
+    """[(B, C, h_i, w_i)] -> (len(crops) * B, D) cls tokens, crop-major, for multi-crop methods.
+    Consecutive crops of one resolution run as one batch (the globals together, the locals)."""
+    feats = [
+        backbone(torch.cat(list(group))).tokens[:, 0]
+        for _, group in itertools.groupby(crops, key=lambda c: c.shape[-2:])
+    ]
+    return torch.cat(feats)
 
 
 def attention_probs(block: nn.Module, x: Tensor) -> Tensor:

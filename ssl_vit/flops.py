@@ -129,14 +129,11 @@ def patch_embed_forward(d: ViTDims, img_size: int) -> int:
     return linear((img_size // d.patch_size) ** 2, d.in_chans * d.patch_size**2, d.embed_dim)
 
 
-def vit_forward(
-    d: ViTDims, img_size: int, *, keep: int | None = None, extra_prefix: int = 0
-) -> int:
+def vit_forward(d: ViTDims, img_size: int, *, keep: int | None = None) -> int:
     """Encoder on one `img_size` image: patch embedding of all patches, then the blocks on the
-    prefix tokens (own + `extra_prefix`) and `keep` patch tokens (None = all; MAE masks after
-    the embedding, as the backbone does)."""
+    prefix tokens and `keep` patch tokens (None = all; MAE masks after the embedding)."""
     patches = (img_size // d.patch_size) ** 2
-    tokens = d.num_prefix + extra_prefix + (patches if keep is None else keep)
+    tokens = d.num_prefix + (patches if keep is None else keep)
     return patch_embed_forward(d, img_size) + d.depth * block_forward(
         tokens, d.embed_dim, d.mlp_hidden
     )
@@ -194,11 +191,12 @@ def dino_flops(d: ViTDims, img_size: int, cfg: Any) -> StepFlops:
 
 
 def deit_flops(d: ViTDims, img_size: int, cfg: Any, teacher_forward: int = 0) -> StepFlops:
-    """DeiT (cfg: DeiTConfig): the student on all patches (+ the distillation token when
-    distilling) and its head(s); `teacher_forward` = the frozen teacher's forward FLOPs per image
+    """DeiT (cfg: DeiTConfig): the student on all patches and its head(s); `d` are the dims of
+    the student's backbone as built, whose prefix holds the distillation token when distilling
+    (a timm `deit_*_distilled`); `teacher_forward` = the frozen teacher's forward FLOPs per image
     (not analytic: a CNN; see `counted_forward_flops`)."""
     distilled = cfg.distillation != "none"
-    student = vit_forward(d, img_size, extra_prefix=int(distilled))
+    student = vit_forward(d, img_size)
     heads = (1 + distilled) * linear(1, d.embed_dim, cfg.num_classes)
     return StepFlops(student + heads, teacher_forward if distilled else 0)
 

@@ -15,15 +15,20 @@ from typing import Any, NamedTuple
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config, ConfigError
 from ssl_vit.data import DataError, build_dataset
-from ssl_vit.data.device import DeviceView, device_single_view, device_supervised_view
+from ssl_vit.data.device import (
+    DeviceView,
+    device_single_view,
+    device_supervised_view,
+    device_view,
+)
 from ssl_vit.data.samplers import RepeatedAugSampler
-from ssl_vit.data.transforms import View, single_view, supervised_view
+from ssl_vit.data.transforms import Crop, View, multi_crop, single_view, supervised_view
 from ssl_vit.eval.accuracy import EvalData, eval_data
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig
 from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
 from ssl_vit.eval.pretrained import pretrained_backbone
 from ssl_vit.methods.deit import DeiT, DeiTConfig
-from ssl_vit.methods.dino import DINO, DINOConfig, dino_device_view, dino_view
+from ssl_vit.methods.dino import DINO, DINOConfig
 from ssl_vit.methods.mae import MAE, MAEConfig
 from ssl_vit.methods.protocol import Method
 from ssl_vit.weights import load_pretrained
@@ -62,6 +67,31 @@ def image_device_view(cfg: Config) -> DeviceView:
     return device_single_view(cfg.data, cfg.model.img_size)
 
 
+def dino_crops(cfg: Config) -> tuple[Crop, ...]:
+    """DINO's multi-crop of a run Config: 2 globals at model.img_size, then the method's locals;
+    each with colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 / 0.1 on the
+    globals, 0.5 on the locals; none without method.blur); solarisation (p 0.2) on the second
+    global only."""
+    m = cfg.method
+    size, scale, blur = cfg.model.img_size, m.global_crop_scale, float(m.blur)
+    local = Crop(m.local_crop_size, m.local_crop_scale, 0.8, 0.2, blur=0.5 * blur)
+    return (
+        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=blur),
+        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=0.1 * blur, solarize=0.2),
+        *[local] * m.local_crops,
+    )
+
+
+def dino_view(cfg: Config) -> View:
+    """DINO's multi-crop (loader workers, PIL): image -> {"crops": [2 + N tensors]}."""
+    return multi_crop(cfg.data, dino_crops(cfg))
+
+
+def dino_device_view(cfg: Config) -> DeviceView:
+    """The same multi-crop, batched on the device (`data.decode_on_device`)."""
+    return device_view(cfg.data, "crops", dino_crops(cfg))
+
+
 def supervised(deit: Callable[[Config], DeiTConfig]) -> tuple[Callable, Callable, Callable]:
     """(view, device view, repeated-augmentation sampler) of supervised training, reading the
     DeiT settings `deit(cfg)` gives: DeiT's own config, or fine-tuning's nested one. The view:
@@ -84,7 +114,10 @@ def supervised(deit: Callable[[Config], DeiTConfig]) -> tuple[Callable, Callable
 
     def sampler(cfg: Config, n: int, processes: int) -> RepeatedAugSampler:
         t = cfg.train
-        return RepeatedAugSampler(n, processes, t.batch_size, deit(cfg).repeated_aug, t.seed)
+        m = deit(cfg)
+        return RepeatedAugSampler(
+            n, processes, t.batch_size, m.repeated_aug, t.seed, trim=m.repeated_aug_trim
+        )
 
     return view, device, sampler
 

@@ -24,11 +24,12 @@ from typing import Any, Literal
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.layers import trunc_normal_
 from timm.models import get_arch_name, save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from ssl_vit.backbone import Backbone
+from ssl_vit.backbone import Backbone, PosInterp, resample_pos_embed
 from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, field_errors
 
 BACKBONE = "backbone"
@@ -198,9 +199,10 @@ class CheckpointError(ValueError):
 
 WHICH = ("teacher", "student")
 _WRAPPERS = ("module.", "backbone.")
-_DROPPED = re.compile(r"^(head|head_dist)\.|^(mask_token|dist_token)$|^decoder_")
+_DROPPED = re.compile(r"^(head|head_dist)\.|^mask_token$|^decoder_")
 """Method state that is not the backbone: classifier / DINO / distillation heads, the MAE mask
-token and decoder, the DeiT distillation token."""
+token and decoder. A DeiT distillation token is kept: it is part of the network the distilled
+model's features come from (the backbone is then timm's deit_*_distilled)."""
 _STANDARD_VITS = {
     192: ("tiny", 3),
     384: ("small", 6),
@@ -212,7 +214,11 @@ _STANDARD_VITS = {
 
 
 def load_pretrained(
-    checkpoint: str | Path, *, model: ModelConfig | None = None, which: str = "teacher"
+    checkpoint: str | Path,
+    *,
+    model: ModelConfig | None = None,
+    which: str = "teacher",
+    pos_interp: PosInterp = "bicubic",
 ) -> Backbone:
     """The Backbone held by any checkpoint `--checkpoint` accepts.
 
@@ -221,22 +227,24 @@ def load_pretrained(
     MAE (pretrain, `_full`, visualize, training), DINO (`_pretrain` backbone, full training) or
     DeiT (plain or distilled) `.pth`; any timm-named ViT state dict (.pth or .safetensors).
     `NAME=PATH` names the timm architecture of the file at PATH (e.g.
-    `vit_small_patch16_224.dino=weights.safetensors`; a tag after the dot is ignored and
-    `deit_*_distilled_*` builds `deit_*_*`); NAME is built at its own image size unless `model`
-    gives one. Nothing is downloaded.
+    `vit_small_patch16_224.dino=weights.safetensors`; a tag after the dot is ignored); NAME is
+    built at its own image size unless `model` gives one. Nothing is downloaded.
 
     Architecture: from the JSON for our files, from NAME when given, else inferred from the
     tensor shapes (width, depth, patch, grid, MLP ratio, qkv bias; heads from the standard ViT
-    sizes Ti/S/B/L/H). Every non-zero field of `model` but `name` (img_size, patch_size,
-    embed_dim, depth, num_heads, drop_path) overrides it; the position embedding is resampled
-    (bicubic, timm's checkpoint_filter_fn) when the grid changes.
+    sizes Ti/S/B/L/H; a `dist_token` makes it timm's DeiT distilled ViT). Every non-zero field
+    of `model` but `name` (img_size, patch_size, embed_dim, depth, num_heads, drop_path)
+    overrides it; the position embedding is resampled with `pos_interp` when the grid changes
+    (backbone.resample_pos_embed: default bicubic without antialiasing, as the official MAE and
+    DeiT loaders; the returned backbone resizes it the same way for inputs of another size).
 
     Key mapping, then strict loading: the state dict is `model` (MAE, DeiT), `teacher` or
     `student` (`which`; DINO training checkpoints) or `state_dict` of the file, else the file
     itself; `module.` and `backbone.` prefixes are stripped; dropped: `head.*`, `head_dist.*`
-    (classifier, DINO and distillation heads), `mask_token`, `decoder_*` (MAE decoder),
-    `dist_token` with its position in `pos_embed` (DeiT distilled). Every other key must match
-    the backbone exactly, or CheckpointError lists the missing, unexpected and mis-shaped keys.
+    (classifier, DINO and distillation heads), `mask_token`, `decoder_*` (MAE decoder). A DeiT
+    distillation token stays, with its position: features are those of the distilled network.
+    Every other key must match the backbone exactly, or CheckpointError lists the missing,
+    unexpected and mis-shaped keys.
 
     Loading is safe: `torch.load(weights_only=True)`, allowing only argparse.Namespace (the
     `args` of official training checkpoints) beyond tensors and plain containers; a file holding
@@ -264,10 +272,11 @@ def load_pretrained(
     if model is not None:
         kwargs = _override(kwargs, model)
     try:
-        backbone = Backbone(name, **kwargs)
+        backbone = Backbone(name, pos_interp=pos_interp, **kwargs)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot build the ViT {name} {kwargs}: {e}") from None
-    # timm's own loader: patch-embed layout and bicubic pos-embed resampling to this grid.
+    state = resample_to_grid(state, backbone)
+    # timm's own loader: patch-embed layout (its pos-embed resampling finds nothing left to do)
     state = checkpoint_filter_fn(state, backbone)
     load_strict(backbone, state, path, top_keys)
     return backbone
@@ -300,6 +309,22 @@ def weights_and_spec(path: Path, stem: str = BACKBONE) -> tuple[Path, Path | Non
     return path, path.with_suffix(".json")
 
 
+def resample_to_grid(state: dict[str, Tensor], backbone: Backbone) -> dict[str, Tensor]:
+    """`state` with its (square-grid) `pos_embed` resized to the backbone's patch grid by the
+    backbone's own `pos_interp` formula."""
+    pos = state.get("pos_embed")
+    if pos is None or backbone.pos_embed is None or pos.shape == backbone.pos_embed.shape:
+        return state
+    n = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
+    side = math.isqrt(pos.shape[1] - n)
+    if side * side != pos.shape[1] - n:
+        return state  # not a square grid: strict loading reports the mismatch
+    grid = backbone.grid_size
+    return state | {
+        "pos_embed": resample_pos_embed(pos, grid, (side, side), n, backbone.pos_interp)
+    }
+
+
 def parse_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None]:
     """(path, timm model name as given or None) of a `--checkpoint` value: a path, or NAME=PATH."""
     text = str(checkpoint)
@@ -321,9 +346,9 @@ def parse_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None]:
 
 
 def architecture(name: str) -> str:
-    """The timm architecture a backbone of `name` is built as: no pretrained tag, and a DeiT
-    distilled name as its plain ViT (the distillation token is method state)."""
-    return get_arch_name(name).replace("_distilled", "")
+    """The timm architecture a backbone of `name` is built as: the name without a pretrained
+    tag (a DeiT distilled name stays distilled: its token is part of the network)."""
+    return get_arch_name(name)
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -387,45 +412,59 @@ class UnsafeCheckpointError(CheckpointError):
 
 def backbone_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Timm backbone names: `module.`/`backbone.` prefixes stripped, method state dropped
-    (`_DROPPED`), and a distillation token's position taken out of `pos_embed`."""
+    (`_DROPPED`)."""
     out = {}
     for key, value in state.items():
         while key.startswith(_WRAPPERS):
             key = key.split(".", 1)[1]
         out[key] = value
-    if "dist_token" in out and "pos_embed" in out:  # DeiT order: cls, dist, patches
-        pos = out["pos_embed"]
-        out["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
     return {k: v for k, v in out.items() if not _DROPPED.search(k)}
 
 
+def distilled_name(name: str) -> str:
+    """timm's DeiT distilled ViT of the size in a ViT name (built with explicit sizes)."""
+    size = re.search(r"(tiny|small|base)", name)
+    return f"deit_{size[1] if size else 'base'}_distilled_patch16_224"
+
+
+@torch.no_grad()
+def distilled_backbone(backbone: Backbone) -> Backbone:
+    """`backbone` as timm's DeiT distilled ViT (`distilled_name`, its sizes and kwargs): its
+    weights, plus a distillation token after cls with its own position embedding, each drawn
+    trunc_normal(std 0.02) as DeiT's models.py; the forward then runs cls, dist, patches."""
+    if backbone.num_prefix_tokens != 1 or backbone.no_embed_class:
+        raise ValueError("distillation needs a ViT with a cls token only, in pos_embed")
+    kwargs = backbone.timm_kwargs | {
+        k: getattr(backbone, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")
+    }
+    kwargs["img_size"] = backbone.grid_size[0] * backbone.patch_size
+    out = Backbone(distilled_name(backbone.name), pos_interp=backbone.pos_interp, **kwargs)
+    state, dim = backbone.state_dict(), backbone.embed_dim
+    dist_token, dist_pos = (trunc_normal_(torch.zeros(1, 1, dim), std=0.02) for _ in range(2))
+    pos = state["pos_embed"].cpu()
+    state |= {
+        "dist_token": dist_token,
+        "pos_embed": torch.cat([pos[:, :1], dist_pos, pos[:, 1:]], 1),
+    }
+    out.load_state_dict(state)
+    return out.to(next(backbone.parameters()).device)
+
+
 def classifier_keys(
-    backbone: Backbone,
-    head: nn.Module,
-    num_classes: int,
-    distilled: tuple[Tensor, Tensor, nn.Module] | None = None,
+    backbone: Backbone, head: nn.Module, num_classes: int, head_dist: nn.Module | None = None
 ) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
     """(state dict, timm name, kwargs) of a ViT classifier that `timm.create_model(name, **kwargs)`
-    loads strictly: the backbone's ViT with `head`. With `distilled` = (dist_token, its position
-    embedding, head_dist): timm's `deit_*_distilled_patch16_224` sized as the backbone, pos_embed
-    over cls, dist and patches (what `backbone_keys` undoes)."""
+    loads strictly: the backbone's ViT with `head`, and `head_dist` on a distilled backbone's
+    distillation token (timm's deit_*_distilled: the prediction is the mean of the two)."""
     state = backbone.state_dict() | {f"head.{k}": v for k, v in head.state_dict().items()}
-    kwargs = {**backbone.timm_kwargs, "num_classes": num_classes}
-    if distilled is None:
-        return state, backbone.name, kwargs
-    dist_token, dist_pos_embed, head_dist = distilled
-    pos = state["pos_embed"]
-    state["pos_embed"] = torch.cat([pos[:, :1], dist_pos_embed.detach(), pos[:, 1:]], dim=1)
-    state["dist_token"] = dist_token.detach()
-    state |= {f"head_dist.{k}": v for k, v in head_dist.state_dict().items()}
-    kwargs |= {k: getattr(backbone, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")}
-    kwargs["img_size"] = backbone.grid_size[0] * backbone.patch_size
-    size = re.search(r"(tiny|small|base)", backbone.name)
-    return state, f"deit_{size[1] if size else 'base'}_distilled_patch16_224", kwargs
+    if head_dist is not None:
+        state |= {f"head_dist.{k}": v for k, v in head_dist.state_dict().items()}
+    return state, backbone.name, {**backbone.timm_kwargs, "num_classes": num_classes}
 
 
 def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[str, dict[str, Any]]:
-    """(timm name, kwargs) of the cls-token ViT a timm-named state dict holds, from its shapes.
+    """(timm name, kwargs) of the cls-token ViT a timm-named state dict holds, from its shapes;
+    with a `dist_token`, timm's DeiT distilled ViT (its pos_embed: cls, dist, patches).
 
     Heads are not in the shapes: `num_heads`, else the standard ViT size of that width.
     """
@@ -438,9 +477,12 @@ def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[st
             "patch_embed.proj.weight and blocks.* keys (name it with NAME=PATH)"
         )
     dim, in_chans, p = patch.shape[0], patch.shape[1], patch.shape[-1]
-    grid = math.isqrt(pos.shape[1] - 1)
-    if grid * grid != pos.shape[1] - 1:
-        raise CheckpointError(f"pos_embed {tuple(pos.shape)} is not cls + a square patch grid")
+    prefix = 2 if "dist_token" in state else 1
+    grid = math.isqrt(pos.shape[1] - prefix)
+    if grid * grid != pos.shape[1] - prefix:
+        raise CheckpointError(
+            f"pos_embed {tuple(pos.shape)} is not {prefix} prefix token(s) + a square patch grid"
+        )
     size, heads = _STANDARD_VITS.get(dim, ("base", 0))
     heads = num_heads or heads
     if not heads:
@@ -459,7 +501,8 @@ def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[st
         kwargs["qkv_bias"] = False
     if in_chans != 3:
         kwargs["in_chans"] = in_chans
-    return (name if timm.is_model(name) else "vit_base_patch16_224"), kwargs
+    name = name if timm.is_model(name) else "vit_base_patch16_224"
+    return (distilled_name(name) if prefix == 2 else name), kwargs
 
 
 def load_strict(
@@ -611,8 +654,12 @@ class LoadConfig:
     which: Literal["teacher", "student"] = "teacher"
     """Network of a DINO training checkpoint whose backbone is taken."""
     img_size: int = 0
-    """Build the backbone for this image size (position embedding resampled, bicubic); 0 keeps
-    the checkpoint's."""
+    """Build the backbone for this image size (position embedding resampled by pos_interp); 0
+    keeps the checkpoint's."""
+    pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"
+    """How the position embedding is resized (backbone.resample_pos_embed), at load and for
+    inputs of another size. auto: the official formula of the command's protocol (knn: DINO's
+    offset bicubic; import / export: bicubic, as MAE's and DeiT's loaders)."""
     num_heads: int = 0
     """Attention heads; 0 takes them from the checkpoint's JSON or timm name, else from the
     standard ViT size of its width."""
@@ -620,6 +667,10 @@ class LoadConfig:
     def model(self) -> ModelConfig:
         """The overrides as load_pretrained's `model` (zero fields keep the checkpoint's)."""
         return ModelConfig(img_size=self.img_size, num_heads=self.num_heads)
+
+    def interp(self, protocol: PosInterp) -> PosInterp:
+        """pos_interp, with `protocol` (the command's official formula) for auto."""
+        return protocol if self.pos_interp == "auto" else self.pos_interp
 
     def errors(self) -> list[str]:
         return field_errors(self, "load", {">= 0": "img_size num_heads"})
@@ -632,6 +683,7 @@ def export_checkpoint(
     what: str = "auto",
     model: ModelConfig | None = None,
     which: str = "teacher",
+    pos_interp: PosInterp = "bicubic",
 ) -> dict[str, Any]:
     """Write the directory `output` in timm's pretrained layout (`save_timm`: config.json +
     model.safetensors), which `timm.create_model("local-dir:OUTPUT", pretrained=True)` loads.
@@ -649,7 +701,7 @@ def export_checkpoint(
             "the load options (image size, heads, which) apply to backbone exports only"
         )
     if kind == BACKBONE:
-        backbone = load_pretrained(checkpoint, model=model, which=which)
+        backbone = load_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
         state = backbone.state_dict()
         name, kwargs = backbone.name, {**backbone.timm_kwargs, "num_classes": 0}
     else:
@@ -675,6 +727,7 @@ def import_checkpoint(
     model: ModelConfig | None = None,
     which: str = "teacher",
     overwrite: bool = False,
+    pos_interp: PosInterp = "bicubic",
 ) -> dict[str, Any]:
     """Write the backbone of any accepted checkpoint as `output_dir`/backbone/ (timm's pretrained
     layout), so that output_dir is a run-like directory every command takes. Returns what was
@@ -682,7 +735,7 @@ def import_checkpoint(
     out = Path(output_dir)
     if (out / BACKBONE).exists() and not overwrite:
         raise CheckpointError(f"{out}: already holds {BACKBONE}/ (overwrite replaces it)")
-    backbone = load_pretrained(checkpoint, model=model, which=which)
+    backbone = load_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
     out.mkdir(parents=True, exist_ok=True)
     written = export_backbone(backbone, out)
     return {

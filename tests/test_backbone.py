@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from ssl_vit.backbone import Backbone
+from ssl_vit.backbone import Backbone, resample_pos_embed
 
 from tolerances import FORWARD, ROUNDING
 
@@ -226,3 +227,32 @@ def test_grad_checkpointing_same_gradients_less_saved_activations():
         on = backbone.eval()(x).tokens
         backbone.set_grad_checkpointing(False)
         assert torch.equal(on, backbone(x).tokens)
+
+
+def test_position_embedding_resampling_formulas():
+    """resample_pos_embed's three formulas against their definitions (DINO's own in
+    test_fidelity.py); the choice is the caller's at run time, not part of backbone.json."""
+    pos = torch.randn(1, 1 + 64, 48, generator=torch.Generator().manual_seed(0))
+    assert resample_pos_embed(pos, (8, 8), (8, 8), 1, "offset") is pos  # the same grid: as is
+    want = resample_abs_pos_embed(pos, (12, 6), (8, 8), num_prefix_tokens=1)
+    assert torch.equal(resample_pos_embed(pos, (12, 6), (8, 8), 1, "antialias"), want)
+    grid = pos[:, 1:].reshape(1, 8, 8, 48).permute(0, 3, 1, 2)
+    for mode, kw in (
+        ("bicubic", dict(size=(12, 6))),
+        ("offset", dict(scale_factor=(1.5125, 0.7625))),
+    ):
+        out = F.interpolate(grid, mode="bicubic", **kw).permute(0, 2, 3, 1).reshape(1, 72, 48)
+        got = resample_pos_embed(pos, (12, 6), (8, 8), 1, mode)
+        torch.testing.assert_close(got, torch.cat([pos[:, :1], out], dim=1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown mode 'nearest'"):
+        resample_pos_embed(pos, (12, 6), (8, 8), 1, "nearest")
+    backbone = Backbone(NAME, pos_interp="offset", **KW)
+    assert backbone.pos_interp == "offset" and backbone.config_dict() == {
+        "name": NAME,
+        "kwargs": KW,
+    }
+    x = images(h=48, w=48)
+    with torch.no_grad():
+        offset = backbone(x).tokens
+        backbone.pos_interp = "bicubic"
+        assert (backbone(x).tokens - offset).abs().max() > 1e-3  # the formula reaches the forward

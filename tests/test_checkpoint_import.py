@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -60,6 +59,15 @@ def assert_features(backbone: Backbone, reference: nn.Module, size: int = 32) ->
     with torch.no_grad():
         got, want = backbone.eval()(x).tokens, reference.forward_features(x)
     torch.testing.assert_close(got, want, **FORWARD)
+
+
+def official_resize(pos: torch.Tensor, side: int, prefix: int = 1) -> torch.Tensor:
+    """MAE's util/pos_embed.interpolate_pos_embed and DeiT's main.py, written out: the square
+    patch grid bicubic to side x side with no antialiasing, the prefix positions kept."""
+    n = int((pos.shape[1] - prefix) ** 0.5)
+    grid = pos[:, prefix:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(side, side), mode="bicubic")
+    return torch.cat([pos[:, :prefix], grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
 
 def prefixed(prefix: str, state: dict) -> dict:
@@ -156,26 +164,22 @@ def test_official_format_features_equal_timm(fmt, tmp_path):
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # only while loading
 
 
-def test_deit_distilled_drops_dist_token_and_its_position(tmp_path):
+def test_deit_distilled_keeps_its_dist_token_and_its_position(tmp_path):
+    """The distilled network is the one evaluated: timm's deit_*_distilled, heads dropped."""
     deit = perturbed(timm.create_model("deit_tiny_distilled_patch16_224", **KW, num_classes=10), 4)
     state = deit.state_dict()
     assert state["pos_embed"].shape == (1, 16 + 2, 48)
     torch.save({"model": state}, tmp_path / "deit_distilled.pth")
     backbone = load_pretrained(tmp_path / "deit_distilled.pth", model=HEADS)
-    pos = state["pos_embed"]
-    assert torch.equal(backbone.pos_embed, torch.cat([pos[:, :1], pos[:, 2:]], dim=1))
-    assert torch.equal(backbone.cls_token, state["cls_token"])
-    assert not any("dist" in k or "head" in k for k in backbone.state_dict())
-    reference = vit()  # the plain ViT with the distilled file's weights, dist token removed
-    reference.load_state_dict(
-        {k: v for k, v in state.items() if "dist" not in k and "head" not in k}
-        | {"pos_embed": backbone.pos_embed.detach()}
-    )
-    assert_features(backbone, reference)
+    assert backbone.config_dict()["name"] == "deit_base_distilled_patch16_224"  # width 48: sized
+    assert backbone.num_prefix_tokens == 2 and torch.equal(backbone.pos_embed, state["pos_embed"])
+    assert torch.equal(backbone.dist_token, state["dist_token"])
+    assert not any("head" in k for k in backbone.state_dict())
+    assert_features(backbone, deit)  # cls, dist, patches: timm's forward_features
 
 
 def test_timm_name_with_local_weights(tmp_path):
-    """NAME=PATH: the tag is dropped, the distilled name builds its plain ViT; weights in
+    """NAME=PATH: the tag is dropped, a distilled name builds the distilled ViT; weights in
     safetensors with timm's classifier head."""
     model = vit(5, num_classes=10)
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
@@ -189,7 +193,8 @@ def test_timm_name_with_local_weights(tmp_path):
     deit = perturbed(timm.create_model("deit_tiny_distilled_patch16_224", **KW, num_classes=10), 6)
     torch.save({"model": deit.state_dict()}, tmp_path / "d.pth")
     backbone = load_pretrained(f"deit_tiny_distilled_patch16_224={tmp_path / 'd.pth'}", model=sized)
-    assert backbone.name == "deit_tiny_patch16_224" and backbone.num_prefix_tokens == 1
+    assert backbone.name == "deit_tiny_distilled_patch16_224" and backbone.num_prefix_tokens == 2
+    assert_features(backbone, deit)
 
 
 def test_run_directory_timm_directory_and_earlier_exports(tmp_path):
@@ -245,8 +250,8 @@ def test_pos_embed_resampled_to_another_image_size(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "mae.pth")
     backbone = load_pretrained(tmp_path / "mae.pth", model=ModelConfig(img_size=64, num_heads=3))
     assert backbone.grid_size == (8, 8) and backbone.timm_kwargs["img_size"] == 64
-    want = resample_abs_pos_embed(model.pos_embed.detach(), (8, 8), num_prefix_tokens=1)
-    assert torch.equal(backbone.pos_embed.detach(), want)
+    want = official_resize(model.pos_embed.detach(), 8)  # MAE's and DeiT's loaders
+    torch.testing.assert_close(backbone.pos_embed.detach(), want, rtol=0, atol=1e-6)
     reference = vit(img_size=64)
     reference.load_state_dict(model.state_dict() | {"pos_embed": want})
     assert_features(backbone, reference, size=64)
@@ -404,11 +409,11 @@ def test_export_classifier_of_a_run(tmp_path, capsys):
         for loaded in (load_classifier(run, num_classes=10), load_classifier(out)):
             assert torch.equal(loaded(images()), classifier(images()))
 
-    backbone = load_pretrained(out)
-    assert backbone.name == "deit_tiny_patch16_224" and backbone.timm_kwargs.items() >= KW.items()
-    pos = classifier.pos_embed.detach()
-    assert torch.equal(backbone.pos_embed.detach(), torch.cat([pos[:, :1], pos[:, 2:]], dim=1))
+    backbone = load_pretrained(out)  # the distilled network, its token kept
+    assert backbone.name == name and backbone.timm_kwargs.items() >= KW.items()
+    assert torch.equal(backbone.pos_embed.detach(), classifier.pos_embed.detach())
     assert torch.equal(backbone.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
+    assert_features(backbone, classifier)
 
 
 def test_import_command_dino_student_at_new_size(tmp_path, capsys):
@@ -421,6 +426,6 @@ def test_import_command_dino_student_at_new_size(tmp_path, capsys):
     line = json_line(capsys)
     assert line["kwargs"] == {**KW, "img_size": 48}
     reference = vit(img_size=48)
-    pos = resample_abs_pos_embed(student.pos_embed.detach(), (6, 6), num_prefix_tokens=1)
+    pos = official_resize(student.pos_embed.detach(), 6)  # import's default: MAE's, DeiT's
     reference.load_state_dict(student.state_dict() | {"pos_embed": pos})
     assert_features(load_pretrained(out), reference, size=48)

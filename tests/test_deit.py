@@ -105,7 +105,8 @@ def test_hard_distillation_loss_by_hand():
 
 def test_supervised_has_one_head_and_no_teacher():
     model = make(label_smoothing=0.0)
-    assert model.teacher is None and model.student.dist_token is None
+    assert model.teacher is None and model.student.head_dist is None
+    assert model.backbone.dist_token is None
     images, labels = batch()
     shapes = []
     model.backbone.blocks[0].register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape))
@@ -249,7 +250,8 @@ def test_state_dict_leaves_the_teacher_out_and_loads_without_it():
     state = model.state_dict()
     kept = [f"student.{k}" for k in model.student.state_dict()]
     assert [*state] == kept + [f"ema.{k}" for k in model.ema.state_dict()]  # all but the teacher
-    assert {"student.dist_token", "student.head_dist.weight", "ema.module.head.weight"} <= {*state}
+    want = {"student.backbone.dist_token", "student.head_dist.weight", "ema.module.head.weight"}
+    assert want <= {*state}
     assert len(model.teacher.state_dict()) == 7  # fc, bn and its buffers: all left out
     other = make(seed=1, distillation="soft", model_ema=True)
     teacher = {k: v.clone() for k, v in other.teacher.state_dict().items()}
@@ -289,7 +291,7 @@ def test_checkpoints_hold_no_teacher_and_resume_exactly(tmp_path):
     ckpt = straight / "checkpoints" / f"step_{n:07d}"
     saved = load_file(str(ckpt / "model.safetensors"))
     assert not [k for k in saved if "teacher" in k]
-    assert {"student.dist_token", "ema.module.head_dist.weight"} <= {*saved}
+    assert {"student.backbone.dist_token", "ema.module.head_dist.weight"} <= {*saved}
     teacher = load_classifier(teacher_file(0), "test_resnet", 10).state_dict()
     save_file(saved | {f"teacher.{k}": v for k, v in teacher.items()}, tmp_path / "with.st")
     size, with_teacher = (ckpt / "model.safetensors").stat().st_size, (tmp_path / "with.st").stat()
@@ -315,7 +317,7 @@ def test_checkpoints_hold_no_teacher_and_resume_exactly(tmp_path):
     assert min(d for _, d in losses(straight)) > 0.1  # the teacher takes part in the loss
     # the exported classifier is the student's, and loads as a classifier (a run directory)
     classifier = load_classifier(resumed, "", 10)
-    assert torch.equal(classifier.state_dict()["dist_token"], a["student.dist_token"])
+    assert torch.equal(classifier.state_dict()["dist_token"], a["student.backbone.dist_token"])
 
     # control: the teacher is rebuilt from its file, not restored: another teacher diverges
     control = tmp_path / "control"

@@ -4,6 +4,7 @@ layer, multi-crop; exact resume after SIGKILL; the weighted k-NN evaluator."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, validate
 from ssl_vit.data import collate
 from ssl_vit.data.transforms import GaussianBlur
-from ssl_vit.methods.dino import DINO, DINOConfig, DINOLoss, dino_view
+from ssl_vit.methods.dino import DINO, DINOConfig, DINOLoss
+from ssl_vit.ops import ema_init_share
 from ssl_vit.optim import warmup_cosine
+from ssl_vit.registry import dino_view
 from ssl_vit.train.loop import fit
 from ssl_vit.weights import export_backbone
 
@@ -379,3 +382,74 @@ def test_knn_eval_matches_direct_computation_and_cli_writes_json(tmp_path, capsy
     assert main(["--knn.k", "0"]) == 2
     err = capsys.readouterr().err
     assert "--checkpoint: required" in err and "knn.k: each must be >= 1" in err
+
+
+def test_collapse_warnings_name_the_likely_cause_and_the_knob(caplog):
+    """The issue's run: 4,096 prototypes, momentum 0.996 over 440 steps, entropy 8.30 of
+    log 4096 = 8.32 from step 80. The warning names the EMA time constant (250 steps) against
+    the run, the share of the teacher still at its initialisation (exp(-0.004 x 441 / 2) = 41%),
+    the momentum that leaves < 1% (1 - 2 ln 100 / 441 = 0.9791) and the other knobs; with a fast
+    EMA, the teacher's near-identical outputs and BatchNorm in the head (the digits at 0.98)."""
+    dino = make(out_dim=4096)
+    dino.set_schedule(440, 22)
+    with caplog.at_level(logging.WARNING):
+        dino.on_log({"step": 80, "teacher_batch_max_prob": 0.0003, "teacher_entropy": 8.30})
+    (uniform,) = [r.getMessage() for r in caplog.records]
+    assert "collapsed to uniform (entropy 8.300 of log(out_dim) 8.318)" in uniform
+    assert "1 / (1 - method.momentum_teacher) = 250 steps against a run of 440 steps" in uniform
+    assert "leaves 41% of it at its random initialisation" in uniform
+    assert "method.momentum_teacher <= 0.9791 leaves < 1%" in uniform
+    assert "method.out_dim 4096" in uniform and "method.teacher_temp (0.04)" in uniform
+    caplog.clear()
+    fast = make(out_dim=4096, momentum_teacher=0.97)  # 0.97 over 440 steps: 0.1 % left
+    fast.set_schedule(440, 22)
+    with caplog.at_level(logging.WARNING):
+        fast.on_log({"step": 30, "teacher_batch_max_prob": 0.0003, "teacher_entropy": 8.25})
+    (uniform,) = [r.getMessage() for r in caplog.records]
+    assert "the teacher maps the images to nearly one output" in uniform
+    assert "33 steps against a run of 440 steps leaves 0%" in uniform
+    assert "method.use_bn_in_head False" in uniform and "momentum_teacher <=" not in uniform
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        dino.on_log({"step": 90, "teacher_batch_max_prob": 0.995, "teacher_entropy": 0.05})
+    (one,) = [r.getMessage() for r in caplog.records]
+    assert "collapsed to one dimension (0.995 of the batch on one)" in one
+    assert "raise method.teacher_temp (0.04)" in one and "method.center_momentum (0.9)" in one
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # healthy: silent
+        dino.on_log({"step": 100, "teacher_batch_max_prob": 0.01, "teacher_entropy": 6.0})
+    assert not caplog.records
+
+
+def test_ema_init_share_is_the_product_of_the_official_momentum_schedule():
+    """DINO's momentum_schedule = cosine_scheduler(m0, 1, epochs, niter): prod(m_i) against
+    ops.ema_init_share's exp(-(1 - m0)(T + 1) / 2), whose exponent is the exact sum of 1 - m_i
+    (a first-order estimate of the product: 0.0040 for 0.0039 at 0.98 over 550 steps)."""
+    for m0, steps in ((0.996, 440), (0.98, 550), (0.9995, 2000)):
+        i = np.arange(steps)
+        m = 1 + 0.5 * (m0 - 1) * (1 + np.cos(np.pi * i / steps))
+        assert np.sum(1 - m) == pytest.approx((1 - m0) * (steps + 1) / 2, rel=1e-9)
+        # log m <= -(1 - m): the share bounds the product from above, by the second-order terms
+        share, prod = ema_init_share(m0, steps), np.prod(m)
+        assert prod <= share == pytest.approx(prod, rel=steps * (1 - m0) ** 2)
+    assert ema_init_share(0.996, 440) == pytest.approx(0.414, abs=1e-3)
+
+
+def test_head_with_batchnorm_has_the_official_layout_and_batch_statistics():
+    """DINO's DINOHead(use_bn=True) (--use_bn_in_head): Linear, BatchNorm, GELU, Linear,
+    BatchNorm, GELU, Linear as mlp.0-6 (an official checkpoint's keys); in train mode each
+    BatchNorm normalises by the batch's own mean and biased variance (eps 1e-5)."""
+    head = make(use_bn_in_head=True).head.train()
+    with torch.no_grad():
+        for bn in (head.mlp[1], head.mlp[4]):
+            bn.weight.normal_(), bn.bias.normal_()
+    weights = [k for k in head.state_dict() if k.startswith("mlp.") and k.endswith(".weight")]
+    assert weights == [f"mlp.{i}.weight" for i in (0, 1, 3, 4, 6)]
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    h = x
+    for linear, bn in ((head.mlp[0], head.mlp[1]), (head.mlp[3], head.mlp[4])):
+        z = linear(h)
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5) * bn.weight + bn.bias
+        h = torch.nn.functional.gelu(z)
+    want = head.last_layer(torch.nn.functional.normalize(head.mlp[6](h), dim=-1))
+    torch.testing.assert_close(head(x), want, **ROUNDING)

@@ -119,11 +119,10 @@ def test_larger_image_size_resamples_the_position_embedding(tmp_path):
     )
     bb = pretrained_backbone(cfg)
     assert bb.grid_size == (6, 6) and bb.pos_embed.shape == (1, 1 + 36, 32)
-    # REFERENCE.md: the patch positions as their 4 x 4 grid, bicubic to 6 x 6; cls unchanged.
-    # (timm's loader antialiases: PIL's bicubic kernel, where the official repos' plain
-    # F.interpolate differs by up to ~7% of the largest entry.)
+    # MAE's interpolate_pos_embed: the patch positions as their 4 x 4 grid, bicubic to 6 x 6
+    # without antialiasing, cls unchanged (timm's loader antialiases: ~7% of the largest entry)
     grid = pre.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
-    resized = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False, antialias=True)
+    resized = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
     expected = torch.cat([pre.pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 36, 32)], 1)
     torch.testing.assert_close(bb.pos_embed, expected)
     assert torch.equal(bb.blocks[0].attn.qkv.weight, pre.blocks[0].attn.qkv.weight)

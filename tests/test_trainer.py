@@ -88,15 +88,19 @@ def test_warmup_cosine_endpoints_and_plan():
 
 
 def test_weight_decay_exemptions():
+    """MAE's rule (timm's add_weight_decay, no names skipped): the tokens decay; a name list
+    (DeiT's no_weight_decay) exempts them too. Against the official code: test_fidelity.py."""
     from ssl_vit.backbone import Backbone
     from ssl_vit.methods.mae import MAE
 
     mae = MAE(Backbone(**TINY_MODEL), MAEConfig(**TINY_METHOD))
-    decay, exempt = param_groups(mae, 0.05)
+    decay, exempt = mae.param_groups(0.05)
     names = {id(p): n for n, p in mae.named_parameters()}
     exempt_names = {names[id(p)] for p in exempt["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
-    assert "backbone.cls_token" in exempt_names and "mask_token" in exempt_names
+    assert "backbone.cls_token" in decay_names and "mask_token" in decay_names
+    skipped = param_groups(mae, 0.05, ["backbone.cls_token", "mask_token"])[1]["params"]
+    assert {"backbone.cls_token", "mask_token"} <= {names[id(p)] for p in skipped}
     assert "backbone.blocks.0.attn.qkv.bias" in exempt_names
     assert "backbone.norm.weight" in exempt_names
     assert (

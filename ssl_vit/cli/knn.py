@@ -70,7 +70,10 @@ def knn(root: KNNRoot, args: Args) -> dict[str, Any]:
     e += root.knn.errors() + root.data.errors()
     if e:
         raise ConfigError(e)
-    backbone = load_pretrained(checkpoint, model=root.load.model(), which=root.load.which)
+    load = root.load  # DINO's eval_knn.py: its interpolate_pos_encoding at another size
+    backbone = load_pretrained(
+        checkpoint, model=load.model(), which=load.which, pos_interp=load.interp("offset")
+    )
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     img_size = root.knn.img_size or backbone.grid_size[0] * backbone.patch_size

@@ -63,7 +63,8 @@ def checked(root: ExportRoot | ImportRoot, args: Args, output: str, what: str) -
 def export(root: ExportRoot, args: Args) -> dict[str, Any]:
     o, load = root.output, root.load
     checkpoint = checked(root, args, o.dir, "--output.dir: required (the directory to write)")
-    return export_checkpoint(checkpoint, o.dir, what=o.what, model=load.model(), which=load.which)
+    kw = dict(model=load.model(), which=load.which, pos_interp=load.interp("bicubic"))
+    return export_checkpoint(checkpoint, o.dir, what=o.what, **kw)
 
 
 def import_(root: ImportRoot, args: Args) -> dict[str, Any]:
@@ -71,9 +72,8 @@ def import_(root: ImportRoot, args: Args) -> dict[str, Any]:
     checkpoint = checked(
         root, args, o.dir, "--output.dir: required (the directory to write the backbone to)"
     )
-    return import_checkpoint(
-        checkpoint, o.dir, model=load.model(), which=load.which, overwrite=o.overwrite
-    )
+    kw = dict(model=load.model(), which=load.which, pos_interp=load.interp("bicubic"))
+    return import_checkpoint(checkpoint, o.dir, overwrite=o.overwrite, **kw)
 
 
 def export_main(argv: list[str]) -> int:

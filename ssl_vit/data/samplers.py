@@ -23,23 +23,33 @@ class RepeatedAugSampler(Sampler[int]):
     """The global sample order of an epoch of repeated augmentation, for `num_processes` processes
     that each take whole batches of `batch_size` in turn.
 
-    An epoch has len(dataset) samples; with drop_last batching, the samples taken are a prefix of
-    the repeated list, so every drawn index appears `repeats` times (but at most one, cut at the
-    end), its copies on processes q % P for the copies' positions q. Deterministic in
-    (seed, epoch): call `set_epoch` before each epoch.
+    An epoch has len(dataset) samples, or with `trim` > 0 DeiT's RASampler count: floor(len /
+    trim) x trim (256 in DeiT), rounded down to a multiple of the processes. With drop_last
+    batching, the samples taken are a prefix of the repeated list, so every drawn index appears
+    `repeats` times (but at most one, cut at the end), its copies on processes q % P for the
+    copies' positions q. Deterministic in (seed, epoch): call `set_epoch` before each epoch.
     """
 
     def __init__(
-        self, dataset_len: int, num_processes: int, batch_size: int, repeats: int = 3, seed: int = 0
+        self,
+        dataset_len: int,
+        num_processes: int,
+        batch_size: int,
+        repeats: int = 3,
+        seed: int = 0,
+        trim: int = 0,
     ):
         self.n, self.p, self.b, self.repeats = dataset_len, num_processes, batch_size, repeats
         self.seed, self.epoch = seed, 0
+        self.length = dataset_len
+        if trim:  # RASampler: num_selected_samples = floor(len // 256 * 256 / P) per process
+            self.length = (dataset_len // trim * trim // num_processes) * num_processes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.length
 
     def __iter__(self) -> Iterator[int]:
         state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2)
@@ -47,7 +57,7 @@ class RepeatedAugSampler(Sampler[int]):
         rep = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
         # Global position k is item o of batch j, which process j % P takes as its step j // P:
         # that process's local position t = (j // P) * b + o, where RASampler puts rep[t * P + r].
-        k = torch.arange(self.n)
+        k = torch.arange(self.length)
         j, o = k // self.b, k % self.b
         t = (j // self.p) * self.b + o
         return iter(rep[(t * self.p + j % self.p) % len(rep)].tolist())

@@ -118,7 +118,7 @@ class Crops:
 
 
 def multi_crop(data_cfg: DataConfig, crops: Sequence[Crop]) -> View:
-    """A multi-crop view (DINO's: `methods.dino.dino_crops`).
+    """A multi-crop view (DINO's: `registry.dino_crops`).
 
     image -> {"crops": [float32 (3, c.size, c.size) for c in crops]}, normalised.
     """

@@ -5,10 +5,12 @@ embed, cls token and position embedding are layer 0, block i is i + 1, the final
 the head depth + 1), drop path (model.drop_path), and DeiT's supervised training with no teacher
 (methods/deit.py: RandAugment, random erasing, Mixup / CutMix, label smoothing, optional model EMA)
 of a classifier that averages the patch tokens through a fresh fc_norm, the final norm dropped
-(timm's global_pool='avg'), or reads the cls token; head init std 2e-5. An image size other than
-the checkpoint's resamples the position embedding (bicubic). The run exports classifier.safetensors
-+ .json (last) and classifier_best.* (best top-1), which `timm.create_model(name, **kwargs)` loads
-with strict=True.
+(timm's global_pool='avg'), or reads the cls token; head init std 2e-5. A distilled DeiT
+checkpoint keeps its distillation token and gets both heads, the prediction their mean and the loss
+the class head's alone (DeiT's main.py fine-tunes with distillation 'none'). An image size other
+than the checkpoint's resamples the position embedding (bicubic without antialiasing: MAE's
+interpolate_pos_embed, DeiT's main.py). The run exports classifier.safetensors + .json (last) and
+classifier_best.* (best top-1), which `timm.create_model(name, **kwargs)` loads with strict=True.
 
     ssl-vit finetune --checkpoint runs/mae_vitb [--model.img_size 384 --section.field value ...]
 """
@@ -44,9 +46,13 @@ class FineTuneConfig:
     DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
     which: Literal["teacher", "student"] = "teacher"
     """Network of a DINO training checkpoint whose backbone is fine-tuned."""
-    global_pool: Literal["avg", "token"] = "avg"
+    pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"
+    """Position-embedding resizing when model.img_size is not the checkpoint's
+    (backbone.resample_pos_embed); auto: bicubic, MAE's and DeiT's."""
+    global_pool: Literal["auto", "avg", "token"] = "auto"
     """avg: mean of the patch tokens through a fresh fc_norm, the final norm dropped (MAE); token:
-    the cls token after the final norm."""
+    the cls token after the final norm, and a distilled backbone's distillation token to a second
+    head, the prediction their mean (DeiT). auto: token for a distilled backbone, else avg."""
     layer_decay: float = 0.65
     """Layer-wise lr decay: layer l (0 = embeddings, depth + 1 = head) trains at lr x
     layer_decay^(depth + 1 - l); 1 = off."""
@@ -92,9 +98,9 @@ def avg_pool_backbone(backbone: Backbone) -> Backbone:
 
 class Classifier(nn.Module):
     """Backbone + linear head on the pooled tokens, as timm's VisionTransformer.forward_head;
-    DeiT's student interface: forward(images) -> (logits, None)."""
-
-    dist_token = None  # no distillation token (DeiT's forward and export read it)
+    a distilled backbone (timm's deit_*_distilled) + a second head on its distillation token, as
+    DeiT fine-tunes distilled models. DeiT's student interface: forward(images) -> (logits,
+    distillation-head logits or None); DeiT averages the two to predict."""
 
     def __init__(
         self, backbone: Backbone, num_classes: int, global_pool: str, head_init_std: float
@@ -102,25 +108,31 @@ class Classifier(nn.Module):
         super().__init__()
         if global_pool == "token" and isinstance(backbone.norm, nn.Identity):
             raise ValueError("global_pool token: this backbone has no final norm (an avg export)")
+        distilled = backbone.dist_token is not None
+        if distilled and global_pool != "token":
+            raise ValueError("a distilled backbone fine-tunes on its tokens: global_pool token")
         self.backbone, self.global_pool = backbone, global_pool
         self.head = nn.Linear(backbone.embed_dim, num_classes)
-        trunc_normal_(self.head.weight, std=head_init_std)
-        nn.init.zeros_(self.head.bias)
+        self.head_dist = nn.Linear(backbone.embed_dim, num_classes) if distilled else None
+        for head in filter(None, (self.head, self.head_dist)):
+            trunc_normal_(head.weight, std=head_init_std)
+            nn.init.zeros_(head.bias)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, None]:
-        """(B, C, H, W) -> (B, classes) logits, None."""
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, C, H, W) -> (B, classes) logits, and the distillation head's or None."""
         out = self.backbone(images)
         if self.global_pool == "avg":
             x = self.backbone.fc_norm(out.tokens[:, out.num_prefix :].mean(dim=1))
         else:
             x = out.tokens[:, 0]
-        return self.head(x), None
+        dist = None if self.head_dist is None else self.head_dist(out.tokens[:, 1])
+        return self.head(x), dist
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer ids for timm's param_groups_layer_decay, numbered as MAE's lr_decay.py: the
-        embeddings 0, blocks.i i + 1, everything unmatched (final norm / fc_norm, head) last."""
+        embeddings 0, blocks.i i + 1, everything unmatched (final norm / fc_norm, heads) last."""
         return {
-            "stem": r"^backbone\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+            "stem": r"^backbone\.(?:cls_token|dist_token|reg_token|pos_embed|patch_embed|norm_pre)",
             "blocks": [(r"^backbone\.blocks\.(\d+)", None)],
         }
 
@@ -134,10 +146,13 @@ class FineTune(nn.Module, Method):
     def __init__(self, backbone: Backbone, cfg: FineTuneConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.global_pool == "avg":
+        pool = cfg.global_pool
+        if pool == "auto":
+            pool = "avg" if backbone.dist_token is None else "token"
+        if pool == "avg":
             backbone = avg_pool_backbone(backbone)
         num_classes = cfg.deit.num_classes
-        classifier = Classifier(backbone, num_classes, cfg.global_pool, cfg.head_init_std)
+        classifier = Classifier(backbone, num_classes, pool, cfg.head_init_std)
         self.deit = DeiT(backbone, cfg.deit, student=classifier)
 
     @property

@@ -42,6 +42,9 @@ class LinearProbeConfig:
     DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
     which: Literal["teacher", "student"] = "teacher"
     """Network of a DINO training checkpoint whose backbone is probed."""
+    pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"
+    """Position-embedding resizing when model.img_size is not the checkpoint's
+    (backbone.resample_pos_embed); auto: the protocol's (mae: bicubic, dino: offset)."""
     protocol: Literal["mae", "dino"] = "mae"
     """Whose features 'auto' reads (`ssl-vit linprobe --protocol` also sets its optimisation)."""
     pool: Literal["auto", "cls", "avgpool", "cls_avgpool"] = "auto"
@@ -153,8 +156,8 @@ class LinearProbe(nn.Module, Method):
         groups = []
         for scale, head in zip(self.cfg.lr_grid, self.heads, strict=True):
             groups += [
-                {"params": [head.weight], "lr_scale": scale, "wd_scale": 1.0, "always_adapt": True},
-                {"params": [head.bias], "lr_scale": scale, "wd_scale": 0.0, "always_adapt": False},
+                {"params": [head.weight], "lr_scale": scale, "wd_scale": 1.0},
+                {"params": [head.bias], "lr_scale": scale, "wd_scale": 0.0},
             ]
         for g in groups:
             g["weight_decay"] = 0.0  # set every step by the trainer: train.weight_decay x wd_scale

@@ -3,21 +3,36 @@ checkpoint and the data decide of the run's config unless the user set it."""
 
 from __future__ import annotations
 
-from ssl_vit.backbone import Backbone
+from ssl_vit.backbone import Backbone, PosInterp
 from ssl_vit.config import Config, ConfigError, ModelConfig
 from ssl_vit.eval.linear_probe import LinearProbeConfig, probe_features
 from ssl_vit.weights import load_pretrained
 
 FROM_CHECKPOINT = """
 model.name, model.img_size and model.patch_size default to the checkpoint's own (a different
-img_size resamples the position embedding); num_classes 0 (method.num_classes, fine-tuning's
-method.deit.num_classes) counts the training split's."""
+img_size resamples the position embedding by method.pos_interp); num_classes 0
+(method.num_classes, fine-tuning's method.deit.num_classes) counts the training split's."""
+
+
+def protocol_interp(cfg: Config) -> PosInterp:
+    """How the evaluator resizes the checkpoint's position embedding: method.pos_interp, or for
+    auto the official formula of the protocol it runs: MAE's linear probe and fine-tuning
+    (util/pos_embed.interpolate_pos_embed; DeiT's main.py, for distilled checkpoints) bicubic
+    without antialiasing; DINO's linear probe its interpolate_pos_encoding ('offset')."""
+    m = cfg.method
+    if m.pos_interp != "auto":
+        return m.pos_interp
+    return "offset" if isinstance(m, LinearProbeConfig) and m.protocol == "dino" else "bicubic"
 
 
 def pretrained_backbone(cfg: Config) -> Backbone:
     """The backbone an evaluator starts from (MethodSpec.backbone): method.checkpoint built for
-    cfg.model — its image size (position embedding resampled, bicubic) and drop path."""
-    return load_pretrained(cfg.method.checkpoint, model=cfg.model, which=cfg.method.which)
+    cfg.model — its image size (position embedding resampled by `protocol_interp`) and drop
+    path."""
+    m = cfg.method
+    return load_pretrained(
+        m.checkpoint, model=cfg.model, which=m.which, pos_interp=protocol_interp(cfg)
+    )
 
 
 def from_checkpoint(cfg: Config, given: set[str]) -> Config:

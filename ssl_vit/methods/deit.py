@@ -1,6 +1,6 @@
 """DeiT (Touvron et al., 2012.12877): a distillation token, with its own position embedding and
 head, learns from a frozen teacher; inference averages the two heads. Without distillation there
-is no token and no teacher: supervised training of a ViT classifier (reused by fine-tuning)."""
+is no teacher: supervised training of a ViT classifier (reused by fine-tuning)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
+from ssl_vit import weights
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import field_errors
 from ssl_vit.methods.init import init_classifier
 from ssl_vit.methods.protocol import Method
-from ssl_vit.weights import classifier_keys, exclude_from_state_dict, load_classifier
+from ssl_vit.ops import soft_distillation_loss
+from ssl_vit.optim import param_groups
 
 
 @dataclass
@@ -36,8 +38,7 @@ class DeiTConfig:
     teacher: str = "regnety_160"
     """timm name of the teacher (RegNetY-16GF); unused for an ssl_vit export (its JSON names it)."""
     teacher_weights: str = ""
-    """Teacher weights, needed to distil (checkpoint.load_classifier): a state-dict file (.pth,
-    .safetensors) for `teacher`, or an ssl_vit run directory / its classifier.safetensors."""
+    """Teacher weights to distil from (weights.load_classifier): a .pth / .safetensors, a run."""
     teacher_img_size: int = 0
     """Teacher input side; the (mixed) images are resized to it, bicubic. 0 = the student's."""
     num_classes: int = 0
@@ -58,6 +59,8 @@ class DeiTConfig:
     """Random-erasing probability (per-pixel random values)."""
     repeated_aug: int = 3
     """Repeated augmentation: each sampled image appears this many times per epoch; 1 = off."""
+    repeated_aug_trim: int = 0
+    """Trim a repeated-augmentation epoch to a multiple of this (DeiT: 256); 0 = len(dataset)."""
     model_ema: bool = True
     """Keep an exponential moving average of the student (saved in checkpoints)."""
     model_ema_decay: float = 0.99996
@@ -71,7 +74,7 @@ class DeiTConfig:
             "in [0, 1]": "alpha mixup_switch_prob reprob label_smoothing",
             "in [0, 1)": "model_ema_decay",
             "positive": "tau repeated_aug",
-            ">= 0": "num_classes mixup cutmix color_jitter teacher_img_size",
+            ">= 0": "num_classes mixup cutmix color_jitter teacher_img_size repeated_aug_trim",
             "each in [0, 1)": "betas",
         }
         e = field_errors(self, "method", rules)
@@ -84,37 +87,29 @@ class DeiTConfig:
 
 
 class Student(nn.Module):
-    """Backbone + class head on the cls token; distilled, + a learned distillation token with its
-    own position embedding, right after cls (as timm's VisionTransformerDistilled), + its head."""
+    """Backbone + class head on the cls token (+ one on the distillation token, when distilled)."""
 
     def __init__(self, backbone: Backbone, num_classes: int, distilled: bool):
         super().__init__()
+        if distilled and backbone.dist_token is None:
+            backbone = weights.distilled_backbone(backbone)
         self.backbone, dim = backbone, backbone.embed_dim
         self.head = nn.Linear(dim, num_classes)
-        self.dist_token = self.dist_pos_embed = self.head_dist = None
-        if distilled:
-            if backbone.num_prefix_tokens != 1 or backbone.no_embed_class:
-                raise ValueError("distillation needs a ViT with a cls token only, in pos_embed")
-            self.dist_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
-            self.dist_pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
-            self.head_dist = nn.Linear(dim, num_classes)
+        self.head_dist = None if backbone.dist_token is None else nn.Linear(dim, num_classes)
         for head in filter(None, (self.head, self.head_dist)):  # timm's ViT head init
             trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """(B, C, H, W) -> class-head logits (B, K), distillation-head logits (B, K) or None."""
-        if self.dist_token is None:
-            return self.head(self.backbone(images).tokens[:, 0]), None
-        prefix = (self.dist_token + self.dist_pos_embed).expand(images.shape[0], -1, -1)
-        x = self.backbone(images, prefix=prefix).tokens
-        return self.head(x[:, 0]), self.head_dist(x[:, 1])
+        x = self.backbone(images).tokens
+        return self.head(x[:, 0]), None if self.head_dist is None else self.head_dist(x[:, 1])
 
 
 class DeiT(nn.Module, Method):
     """The student being trained, its frozen teacher (distilled) and its EMA (model_ema). A given
-    `student` replaces the cls-token Student (fine-tuning's pooled classifier): a module with
-    `.backbone`, `.head`, `.dist_token = None` and forward(images) -> (logits, None)."""
+    `student` (fine-tuning's pooled classifier) has `.backbone`, `.head`, `.head_dist` (or None)
+    and forward(images) -> (logits, dist or None)."""
 
     classifies = True
 
@@ -129,9 +124,9 @@ class DeiT(nn.Module, Method):
         self.cfg, distilled = cfg, cfg.distillation != "none"
         self.student = Student(backbone, cfg.num_classes, distilled) if student is None else student
         if distilled and teacher is None:
-            teacher = load_classifier(cfg.teacher_weights, cfg.teacher, cfg.num_classes)
+            teacher = weights.load_classifier(cfg.teacher_weights, cfg.teacher, cfg.num_classes)
         self.teacher = teacher.requires_grad_(False).eval() if distilled else None
-        exclude_from_state_dict(self, "teacher")  # rebuilt from its file: not in checkpoints
+        weights.exclude_from_state_dict(self, "teacher")  # rebuilt from its file, not saved
         self.ema = None
         if cfg.model_ema:
             self.ema = ModelEmaV3(self.student, decay=cfg.model_ema_decay).requires_grad_(False)
@@ -162,17 +157,14 @@ class DeiT(nn.Module, Method):
             targets = mixup_target(labels, cfg.num_classes, smoothing=cfg.label_smoothing)
         cls, dist = self.student(images)
         base = self.criterion(cls, targets)
-        if dist is None:
+        if self.teacher is None:  # DistillationLoss 'none': the class head alone, a token or not
             return {"loss": base}
         with torch.no_grad():  # under the trainer's autocast, at the teacher's own input size
-            size = cfg.teacher_img_size or images.shape[-1]
-            if size != images.shape[-1]:
+            if (size := cfg.teacher_img_size) and size != images.shape[-1]:
                 images = F.interpolate(images, (size, size), mode="bicubic", antialias=True)
             teacher = self.teacher(images).float()
-        if cfg.distillation == "soft":  # the official reduction: summed KL / numel of the logits
-            t = cfg.tau
-            log_p, log_q = F.log_softmax(dist / t, dim=-1), F.log_softmax(teacher / t, dim=-1)
-            kd = F.kl_div(log_p, log_q, reduction="sum", log_target=True) * t * t / dist.numel()
+        if cfg.distillation == "soft":
+            kd = soft_distillation_loss(dist, teacher, cfg.tau)
         else:
             kd = F.cross_entropy(dist, teacher.argmax(dim=-1))
         loss = (1 - cfg.alpha) * base + cfg.alpha * kd
@@ -198,17 +190,19 @@ class DeiT(nn.Module, Method):
         return taken
 
     def ema_view(self) -> Method | None:
-        """The model EMA as a DeiT of its own (this one with the EMA's student), evaluated and
-        exported beside the raw weights (suffix `_ema`); None without one."""
+        """The model EMA as a DeiT of its own, evaluated and exported beside the raw weights."""
         if self.ema is None:
             return None
         view = copy.copy(self)  # shallow: shares everything but its table of sub-modules
         view._modules = self._modules | {"student": self.ema.module}
         return view
 
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """DeiT's (timm's create_optimizer): biases, norms, tokens, position embedding exempt."""
+        skip = [f"student.backbone.{n}" for n in self.backbone.no_weight_decay()]
+        return param_groups(self, weight_decay, skip)
+
     def export_classifier(self) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
-        """(state dict, timm name, kwargs) that `timm.create_model(name, **kwargs)` loads strictly;
-        distilled, timm's `deit_*_distilled_patch16_224` sized as the backbone."""
+        """(state dict, timm name, kwargs) that timm.create_model loads strictly (distilled too)."""
         s = self.student
-        distilled = None if s.dist_token is None else (s.dist_token, s.dist_pos_embed, s.head_dist)
-        return classifier_keys(s.backbone, s.head, self.cfg.num_classes, distilled)
+        return weights.classifier_keys(s.backbone, s.head, self.cfg.num_classes, s.head_dist)

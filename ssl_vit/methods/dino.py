@@ -6,14 +6,12 @@ the student's softmax over every pair of different views. Names follow the offic
 student `backbone.*`, `head.*` (`head.mlp.{0,2,4}`, `head.last_layer`); teacher
 `teacher.backbone.*`, `teacher.head.*`; the center is `loss.center`.
 
-The teacher lives in this module, so the trainer's checkpoints hold it (with the center and teacher
-temperature buffers) and resume is exact; its parameters never require gradients, so DDP leaves
-them out of gradient synchronisation and the optimizer never sees them.
+The teacher lives in this module, so checkpoints hold it (with the center and temperature buffers)
+and resume is exact; its parameters never require gradients: DDP and the optimizer skip them.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -25,14 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from ssl_vit.backbone import Backbone
+from ssl_vit.backbone import Backbone, cls_of_crops
 from ssl_vit.config import field_errors
-from ssl_vit.data.device import DeviceView, device_view
-from ssl_vit.data.transforms import Crop, View, multi_crop
 from ssl_vit.methods.init import init_student_teacher
 from ssl_vit.methods.protocol import Method
-from ssl_vit.ops import ema_update_
-from ssl_vit.optim import warmup_cosine
+from ssl_vit.ops import ema_init_share, ema_update_
+from ssl_vit.optim import linspace_warmup_cosine, param_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +46,9 @@ class DINOConfig:
     """Hidden width of the head's 3-layer MLP."""
     bottleneck_dim: int = 256
     """Width of the L2-normalised bottleneck before the weight-normalised last layer."""
+    use_bn_in_head: bool = False
+    """BatchNorm after the head's hidden layers (DINO's --use_bn_in_head; solo-learn's default):
+    it spreads the outputs of near-identical inputs, against uniform collapse on small data."""
     norm_last_layer: bool = True
     """Fix the norm of the last layer's weights to 1 (stabler; the released ViT-S/16 frees it)."""
     warmup_teacher_temp: float = 0.04
@@ -67,14 +66,16 @@ class DINOConfig:
     freeze_last_layer: int = 1
     """Epochs during which the head's last layer gets no update (its gradients are dropped)."""
     local_crops: int = 8
-    """Number of local crops per image (10 in the released models). Global crops: 2, at
-    model.img_size."""
+    """Local crops per image (10 in the released models); 2 global crops at model.img_size."""
     local_crop_size: int = 96
     """Side of the local crops in pixels; a multiple of the patch size."""
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     """RandomResizedCrop area range of the global crops ((0.25, 1) in the released models)."""
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     """RandomResizedCrop area range of the local crops ((0.05, 0.25) in the released models)."""
+    blur: bool = True
+    """Gaussian blur in the crops (p 1.0 / 0.1 / 0.5, sigma 0.1-2 px); off for small images,
+    where 2 px blurs a 32 px image away (solo-learn's CIFAR crops have none)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas used to train this method."""
 
@@ -105,45 +106,19 @@ class DINOConfig:
         return e + field_errors(self, "method", {"each in [0, 1)": "betas"})
 
 
-def dino_crops(cfg: Any) -> tuple[Crop, ...]:
-    """DINO's multi-crop of a run Config: 2 globals at model.img_size, then the method's locals;
-    each with colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 / 0.1 on the
-    globals, 0.5 on the locals); solarisation (p 0.2) on the second global only."""
-    m = cfg.method
-    size, scale = cfg.model.img_size, m.global_crop_scale
-    local = Crop(m.local_crop_size, m.local_crop_scale, jitter=0.8, grayscale=0.2, blur=0.5)
-    return (
-        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=1.0),
-        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=0.1, solarize=0.2),
-        *[local] * m.local_crops,
-    )
-
-
-def dino_view(cfg: Any) -> View:
-    """The multi-crop view (loader workers, PIL): image -> {"crops": [2 + N tensors]}."""
-    return multi_crop(cfg.data, dino_crops(cfg))
-
-
-def dino_device_view(cfg: Any) -> DeviceView:
-    """The same multi-crop, batched on the device (`data.decode_on_device`)."""
-    return device_view(cfg.data, "crops", dino_crops(cfg))
-
-
 class DINOHead(nn.Module):
-    """(B, in_dim) -> (B, out_dim): MLP (GELU) -> bottleneck -> L2-normalise -> weight-normed
-    linear. torch's weight_norm parametrization loads the official `last_layer.weight_g/_v`."""
+    """(B, in_dim) -> (B, out_dim): MLP (GELU; BatchNorm with use_bn_in_head, synchronised
+    across processes as DINO's) -> bottleneck -> L2-normalise -> weight-normed linear. The
+    official layer order and names: torch's weight_norm loads `last_layer.weight_g/_v`."""
 
     def __init__(self, in_dim: int, cfg: DINOConfig):
         super().__init__()
-        h = cfg.hidden_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, h),
-            nn.GELU(),
-            nn.Linear(h, h),
-            nn.GELU(),
-            nn.Linear(h, cfg.bottleneck_dim),
-        )
-        for linear in self.mlp[::2]:
+        h, bn = cfg.hidden_dim, cfg.use_bn_in_head
+        layers = []
+        for a, b in ((in_dim, h), (h, h)):  # Linear, [BatchNorm], GELU
+            layers += [nn.Linear(a, b), *([nn.SyncBatchNorm(b)] if bn else []), nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(h, cfg.bottleneck_dim))
+        for linear in (m for m in self.mlp if isinstance(m, nn.Linear)):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
         self.last_layer = weight_norm(nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False))
@@ -152,16 +127,6 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
-
-
-def cls_of_crops(backbone: Backbone, crops: list[Tensor]) -> Tensor:
-    """[(B, C, h_i, w_i)] -> (len(crops) * B, D) cls tokens, crop-major. Consecutive crops of one
-    resolution run as one batch (the globals together, the locals together)."""
-    feats = [
-        backbone(torch.cat(list(group))).tokens[:, 0]
-        for _, group in itertools.groupby(crops, key=lambda c: c.shape[-2:])
-    ]
-    return torch.cat(feats)
 
 
 class DINOLoss(nn.Module):
@@ -223,13 +188,13 @@ class DINO(nn.Module, Method):
         super().__init__()
         if backbone.num_prefix_tokens < 1:
             raise ValueError("DINO reads the cls token: the backbone needs one (class_token=True)")
-        self.cfg = cfg
-        self.backbone = backbone
+        self.cfg, self.backbone = cfg, backbone
+        backbone.pos_interp = "offset"  # local crops: vision_transformer.interpolate_pos_encoding
         self.head = DINOHead(backbone.embed_dim, cfg)
         no_drop = {k: v for k, v in backbone.timm_kwargs.items() if k != "drop_path_rate"}
         self.teacher = nn.ModuleDict(
             {
-                "backbone": Backbone(backbone.name, **no_drop),
+                "backbone": Backbone(backbone.name, pos_interp="offset", **no_drop),
                 "head": DINOHead(backbone.embed_dim, cfg),
             }
         )
@@ -238,7 +203,7 @@ class DINO(nn.Module, Method):
         self.teacher.requires_grad_(False)
         self.loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         self.register_buffer("teacher_temp", torch.tensor(self.teacher_temp_at(0)))
-        self.steps_per_epoch: int | None = None
+        self.steps_per_epoch = self.total_steps = None
 
     def teacher_temp_at(self, epoch: int) -> float:
         """The official per-epoch schedule: linspace(warmup, final, warmup epochs), then final."""
@@ -249,7 +214,16 @@ class DINO(nn.Module, Method):
         return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * frac
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """DINO's utils.get_params_groups: only biases and rank-1 parameters are exempt; the cls
+        token and the position embedding decay."""
+        return param_groups(self, weight_decay)
+
+    def lr_at(self, step: int, total: int, warmup: float, peak: float, final: float) -> float:
+        """DINO's utils.cosine_scheduler: np.linspace warmup, the peak at step warmup - 1."""
+        return linspace_warmup_cosine(step, total, warmup, peak, final)
 
     def epoch_of(self, step: int) -> int:
         if self.steps_per_epoch is None:
@@ -265,12 +239,10 @@ class DINO(nn.Module, Method):
         out = self.loss(student, teacher, self.teacher_temp)
         return {**out, "teacher_temp": self.teacher_temp.clone()}  # a copy: the buffer moves on
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return self.training_step(batch)
+    forward = training_step
 
     def init_from(self, checkpoint: str) -> list[str]:
-        """Student and teacher from `checkpoint` (`init_student_teacher`). The center starts from
-        zero, as at DINO's start: re-estimated on the new data within a few steps."""
+        """Student and teacher from `checkpoint`; the center restarts from zero, as DINO's."""
         return init_student_teacher(self.backbone, self.head, self.teacher, checkpoint)
 
     def before_optimizer_step(self, step: int) -> None:
@@ -289,15 +261,39 @@ class DINO(nn.Module, Method):
         self.teacher_temp.fill_(self.teacher_temp_at(self.epoch_of(step + 1)))
 
     def on_log(self, metrics: dict[str, Any]) -> None:
-        """Warn when the teacher collapses: to one dimension (sharpening outweighs centering) or
-        to the uniform distribution (centering outweighs sharpening)."""
+        """Warn when the teacher collapses, naming the likely cause and its knobs: to one
+        dimension, sharpening outweighs centering; to uniform, centering outweighs a teacher that
+        hardly learns (an EMA slow for the run, ops.ema_init_share) or maps images to one output."""
         step, top, h = [metrics[k] for k in ("step", "teacher_batch_max_prob", "teacher_entropy")]
+        c, total = self.cfg, self.total_steps or step
         if top > 1 - COLLAPSE_TOL:
-            msg = "step %d: DINO teacher collapsed to one dimension (%.3f of the batch on one)"
-            log.warning(msg, step, top)
-        if h > (1 - COLLAPSE_TOL) * math.log(self.cfg.out_dim):
-            msg = "step %d: DINO teacher collapsed to uniform (entropy %.3f, log(out_dim) %.3f)"
-            log.warning(msg, step, h, math.log(self.cfg.out_dim))
+            log.warning(
+                f"step {step}: DINO teacher collapsed to one dimension ({top:.3f} of the batch "
+                f"on one): sharpening outweighs centering; raise method.teacher_temp "
+                f"({c.teacher_temp:g}) or warm it up (method.warmup_teacher_temp_epochs), or "
+                f"lower method.center_momentum ({c.center_momentum:g})"
+            )
+        if h > (1 - COLLAPSE_TOL) * math.log(c.out_dim):
+            share = ema_init_share(c.momentum_teacher, total)
+            m_max = 1 - 2 * math.log(100) / (total + 1)  # the momentum whose share is 1 %
+            ema = (
+                f"its EMA time constant 1 / (1 - method.momentum_teacher) = "
+                f"{1 / max(1e-12, 1 - c.momentum_teacher):.0f} steps against a run of {total} "
+                f"steps leaves {100 * share:.0f}% of it at its random initialisation at the end"
+            )
+            cause = (
+                f"the teacher hardly learns: {ema}; method.momentum_teacher <= {m_max:.4f} "
+                f"leaves < 1% (or train longer)"
+                if share >= 0.01
+                else f"the teacher maps the images to nearly one output ({ema}): BatchNorm in "
+                f"the head (method.use_bn_in_head {c.use_bn_in_head})"
+            )
+            log.warning(
+                f"step {step}: DINO teacher collapsed to uniform (entropy {h:.3f} of "
+                f"log(out_dim) {math.log(c.out_dim):.3f}). Likely cause: {cause}. Else: fewer "
+                f"prototypes (method.out_dim {c.out_dim}), a lower method.teacher_temp "
+                f"({c.teacher_temp:g})."
+            )
 
     def export_backbone(self) -> Backbone:
         """The teacher's backbone: the one DINO evaluates and releases."""

@@ -20,6 +20,7 @@ from ssl_vit.config import field_errors
 from ssl_vit.methods.init import init_backbone, load_part, method_tensors
 from ssl_vit.methods.protocol import Method
 from ssl_vit.ops import patchify, random_masking, sincos_pos_embed_2d, unpatchify
+from ssl_vit.optim import param_groups
 from ssl_vit.weights import CheckpointError
 
 
@@ -163,6 +164,11 @@ class MAE(nn.Module, Method):
             taken.append("decoder")
         self._set_pos_embed()
         return taken
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """MAE's main_pretrain.py: timm's add_weight_decay with no names to skip, so the cls and
+        mask tokens decay (the sin-cos position embeddings are frozen, in no group)."""
+        return param_groups(self, weight_decay)
 
     def forward_loss(self, images: Tensor, noise: Tensor | None = None) -> dict[str, Tensor]:
         """Mask, encode the kept patches, decode all, and score the masked ones.

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.methods.init import init_backbone
-from ssl_vit.optim import param_groups
+from ssl_vit.optim import param_groups, warmup_cosine
 
 
 @runtime_checkable
@@ -42,8 +42,17 @@ class Method(Protocol):
         """Optimizer parameter groups, built once before training. Each group may carry
         `lr_scale` (its lr = the scheduled lr x lr_scale) and `wd_scale` (its weight decay = the
         scheduled weight decay x wd_scale; default: its `weight_decay` / train.weight_decay).
-        Default: decayed weights and exempt biases, norms, tokens, position embeddings."""
+        Default: timm's add_weight_decay with no names to skip (optim.param_groups): biases and
+        norms exempt, learned tokens and position embeddings decayed."""
         return param_groups(self, weight_decay)
+
+    def lr_at(
+        self, step: int, total_steps: int, warmup_steps: float, peak: float, final: float
+    ) -> float:
+        """The learning rate of optimizer step `step` (0-based) of `total_steps`, given the run's
+        warmup length, peak and final lr. Default: MAE's lr_sched, linear warmup reaching the peak
+        at step `warmup_steps`, then a half cosine to `final` (optim.warmup_cosine)."""
+        return warmup_cosine(step, total_steps, warmup_steps, peak, final)
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
         """Called once before the first step with the run's optimizer-step counts, for methods

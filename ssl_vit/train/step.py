@@ -54,10 +54,11 @@ def optimizer_for(method: Method, t: TrainConfig, betas: tuple[float, float]) ->
     return build_optimizer(groups, t.optimizer, betas=betas, momentum=t.momentum)
 
 
-def schedule(t: TrainConfig, plan: Plan, step: int) -> tuple[float, float]:
-    """(lr, weight decay) of optimizer step `step`: linear warmup then cosine to train.min_lr,
-    per iteration; weight decay constant, or cosine to train.weight_decay_end (DINO)."""
-    lr = warmup_cosine(step, plan.total_steps, plan.warmup_steps, plan.peak_lr, t.min_lr)
+def schedule(t: TrainConfig, plan: Plan, step: int, method: Method) -> tuple[float, float]:
+    """(lr, weight decay) of optimizer step `step`: the method's warmup then cosine to
+    train.min_lr (`Method.lr_at`), per iteration; weight decay constant, or cosine to
+    train.weight_decay_end (DINO)."""
+    lr = method.lr_at(step, plan.total_steps, plan.warmup_steps, plan.peak_lr, t.min_lr)
     wd = t.weight_decay
     if t.weight_decay_end is not None:
         wd = warmup_cosine(step, plan.total_steps, 0, wd, t.weight_decay_end)
@@ -99,7 +100,7 @@ def optimizer_step(s: Stepper, step: int) -> dict[str, Any]:
     """Optimizer step `step` (0-based) on the accumulated gradients. Returns lr, weight_decay and
     grad_norm: a device tensor, every step (the loop's divergence check), never read here."""
     t = s.train
-    lr, wd = schedule(t, s.plan, step)
+    lr, wd = schedule(t, s.plan, step, s.method)
     for g in s.optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
         g["weight_decay"] = wd * g["wd_scale"]
