@@ -315,19 +315,24 @@ def test_resume_from_an_older_checkpoint_needs_the_flag_and_keep_last_1_is_refus
 
 
 def test_a_stuck_loader_worker_stops_the_run(tmp_path, monkeypatch):
+    import multiprocessing
+    import signal
+
     getitem = SyntheticImages.__getitem__
 
-    def stuck(self, i):  # the forked worker hangs in its first item (as if SIGSTOPped)
-        time.sleep(120)
+    def stuck(self, i):  # the forked worker stops itself in its first item (as by SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
         return getitem(self, i)
 
     monkeypatch.setattr(SyntheticImages, "__getitem__", stuck)
     cfg = tiny(tmp_path / "run", epochs=1, warmup_epochs=0)
     cfg.data.num_workers, cfg.data.timeout = 1, 2
     start = time.time()
-    with pytest.raises(RunError, match=r"DataLoader timed out after 2 seconds \(data.timeout\)"):
+    with pytest.raises(RunError, match=r"no batch from the loader workers for 2 seconds"):
         fit(cfg)
     assert time.time() - start < 60
+    time.sleep(0.5)
+    assert not multiprocessing.active_children()  # killed, not left stopped (a hang at exit)
 
 
 def test_a_run_of_bad_files_is_the_data_error_alone(tmp_path, capsys):
@@ -359,6 +364,17 @@ def test_out_of_memory_is_one_message(capsys):
         assert len(err.strip().splitlines()) == 1
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         fails(RuntimeError("a bug"))
+
+
+def test_out_of_memory_while_loading_is_not_called_bad_images(tmp_path, monkeypatch, capsys):
+    def no_memory(self, i):  # as torch's allocator fails in a worker that decodes an image
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    monkeypatch.setattr(SyntheticImages, "__getitem__", no_memory)
+    cfg = tiny(tmp_path / "run", epochs=1, warmup_epochs=0)
+    assert main(["train", *overrides(cfg)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory (") and "could not be read" not in last
 
 
 # --- 11. a config error under accelerate launch ------------------------------------------------
