@@ -143,13 +143,27 @@ def test_divergence_stops_the_run_before_a_checkpoint_holds_it(tmp_path):
 # --- 3. one run per directory ------------------------------------------------------------------
 
 
+HOLD = """
+import sys
+from pathlib import Path
+from ssl_vit.train.run_dir import run_lock
+with run_lock(Path(sys.argv[1]), main=True):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
 def test_a_second_run_on_a_directory_is_refused_and_a_stale_lock_taken_over(tmp_path):
     run = tmp_path / "run"
     cfg = tiny(run, epochs=1, warmup_epochs=0, max_steps=1)
-    with run_lock(run, main=True):  # another run holds it
-        with pytest.raises(ConfigError, match="is in use by another run") as e:
-            fit(cfg)
-        assert f'"pid": {os.getpid()}' in str(e.value) and socket.gethostname() in str(e.value)
+    holder = subprocess.Popen(  # another run holds it: run_lock in another process
+        [sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdout.readline() == b"held\n"
+    with pytest.raises(ConfigError, match="is in use by another run") as e:
+        fit(cfg)
+    assert f'"pid": {holder.pid}' in str(e.value) and socket.gethostname() in str(e.value)
+    holder.communicate()  # its run ends
     assert {p.name for p in run.iterdir()} <= {"run.lock", "train.log"}  # nothing written
 
     dead = {"pid": 2**22 + 1, "host": socket.gethostname(), "since": "yesterday"}
@@ -158,6 +172,24 @@ def test_a_second_run_on_a_directory_is_refused_and_a_stale_lock_taken_over(tmp_
     log = (run / "train.log").read_text()
     assert "taking over the lock of a run that is gone" in log
     assert str(dead["pid"]) in log and (run / "run.lock").read_text() == ""  # released
+
+
+def test_a_killed_runs_orphaned_workers_do_not_keep_its_lock(tmp_path):
+    fork = HOLD.replace('print("held", flush=True)', 'print(os.fork() or "parent", flush=True)')
+    fork = "import os\n" + fork.replace("sys.stdin.read()", "time.sleep(60)")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\n" + fork, str(tmp_path)], stdout=subprocess.PIPE
+    )
+    lines = [holder.stdout.readline().strip() for _ in range(2)]
+    worker = int(next(x for x in lines if x not in (b"parent", b"0")))  # the forked child
+    holder.kill()
+    holder.wait()
+    try:
+        os.kill(worker, 0)  # the child (as a loader worker) still runs
+        with run_lock(tmp_path, main=True):  # the dead run's lock is free all the same
+            pass
+    finally:
+        os.kill(worker, 9)
 
 
 # --- 4. resume checks the config before writing anything ----------------------------------------

@@ -5,6 +5,7 @@ exported weights at the end."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -58,10 +59,9 @@ schedule or the data order and needs train.resume_changes allow."""
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path, main: bool) -> Iterator[None]:
-    """One run per directory: the main process holds an flock on run_dir/run.lock, which records
+    """One run per directory: the main process holds a lock on run_dir/run.lock, which records
     its pid and host. A second run is refused naming the holder. The lock of a run that died is
-    reported and taken over: the kernel frees it with the process, or, when the dead run's
-    loader workers (which share the lock) are still exiting, once they are gone."""
+    reported and taken over: the kernel frees it with the process."""
     if not main:
         yield
         return
@@ -71,7 +71,7 @@ def run_lock(run_dir: Path, main: bool) -> Iterator[None]:
     try:
         f.seek(0)
         previous = f.read().strip()
-        if not locked(f, 30 if gone(previous) else 0):
+        if not locked(f):
             raise ConfigError(
                 [
                     f"train.output_dir: {run_dir} is in use by another run "
@@ -95,31 +95,17 @@ def run_lock(run_dir: Path, main: bool) -> Iterator[None]:
         f.close()
 
 
-def locked(f: Any, wait: float) -> bool:
-    """Whether the flock on `f` was taken, trying for `wait` seconds."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-
-
-def gone(holder: str) -> bool:
-    """Whether the lock record `holder` names a process of this host that no longer runs."""
+def locked(f: Any) -> bool:
+    """Whether the lock on `f` was taken. A POSIX record lock (lockf), not flock: the kernel frees
+    it when its process dies, and forked children (loader workers) do not share it, so the
+    orphaned workers of a killed run never keep its directory locked."""
     try:
-        record = json.loads(holder)
-        if record["host"] != socket.gethostname():
-            return False
-        os.kill(record["pid"], 0)
-    except ProcessLookupError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except (ValueError, KeyError, TypeError, OSError):
-        pass
-    return False
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
 
 
 @dataclass
