@@ -172,12 +172,8 @@ def batch_masks(
     h, w = grid
     n = int(n_images * probability)
     edges = torch.linspace(*ratio, n + 1).tolist()
-    counts = [
-        int(h * w * (lo + (hi - lo) * u))
-        for lo, hi, u in zip(
-            edges[:-1], edges[1:], torch.rand(n, dtype=torch.float64).tolist(), strict=True
-        )
-    ]
+    u = torch.rand(n, dtype=torch.float64).tolist()
+    counts = [int(h * w * (edges[i] + (edges[i + 1] - edges[i]) * u[i])) for i in range(n)]
     masks = [block_mask(h, w, c) for c in counts + [0] * (n_images - n)]
     order = torch.randperm(n_images).tolist()
     return torch.from_numpy(np.stack([masks[i] for i in order]).reshape(n_images, h * w))
