@@ -256,6 +256,7 @@ class DINOv2(nn.Module, Method):
         for name, module in self.teacher.items():
             module.load_state_dict(getattr(self, name).state_dict())
         self.teacher.requires_grad_(False)
+        # DINO's loss modules hold the centers (centering "centering"; their forward is unused)
         self.dino_center = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         ibot_dim = cfg.ibot_out_dim if cfg.ibot_separate_head else cfg.out_dim
         self.ibot_center = DINOLoss(ibot_dim, cfg.student_temp, cfg.center_momentum)
@@ -286,9 +287,8 @@ class DINOv2(nn.Module, Method):
         w = c.warmup_teacher_temp_epochs * self.steps_per_epoch
         if self.epoch_of(step) >= c.warmup_teacher_temp_epochs:
             return c.teacher_temp
-        return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * step / max(
-            1, w - 1
-        )
+        frac = step / max(1, w - 1)
+        return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * frac
 
     def lr_at(self, step: int, total: int, warmup: float, peak: float, final: float) -> float:
         """The official CosineScheduler: np.linspace warmup from 0, then the half cosine."""
