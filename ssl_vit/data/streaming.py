@@ -4,16 +4,18 @@ shuffle buffer, `state_dict()` / `load_state_dict()`), which the project depends
 
 What this module adds to it, for the training loop:
 
-* epochs of a fixed number of batches on every process (`StreamLoader`, `stream_batches`): the
-  fewest samples any process can be given (shards are dealt whole, in a per-epoch shuffled
-  order, round-robin to the processes), so no process runs dry and waits forever for the others;
+* epochs of a fixed number of batches on every process (`StreamLoader`): the fewest samples any
+  process can be given (shards are dealt whole, in a per-epoch shuffled order, round-robin to
+  the processes); a process whose stream still runs dry (a resume's lost buffers, workers'
+  dropped partial batches) makes up the count from the epoch's start, so none waits forever;
 * the same item contract as `ImageDataset`: the method's view, "labels", "index" (the sample's
   id: make_shards' source index), "skipped" (an unreadable image is skipped and reported by the
   next readable item); the augmentation is a function of (seed, epoch, id);
 * resume: every item carries its loader worker's stream state after it, so the training process
   knows each worker's position at the last batch it consumed (`StreamLoader.state_dict`, JSON);
   a resumed worker restarts from there. What its shuffle buffer held is not saved: at most
-  data.shuffle_buffer samples per worker are lost in that epoch, none repeated.
+  data.shuffle_buffer samples per worker are lost in that epoch (and as many repeated to make
+  up its batch count); with no buffer the resume is exact.
 """
 
 from __future__ import annotations
@@ -273,10 +275,32 @@ class StreamLoader:
         self.dataset.states = dict(self.positions) if start else {}
         if not start:
             self.positions = {}
-        for batch in itertools.islice(self.loader, self.batches - start):
+        for batch in itertools.islice(self._passes(start), self.batches - start):
             worker, state = batch.pop("stream")
             self.positions[worker] = state
             yield batch
+
+    def _passes(self, start: int) -> Iterator[dict[str, Any]]:
+        """The loader's batches; should this process's stream run dry before the epoch's batch
+        count (samples lost in shuffle buffers at a resume, workers' partial last batches
+        dropped), the epoch's stream again from its start, so that every process takes the
+        same number of batches (a process that stopped early would leave the others waiting)."""
+        n = start
+        while True:
+            before = n
+            for batch in self.loader:
+                n += 1
+                yield batch
+            if n == before:
+                raise DataError(f"the stream of epoch {self.epoch} yields no batch")
+            logger.warning(
+                "the stream ran dry after %d of its %d batches in epoch %d: the rest of the "
+                "epoch repeats samples from its start",
+                n,
+                self.batches,
+                self.epoch,
+            )
+            self.dataset.states = {}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready: the epoch, and each worker's stream state ({} at an epoch's start)."""
