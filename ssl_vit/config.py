@@ -186,8 +186,8 @@ class DataConfig(EvalDataConfig):
     Parquet shards (tools/make_shards.py; also a Hugging Face dataset repository on disk), or
     'hf:NAME' streamed from the Hub. Shards are split across processes and loader workers."""
     shuffle_buffer: int = 1000
-    """Samples each loader worker of a stream holds to shuffle from (0: shard order only, no
-    sample shuffling). A resume loses the samples that were in the buffer."""
+    """A stream's loader workers shuffle their samples within consecutive windows of this many
+    (0: shard order only). A resume re-reads the window it stopped in: nothing lost or repeated."""
     samples_per_epoch: int = 0
     """Samples an epoch of a stream takes over all processes (0: the whole dataset, counted from
     its shards); the schedule counts epochs of this size."""

@@ -131,10 +131,9 @@ def test_dino_from_an_official_training_checkpoint_takes_both_networks(tmp_path,
         assert torch.equal(got[key], trained[key]), key
     assert not torch.equal(got["backbone.pos_embed"], got["teacher.backbone.pos_embed"])
     assert not got["loss.center"].any()  # re-estimated on the new data, as at DINO's start
-
-    fresh = first_loss(tiny(tmp_path / "fresh", "dino"))
-    continued = first_loss(tiny(tmp_path / "continued", "dino", model={"init": str(path)}))
-    assert continued < fresh
+    # No first-loss comparison here, unlike MAE: after 24 steps on 32 synthetic images DINO's first
+    # loss is within the spread of its random initialisation (it flipped between timm 1.0.21 and
+    # 1.0.26); the weights taken are asserted exactly above.
 
 
 def test_dino_from_a_backbone_only_file_starts_both_networks_from_it(tmp_path, dino_training):

@@ -143,13 +143,27 @@ def test_divergence_stops_the_run_before_a_checkpoint_holds_it(tmp_path):
 # --- 3. one run per directory ------------------------------------------------------------------
 
 
+HOLD = """
+import sys
+from pathlib import Path
+from ssl_vit.train.run_dir import run_lock
+with run_lock(Path(sys.argv[1]), main=True):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
 def test_a_second_run_on_a_directory_is_refused_and_a_stale_lock_taken_over(tmp_path):
     run = tmp_path / "run"
     cfg = tiny(run, epochs=1, warmup_epochs=0, max_steps=1)
-    with run_lock(run, main=True):  # another run holds it
-        with pytest.raises(ConfigError, match="is in use by another run") as e:
-            fit(cfg)
-        assert f'"pid": {os.getpid()}' in str(e.value) and socket.gethostname() in str(e.value)
+    holder = subprocess.Popen(  # another run holds it: run_lock in another process
+        [sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdout.readline() == b"held\n"
+    with pytest.raises(ConfigError, match="is in use by another run") as e:
+        fit(cfg)
+    assert f'"pid": {holder.pid}' in str(e.value) and socket.gethostname() in str(e.value)
+    holder.communicate()  # its run ends
     assert {p.name for p in run.iterdir()} <= {"run.lock", "train.log"}  # nothing written
 
     dead = {"pid": 2**22 + 1, "host": socket.gethostname(), "since": "yesterday"}
@@ -158,6 +172,24 @@ def test_a_second_run_on_a_directory_is_refused_and_a_stale_lock_taken_over(tmp_
     log = (run / "train.log").read_text()
     assert "taking over the lock of a run that is gone" in log
     assert str(dead["pid"]) in log and (run / "run.lock").read_text() == ""  # released
+
+
+def test_a_killed_runs_orphaned_workers_do_not_keep_its_lock(tmp_path):
+    fork = HOLD.replace('print("held", flush=True)', 'print(os.fork() or "parent", flush=True)')
+    fork = "import os\n" + fork.replace("sys.stdin.read()", "time.sleep(60)")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\n" + fork, str(tmp_path)], stdout=subprocess.PIPE
+    )
+    lines = [holder.stdout.readline().strip() for _ in range(2)]
+    worker = int(next(x for x in lines if x not in (b"parent", b"0")))  # the forked child
+    holder.kill()
+    holder.wait()
+    try:
+        os.kill(worker, 0)  # the child (as a loader worker) still runs
+        with run_lock(tmp_path, main=True):  # the dead run's lock is free all the same
+            pass
+    finally:
+        os.kill(worker, 9)
 
 
 # --- 4. resume checks the config before writing anything ----------------------------------------
@@ -315,19 +347,24 @@ def test_resume_from_an_older_checkpoint_needs_the_flag_and_keep_last_1_is_refus
 
 
 def test_a_stuck_loader_worker_stops_the_run(tmp_path, monkeypatch):
+    import multiprocessing
+    import signal
+
     getitem = SyntheticImages.__getitem__
 
-    def stuck(self, i):  # the forked worker hangs in its first item (as if SIGSTOPped)
-        time.sleep(120)
+    def stuck(self, i):  # the forked worker stops itself in its first item (as by SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
         return getitem(self, i)
 
     monkeypatch.setattr(SyntheticImages, "__getitem__", stuck)
     cfg = tiny(tmp_path / "run", epochs=1, warmup_epochs=0)
     cfg.data.num_workers, cfg.data.timeout = 1, 2
     start = time.time()
-    with pytest.raises(RunError, match=r"DataLoader timed out after 2 seconds \(data.timeout\)"):
+    with pytest.raises(RunError, match=r"no batch from the loader workers for 2 seconds"):
         fit(cfg)
     assert time.time() - start < 60
+    time.sleep(0.5)
+    assert not multiprocessing.active_children()  # killed, not left stopped (a hang at exit)
 
 
 def test_a_run_of_bad_files_is_the_data_error_alone(tmp_path, capsys):
@@ -359,6 +396,17 @@ def test_out_of_memory_is_one_message(capsys):
         assert len(err.strip().splitlines()) == 1
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         fails(RuntimeError("a bug"))
+
+
+def test_out_of_memory_while_loading_is_not_called_bad_images(tmp_path, monkeypatch, capsys):
+    def no_memory(self, i):  # as torch's allocator fails in a worker that decodes an image
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    monkeypatch.setattr(SyntheticImages, "__getitem__", no_memory)
+    cfg = tiny(tmp_path / "run", epochs=1, warmup_epochs=0)
+    assert main(["train", *overrides(cfg)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory (") and "could not be read" not in last
 
 
 # --- 11. a config error under accelerate launch ------------------------------------------------

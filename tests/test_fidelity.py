@@ -15,6 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import TINY_METHODS, TINY_MODEL, tiny
+from test_checkpoint_import import perturbed
 from torch import nn
 
 from ssl_vit.backbone import Backbone
@@ -34,15 +35,6 @@ from ssl_vit.weights import export_backbone, load_pretrained
 from tolerances import FORWARD, ROUNDING
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
-
-
-def perturbed(model: nn.Module, seed: int) -> nn.Module:
-    """`model` in eval mode with seeded random weights, norms included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=g) + (1.0 if p.ndim == 1 else 0.0))
-    return model.eval()
 
 
 def images(size: int = 32, b: int = 2, seed: int = 7) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Streams (data.streaming) of shards written by tools/make_shards.py: every image once with its
 label and id, shards split across processes and loader workers with no sample read twice, a
-resume mid-epoch that repeats none and loses at most the shuffle buffers, and MAE and DINO
+resume mid-epoch that repeats and loses none, and MAE and DINO
 training on WebDataset, Parquet and a Hugging Face repository layout."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, params, tiny, train_until_killed
 from write_images import write_image_folder
 
-from ssl_vit.config import DataConfig
+from ssl_vit.config import ConfigError, DataConfig
 from ssl_vit.data import DataError, build_stream, single_view
 from ssl_vit.data.datasets import _image_folder
 from ssl_vit.train.loop import fit
@@ -97,8 +97,8 @@ def test_processes_read_disjoint_shards_that_cover_the_dataset(shards):
     assert first != second and sorted(first) == sorted(second) == list(range(N))
 
 
-@pytest.mark.parametrize("buffer,workers", [(0, 0), (0, 2), (4, 2)])
-def test_resume_mid_epoch_repeats_none_and_loses_at_most_the_buffers(shards, buffer, workers):
+@pytest.mark.parametrize("buffer,workers", [(0, 0), (5, 0), (0, 2), (5, 2)])
+def test_resume_mid_epoch_repeats_none_and_loses_none(shards, buffer, workers):
     k = 3
     whole = epoch_ids(stream(shards, shuffle_buffer=buffer, num_workers=workers))
     assert sorted(whole) == list(range(N))
@@ -111,12 +111,13 @@ def test_resume_mid_epoch_repeats_none_and_loses_at_most_the_buffers(shards, buf
     repeated = len(before) + len(after) - len(set(before + after))
     missing = N - len(set(before + after))
     assert len(before) == 2 * k and len(before) + len(after) == len(whole)  # a whole epoch
-    if buffer == 0 and workers == 0:
-        assert missing == repeated == 0 and before + after == whole  # the same epoch exactly
-    elif buffer == 0:  # each worker continues its own sequence; the loader starts at worker 0
-        assert missing == repeated == 0 and sorted(before + after) == sorted(whole)
-    else:  # what the buffers held is lost; the epoch's batch count is made up from its start
-        assert 0 < missing <= buffer * workers and repeated == missing
+    assert missing == repeated == 0
+    if workers == 0:  # the same epoch exactly
+        assert before + after == whole
+    else:  # each worker continues its own sequence; the loader restarts at worker 0
+        assert sorted(before + after) == sorted(whole)
+    if buffer:  # shuffled within windows of 5: not the order of the shards
+        assert whole != epoch_ids(stream(shards, shuffle_buffer=0, num_workers=workers))
 
 
 def test_an_unreadable_image_is_skipped_and_named(folder, tmp_path):
@@ -162,11 +163,14 @@ def test_mae_trains_on_a_shard_folder_and_dino_on_a_hub_repository_layout(shards
         assert state["epoch"] == 1 and state["num_workers"] == 0
 
 
-def test_resume_after_sigkill_is_bit_identical_without_a_shuffle_buffer(shards, tmp_path):
-    """No buffer: a resumed stream continues exactly, so the weights equal an uninterrupted
-    run's (a repeated or lost sample would change them)."""
+def test_resume_after_sigkill_is_bit_identical_with_a_shuffle_window(folder, tmp_path):
+    """A resumed stream continues exactly, mid-window, so the weights equal an uninterrupted
+    run's (a repeated or lost sample would change them); another worker count is refused.
+    WebDataset shards (Parquet resumes through the same position: the test above)."""
+    shards = tmp_path / "shards"
+    make_shards.main([str(folder), str(shards), "--max_count", "3"])
     n, schedule = 4, dict(epochs=4, max_steps=10, batch_size=2, save_every_steps=4, keep_last=10)
-    data = dict(streaming=True, num_workers=0, shuffle_buffer=0)
+    data = dict(streaming=True, num_workers=0, shuffle_buffer=3)  # killed after 8 samples
 
     def cfg(run, **kw):
         c = tiny(run, **schedule | kw)
@@ -176,6 +180,10 @@ def test_resume_after_sigkill_is_bit_identical_without_a_shuffle_buffer(shards, 
     fit(cfg(tmp_path / "straight"))
     killed = tmp_path / "killed"
     train_until_killed(cfg(killed), n)  # mid-epoch: 12 batches per epoch
+    moved = cfg(killed, resume="auto")
+    moved.data.num_workers = 1
+    with pytest.raises(ConfigError, match=r"data.num_workers: 0 -> 1"):
+        fit(moved)
     fit(cfg(killed, resume="auto"))
     a, b = params(tmp_path / "straight", 10), params(killed, 10)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed parameters differ"
@@ -192,21 +200,20 @@ def launch(*args: str) -> None:
 
 
 def test_two_launched_processes_read_disjoint_ids_and_resume(folder, tmp_path):
+    """Two processes, 2 loader workers each, windows of 5: each stopped after 2 batches (its
+    position saved, as a kill leaves it) and resumed; per process the two parts make 12 distinct
+    ids, the processes' are disjoint and cover the 24."""
     shards = tmp_path / "shards"  # WebDataset: Parquet's process split is the same code
     make_shards.main([str(folder), str(shards), "--max_count", "3"])
     data = ["--data.path", str(shards), "--data.streaming", "true", "--data.num_workers", "2"]
-    data += ["--data.shuffle_buffer", "0"]  # buffered, tools/stream_ids.py measures (README)
-    launch(str(tmp_path / "whole"), *data)
-    ids = [json.loads((tmp_path / "whole" / f"ids_{r}.json").read_text())["ids"] for r in (0, 1)]
+    data += ["--data.shuffle_buffer", "5"]
+    stopped = tmp_path / "stopped"
+    launch(str(stopped), *data, "--stop_after", "2")
+    launch(str(tmp_path / "resumed"), *data, "--resume_from", str(stopped))
+    ids = []
+    for r in (0, 1):
+        part = json.loads((stopped / f"ids_{r}.json").read_text())["ids"]
+        assert len(part) == 4  # 2 batches of 2
+        ids.append(part + json.loads((tmp_path / "resumed" / f"ids_{r}.json").read_text())["ids"])
     assert len(ids[0]) == len(set(ids[0])) == 12 and len(ids[1]) == len(set(ids[1])) == 12
     assert not set(ids[0]) & set(ids[1]) and set(ids[0]) | set(ids[1]) == set(range(N))
-
-    launch(str(tmp_path / "stopped"), *data, "--stop_after", "2")
-    stopped = tmp_path / "stopped"
-    launch(str(tmp_path / "resumed"), *data, "--resume_from", str(stopped))
-    seen = []
-    for r in (0, 1):
-        seen += json.loads((stopped / f"ids_{r}.json").read_text())["ids"]
-        seen += json.loads((tmp_path / "resumed" / f"ids_{r}.json").read_text())["ids"]
-    repeated, missing = len(seen) - len(set(seen)), N - len(set(seen))
-    assert len(seen) == N and repeated == missing == 0

@@ -52,8 +52,13 @@ def saving(run_dir: Path, since: float) -> bool:
     """Whether a checkpoint is being written or deleted right now (by the attempt started at
     `since`: a folder a killed attempt left is removed only when the next one starts)."""
     root = run_dir / "checkpoints"
-    found = root.iterdir() if root.is_dir() else []
-    return any(p.suffix in (".tmp", ".deleting") and p.stat().st_mtime >= since for p in found)
+    for p in root.iterdir() if root.is_dir() else []:
+        try:
+            if p.suffix in (".tmp", ".deleting") and p.stat().st_mtime >= since:
+                return True
+        except FileNotFoundError:  # renamed or removed since it was listed
+            continue
+    return False
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -97,7 +102,8 @@ def attempt(cmd: list[str], run_dir: Path, rng: random.Random) -> tuple[bool, bo
 def final_weights(run_dir: Path) -> dict:
     last = sorted((run_dir / "checkpoints").glob("step_*[0-9]"))[-1]
     return load_file(str(last / "model.safetensors")) | {
-        f"export.{k}": v for k, v in load_file(str(run_dir / "backbone.safetensors")).items()
+        f"export.{k}": v
+        for k, v in load_file(str(run_dir / "backbone" / "model.safetensors")).items()
     }
 
 

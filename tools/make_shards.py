@@ -1,11 +1,12 @@
 """Write a dataset as shards that `--data.streaming true` reads: WebDataset .tar or Parquet.
 
     python tools/make_shards.py SRC OUT [--split train] [--format webdataset|parquet]
-        [--max_size 256MB] [--max_count 0]
+        [--max_size 256MB] [--max_count 0] [--seed 0 | --keep_order]
 
 SRC is an image folder (class sub-folders give labels; its SPLIT sub-folder when it has one) or a
 dataset saved with `datasets`' save_to_disk. Images are stored as their own bytes (nothing is
-re-encoded), with their label and id (the index in SRC's sorted order), in shards of at most
+re-encoded), with their label and id (the index in SRC's sorted order), in an order drawn from
+--seed (a stream shuffles only within windows of --data.shuffle_buffer), in shards of at most
 --max_size image bytes (and --max_count images), named like the Hugging Face Hub's
 (OUT/train-00000-of-00008.tar), with OUT/_index.json listing each shard's count and the classes.
 Run it once per split.
@@ -40,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     parser.add_argument("--format", choices=("webdataset", "parquet"), default="webdataset")
     parser.add_argument("--max_size", default="256MB", help="image bytes per shard (256MB)")
     parser.add_argument("--max_count", type=int, default=0, help="images per shard (0: any)")
+    parser.add_argument("--seed", type=int, default=0, help="of the sample order (0)")
+    parser.add_argument("--keep_order", action="store_true", help="SRC's order, not shuffled")
     parser.add_argument("--image_column", default="image", help="of a Hugging Face dataset")
     parser.add_argument("--label_column", default="label", help="of a Hugging Face dataset")
     args = parser.parse_args(argv)
@@ -58,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         fmt=args.format,
         max_bytes=parse_size(args.max_size),
         max_count=args.max_count,
+        seed=None if args.keep_order else args.seed,
     )
     print(json.dumps({"out": args.out, "shards": len(files), "images": sum(files.values())}))
     return files

@@ -164,8 +164,13 @@ class ImageDataset(torch.utils.data.Dataset):
             try:
                 image, label = self.source[j]
             # PIL signals bad data with many exception types (OSError, SyntaxError, struct.error,
-            # DecompressionBombError, ...); only the read of one image is guarded.
-            except Exception:
+            # DecompressionBombError, ...); only the read of one image is guarded. Running out of
+            # memory is not a bad image (torch's CPU allocator says so with a RuntimeError).
+            except MemoryError:
+                raise
+            except Exception as e:
+                if "can't allocate memory" in str(e):
+                    raise
                 failed.append(self.source.path(j))
                 continue
             with seeded(self.seed, self.epoch, i):

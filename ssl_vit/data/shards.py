@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -130,10 +131,12 @@ def write_shards(
     fmt: str = "webdataset",
     max_bytes: int = 256 << 20,
     max_count: int = 0,
+    seed: int | None = 0,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Write every image of `source` (an image folder's or a Hugging Face dataset's, in its
-    order) as shards of `fmt` into `out`, and record them in out/_index.json.
+    """Write every image of `source` (an image folder's or a Hugging Face dataset's) as shards of
+    `fmt` into `out`, and record them in out/_index.json. The images go in an order drawn from
+    `seed` (None: the source's, often sorted by class): a stream shuffles only within windows.
 
     Returns {shard file name: sample count}. Shards hold at most `max_bytes` of image bytes and
     `max_count` samples (0: no count limit), except a single image larger than max_bytes.
@@ -143,7 +146,11 @@ def write_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, split, fmt, max_bytes, max_count)
-    for i in tqdm(range(len(source)), desc=f"shards {split}", unit="img", disable=not progress):
+    order = (
+        range(len(source)) if seed is None else np.random.default_rng(seed).permutation(len(source))
+    )
+    for i in tqdm(order, desc=f"shards {split}", unit="img", disable=not progress):
+        i = int(i)
         data, ext, label = raw_image(source, i)
         writer.add(data, ext, label, i, source.path(i))
     files = writer.close()

@@ -6,16 +6,17 @@ What this module adds to it, for the training loop:
 
 * epochs of a fixed number of batches on every process (`StreamLoader`): the fewest samples any
   process can be given (shards are dealt whole, in a per-epoch shuffled order, round-robin to
-  the processes); a process whose stream still runs dry (a resume's lost buffers, workers'
-  dropped partial batches) makes up the count from the epoch's start, so none waits forever;
+  the processes); a process whose stream still runs dry (workers' dropped partial batches,
+  unreadable images) makes up the count from the epoch's start, so none waits forever;
 * the same item contract as `ImageDataset`: the method's view, "labels", "index" (the sample's
   id: make_shards' source index), "skipped" (an unreadable image is skipped and reported by the
   next readable item); the augmentation is a function of (seed, epoch, id);
-* resume: every item carries its loader worker's stream state after it, so the training process
+* shuffling within windows of data.shuffle_buffer samples (on top of the shard order, shuffled
+  per epoch) rather than through a sliding buffer: a position in a window is cheap to save;
+* resume: every item carries its loader worker's position after it, so the training process
   knows each worker's position at the last batch it consumed (`StreamLoader.state_dict`, JSON);
-  a resumed worker restarts from there. What its shuffle buffer held is not saved: at most
-  data.shuffle_buffer samples per worker are lost in that epoch (and as many repeated to make
-  up its batch count); with no buffer the resume is exact.
+  a resumed worker re-reads the one window it was in and continues: no sample repeats or is lost
+  (with the same data.num_workers; another count restarts the epoch).
 """
 
 from __future__ import annotations
@@ -149,11 +150,10 @@ class ImageStream(IterableDataset):
     fields..., "labels", "index", "skipped"}) plus "stream": (loader worker id, the worker's
     reader state after this item).
 
-    Each loader worker reads its share of the process's shards (`datasets` deals them) through
-    a shuffle buffer of `buffer` samples, drawn by a generator of (seed, epoch, rank, worker).
-    `states` ({worker id: reader state}, from `StreamLoader.load_state_dict`) restart each
-    worker where the training process last consumed one of its items; what its buffer held
-    then is not read again.
+    Each loader worker reads its share of the process's shards (`datasets` deals them), shuffled
+    within windows of `buffer` samples. `states` ({worker id: position}, from
+    `StreamLoader.load_state_dict`) restart each worker just after the item of it the training
+    process last consumed.
     """
 
     def __init__(
@@ -193,25 +193,23 @@ class ImageStream(IterableDataset):
         return -1 if label is None else int(label)
 
     def _shuffled(self, worker: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        """(example, reader state after it was drawn) through the shuffle buffer."""
+        """(example, this worker's position after it): the worker's examples shuffled within
+        consecutive windows of `buffer` samples, each by a generator of (seed, epoch, rank,
+        worker, window). A position is the reader's state at its window's start, the window's
+        number and how many of it were taken: a resume re-reads that one window (encoded, not
+        decoded) and skips what was taken, so it neither repeats nor loses a sample."""
         ds = self.reader(self.seed, self.epoch)
-        if worker in self.states:
-            ds.load_state_dict(self.states[worker])
-        rng = np.random.default_rng([self.seed, self.epoch, self.reader.rank, worker])
-        held: list[dict[str, Any]] = []
-        for example in ds:
-            if not self.buffer:
-                yield example, ds.state_dict()
-                continue
-            held.append(example)
-            if len(held) >= self.buffer:
-                k = int(rng.integers(len(held)))
-                held[k], held[-1] = held[-1], held[k]
-                yield held.pop(), ds.state_dict()
-        rng.shuffle(held)
-        state = ds.state_dict()
-        for example in held:
-            yield example, state
+        saved = self.states.get(worker, {"reader": None, "window": 0, "taken": 0})
+        at, window, taken = saved["reader"], saved["window"], saved["taken"]
+        if at is not None:
+            ds.load_state_dict(at)
+        examples = iter(ds)
+        while block := list(itertools.islice(examples, max(1, self.buffer))):
+            rng = np.random.default_rng([self.seed, self.epoch, self.reader.rank, worker, window])
+            order = rng.permutation(len(block))
+            for j in range(taken, len(block)):
+                yield block[order[j]], {"reader": at, "window": window, "taken": j + 1}
+            at, window, taken = ds.state_dict(), window + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -282,9 +280,9 @@ class StreamLoader:
 
     def _passes(self, start: int) -> Iterator[dict[str, Any]]:
         """The loader's batches; should this process's stream run dry before the epoch's batch
-        count (samples lost in shuffle buffers at a resume, workers' partial last batches
-        dropped), the epoch's stream again from its start, so that every process takes the
-        same number of batches (a process that stopped early would leave the others waiting)."""
+        count (workers' partial last batches dropped, unreadable images), the epoch's stream
+        again from its start, so that every process takes the same number of batches (a process
+        that stopped early would leave the others waiting)."""
         n = start
         while True:
             before = n
@@ -309,7 +307,7 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_workers"] != self.loader.num_workers:
-            logger.warning(
+            logger.warning(  # allowed by train.resume_changes (run_dir.check_config)
                 "the stream was saved with %d loader workers, now %d: its epoch %d restarts from "
                 "its beginning (its samples seen so far repeat)",
                 state["num_workers"],

@@ -17,7 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
-from ssl_vit import weights
+import ssl_vit.weights as weights
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import field_errors
 from ssl_vit.methods.init import init_classifier

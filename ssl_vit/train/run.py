@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,28 +56,56 @@ from ssl_vit.weights import latest_checkpoint
 log = logging.getLogger("ssl_vit")
 
 
-def batches(loader: Any, run_dir: Path) -> Iterator[dict]:
+def batches(loader: Any, run_dir: Path, timeout: float) -> Iterator[dict]:
     """Yield the loader's batches without letting data loading touch the global torch RNG, which
-    belongs to the model (masking, drop path): resume restores it and data never shifts it. A
-    worker that sends nothing for data.timeout seconds stops the run (RunError)."""
+    belongs to the model (masking, drop path): resume restores it and data never shifts it.
+
+    A worker that sends nothing for `timeout` seconds (data.timeout; 0 = wait forever) stops the
+    run (RunError): the DataLoader's own timeout covers an empty queue, and a watchdog kills the
+    workers a little later, for a batch already half-received from a worker that then stopped
+    (the tensor's file descriptor is fetched from the worker, without a timeout). A worker that
+    outlives its epoch (stopped, so deaf to the loader's SIGTERM) is killed, or the run would hang
+    at exit."""
+    before = {p.pid for p in multiprocessing.active_children()}
     it = iter(loader)
     while True:
+        fired = threading.Event()
+        watchdog = threading.Timer(timeout + 5, kill_workers, (before, fired))
+        watchdog.daemon = True
+        if timeout:
+            watchdog.start()
         try:
             with torch.random.fork_rng(devices=[]):
                 batch = next(it, None)
-        except RuntimeError as e:
-            if "DataLoader timed out" not in str(e):
+        except (RuntimeError, OSError, EOFError) as e:
+            if not (fired.is_set() or "DataLoader timed out" in str(e)):
                 raise
-            for worker in multiprocessing.active_children():  # a stopped (SIGSTOP) worker
-                os.kill(worker.pid, signal.SIGCONT)  # could not exit when the loader closes
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the run stops: no worker reports
+            kill_workers(before, fired)
             raise RunError(
-                f"{e} (data.timeout): a loader worker is stuck or far too slow (a hung file "
-                "system, a stopped process); the newest checkpoint is "
-                f"{latest_checkpoint(run_dir)}: resume with --train.resume auto"
+                f"no batch from the loader workers for {timeout:g} seconds (data.timeout): a "
+                "worker is stuck or far too slow (a hung file system, a stopped process); the "
+                f"newest checkpoint is {latest_checkpoint(run_dir)}: resume with --train.resume "
+                "auto"
             ) from None
+        finally:
+            watchdog.cancel()
         if batch is None:
+            if kill_workers(before):
+                log.warning("killed loader workers that did not exit at the epoch's end")
             return
         yield batch
+
+
+def kill_workers(before: set[int], fired: threading.Event | None = None) -> int:
+    """SIGKILL the loader workers: this process's multiprocessing children not in `before`.
+    Returns how many."""
+    if fired is not None:
+        fired.set()
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGKILL)
+    return len(workers)
 
 
 def local(t: Tensor) -> Tensor:
@@ -174,8 +203,9 @@ class Run:
         else:
             loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
             loader.set_epoch(epoch)  # a skipping loader would reset it to its epoch 0
+        timeout = self.cfg.data.timeout if self.cfg.data.num_workers else 0
         self.dataset.set_epoch(epoch)  # the augmentation seeds
-        for i, batch in enumerate(batches(loader, self.run_dir), start=skip):
+        for i, batch in enumerate(batches(loader, self.run_dir, timeout), start=skip):
             if isinstance(self.loader, StreamLoader):  # not prepared: no device placement
                 batch = send_to_device(batch, self.accelerator.device)
             if self.device_view is not None:  # keyed by (seed, epoch, batch, rank): resumes exactly

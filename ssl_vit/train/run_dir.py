@@ -5,6 +5,7 @@ exported weights at the end."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -53,15 +54,15 @@ OPERATIONAL |= {f"data.{k}" for k in ("num_workers", "pin_memory", "timeout", "m
 OPERATIONAL |= {"data.val_split", "model.grad_checkpointing"}
 """Config keys a resume may change freely: where and how often the run stops, logs, saves,
 evaluates, and how fast it runs; none changes a trained weight. Any other change alters the
-schedule or the data order and needs train.resume_changes allow."""
+schedule or the data order and needs train.resume_changes allow (so does data.num_workers on a
+stream, whose loader workers each read their own shards)."""
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path, main: bool) -> Iterator[None]:
-    """One run per directory: the main process holds an flock on run_dir/run.lock, which records
+    """One run per directory: the main process holds a lock on run_dir/run.lock, which records
     its pid and host. A second run is refused naming the holder. The lock of a run that died is
-    reported and taken over: the kernel frees it with the process, or, when the dead run's
-    loader workers (which share the lock) are still exiting, once they are gone."""
+    reported and taken over: the kernel frees it with the process."""
     if not main:
         yield
         return
@@ -71,7 +72,7 @@ def run_lock(run_dir: Path, main: bool) -> Iterator[None]:
     try:
         f.seek(0)
         previous = f.read().strip()
-        if not locked(f, 30 if gone(previous) else 0):
+        if not locked(f):
             raise ConfigError(
                 [
                     f"train.output_dir: {run_dir} is in use by another run "
@@ -95,31 +96,17 @@ def run_lock(run_dir: Path, main: bool) -> Iterator[None]:
         f.close()
 
 
-def locked(f: Any, wait: float) -> bool:
-    """Whether the flock on `f` was taken, trying for `wait` seconds."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-
-
-def gone(holder: str) -> bool:
-    """Whether the lock record `holder` names a process of this host that no longer runs."""
+def locked(f: Any) -> bool:
+    """Whether the lock on `f` was taken. A POSIX record lock (lockf), not flock: the kernel frees
+    it when its process dies, and forked children (loader workers) do not share it, so the
+    orphaned workers of a killed run never keep its directory locked."""
     try:
-        record = json.loads(holder)
-        if record["host"] != socket.gethostname():
-            return False
-        os.kill(record["pid"], 0)
-    except ProcessLookupError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except (ValueError, KeyError, TypeError, OSError):
-        pass
-    return False
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
 
 
 @dataclass
@@ -233,7 +220,8 @@ def check_config(cfg: Config, source: Resume, num_processes: int, main: bool) ->
         keys = ["method.name"]
     else:
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    keys = [k for k in keys if k not in OPERATIONAL]
+    free = OPERATIONAL - ({"data.num_workers"} if new.get("data.streaming") else set())
+    keys = [k for k in keys if k not in free]  # a stream's workers each read their own shards
     changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys]
     if arch := [c for k, c in zip(keys, changes, strict=True) if k in ARCHITECTURE]:
         raise ConfigError(
