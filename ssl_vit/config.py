@@ -200,8 +200,6 @@ class DataConfig(EvalDataConfig):
             e.append(f"data.crop_scale: need 0 < min <= max <= 1, got {self.crop_scale}")
         if not 0 <= self.hflip <= 1:
             e.append(f"data.hflip: must be a probability in [0, 1], got {self.hflip}")
-        if self.streaming and self.decode_on_device:
-            e.append("data.decode_on_device: not available on a stream (data.streaming) yet")
         return e
 
 

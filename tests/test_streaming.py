@@ -151,16 +151,35 @@ def hub_layout(shards: Path, tmp_path: Path) -> Path:
     return repo
 
 
+def test_decode_on_device_streams_each_images_own_bytes(folder, shards):
+    files = _image_folder(folder).files
+    batch = next(stream(shards, decode_on_device=True, batch=4).iterate(0))
+    for k, i in enumerate(batch["index"].tolist()):
+        assert bytes(batch["encoded"][k].numpy()) == Path(files[i]).read_bytes()
+
+
 def test_mae_trains_on_a_shard_folder_and_dino_on_a_hub_repository_layout(shards, tmp_path):
-    for method, path in (("mae", shards), ("dino", hub_layout(shards, tmp_path))):
-        run = tmp_path / method
+    hub = hub_layout(shards, tmp_path)
+    for method, path, device in (("mae", shards, False), ("dino", hub, False), ("dino", hub, True)):
+        run = tmp_path / f"{method}{device}"
         cfg = tiny(run, method, batch_size=4, epochs=2)
         cfg.data = DataConfig(path=str(path), streaming=True, num_workers=0, shuffle_buffer=4)
+        cfg.data.decode_on_device = device  # DINO's multi-crop decoded and drawn batched
         result = fit(cfg)
         assert result["steps"] == 12  # 6 batches of 4 per epoch of 24
         assert torch.isfinite(torch.tensor(result["final_loss"]))
         state = json.loads((run / "checkpoints" / "step_0000012" / "stream_0.json").read_text())
         assert state["epoch"] == 1 and state["num_workers"] == 0
+
+
+def test_repeated_augmentation_on_a_stream_is_refused(folder, tmp_path):
+    make_shards.main([str(folder), str(tmp_path / "shards"), "--max_count", "3"])
+    cfg = tiny(tmp_path / "deit", "deit", batch_size=4, epochs=1)
+    cfg.data = DataConfig(path=str(tmp_path / "shards"), streaming=True, num_workers=0)
+    with pytest.raises(ConfigError, match="method.repeated_aug 1"):
+        fit(cfg)
+    cfg.method.repeated_aug = 1
+    assert fit(cfg)["steps"] == 6
 
 
 def test_resume_after_sigkill_is_bit_identical_with_a_shuffle_window(folder, tmp_path):

@@ -10,7 +10,8 @@ What this module adds to it, for the training loop:
   unreadable images) makes up the count from the epoch's start, so none waits forever;
 * the same item contract as `ImageDataset`: the method's view, "labels", "index" (the sample's
   id: make_shards' source index), "skipped" (an unreadable image is skipped and reported by the
-  next readable item); the augmentation is a function of (seed, epoch, id);
+  next readable item); the augmentation is a function of (seed, epoch, id); with
+  data.decode_on_device the item holds the image's bytes ("encoded") for the device view;
 * shuffling within windows of data.shuffle_buffer samples (on top of the shard order, shuffled
   per epoch) rather than through a sliding buffer: a position in a window is cheap to save;
 * resume: every item carries its loader worker's position after it, so the training process
@@ -34,6 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_vit.config import DataConfig
 from ssl_vit.data.datasets import MAX_TRIES, DataError, collate, open_image, seeded
+from ssl_vit.data.device.encoded import bytes_tensor
+from ssl_vit.data.encoded_batch import Encoded
 from ssl_vit.data.shards import FORMATS, read_index, tar_samples
 
 logger = logging.getLogger(__name__)
@@ -167,8 +170,10 @@ class ImageStream(IterableDataset):
         label_column: str,
         classes: list[str],
         size: int | None,
+        encoded: bool = False,
     ):
         self.reader, self.view, self.seed, self.buffer = reader, view, seed, buffer
+        self.encoded = encoded
         self.image_column, self.label_column = image_column, label_column
         self.classes, self.size = classes, size
         self.epoch = 0
@@ -218,7 +223,9 @@ class ImageStream(IterableDataset):
         for example, state in self._shuffled(worker):
             image = self._image(example)
             try:
-                decoded = open_image(image)
+                decoded = bytes_tensor(image) if self.encoded else open_image(image)
+                if self.encoded and not decoded.numel():
+                    raise DataError("empty")
             except Exception:  # PIL's many error types, as in ImageDataset.__getitem__
                 failed.append(_where(example, image))
                 if len(failed) >= MAX_TRIES:
@@ -228,8 +235,11 @@ class ImageStream(IterableDataset):
                     ) from None
                 continue
             index = _id(example, image)
-            with seeded(self.seed, self.epoch, index & 0xFFFFFFFF):
-                out = self.view(decoded)
+            if self.encoded:  # decoded and augmented on the device (data.decode_on_device)
+                out = {"encoded": Encoded(decoded, _where(example, image))}
+            else:
+                with seeded(self.seed, self.epoch, index & 0xFFFFFFFF):
+                    out = self.view(decoded)
             label, stream = self._label(example), (worker, state)
             yield {**out, "labels": label, "index": index, "skipped": failed, "stream": stream}
             failed = []
@@ -394,6 +404,7 @@ def build_stream(
         label_column=data_cfg.label_column,
         classes=classes,
         size=size,
+        encoded=data_cfg.decode_on_device,
     )
     loader = DataLoader(
         dataset,

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ssl_vit.config import Config
+from ssl_vit.config import Config, ConfigError
 from ssl_vit.data import (
     SkipCounter,
     StreamLoader,
@@ -389,6 +389,13 @@ def build_data(cfg: Config, spec: MethodSpec, accelerator: Accelerator) -> tuple
     on the device."""
     t = cfg.train
     if cfg.data.streaming:
+        if spec.sampler and spec.sampler(cfg, 1, 1).repeats > 1:
+            raise ConfigError(
+                [
+                    "data.streaming: repeated augmentation (method.repeated_aug > 1) draws from a "
+                    "map-style dataset; pass --method.repeated_aug 1 to train on a stream"
+                ]
+            )
         loader = build_stream(
             cfg.data,
             spec.view(cfg),
@@ -397,7 +404,7 @@ def build_data(cfg: Config, spec: MethodSpec, accelerator: Accelerator) -> tuple
             rank=accelerator.process_index,
             processes=accelerator.num_processes,
         )
-        return loader.dataset, loader, None
+        return loader.dataset, loader, spec.device_view(cfg) if cfg.data.decode_on_device else None
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
     device_view = None
     if cfg.data.decode_on_device:
