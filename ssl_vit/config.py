@@ -181,9 +181,20 @@ class DataConfig(EvalDataConfig):
     flip; DINO's colour jitter, grayscale, blur, solarisation; DeiT's and fine-tuning's
     RandAugment and random erasing; normalisation) run batched on the training device, for GPUs
     that outrun CPU decoding. Every method; the same augmentation distribution as on the CPU."""
+    streaming: bool = False
+    """Read data.path as a stream instead of a map-style dataset: a folder of WebDataset .tar or
+    Parquet shards (tools/make_shards.py; also a Hugging Face dataset repository on disk), or
+    'hf:NAME' streamed from the Hub. Shards are split across processes and loader workers."""
+    shuffle_buffer: int = 1000
+    """A stream's loader workers shuffle their samples within consecutive windows of this many
+    (0: shard order only). A resume re-reads the window it stopped in: nothing lost or repeated."""
+    samples_per_epoch: int = 0
+    """Samples an epoch of a stream takes over all processes (0: the whole dataset, counted from
+    its shards); the schedule counts epochs of this size."""
 
     def errors(self) -> list[str]:
-        e = super().errors() + field_errors(self, "data", {">= 0": "timeout"})
+        e = super().errors()
+        e += field_errors(self, "data", {">= 0": "timeout shuffle_buffer samples_per_epoch"})
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             e.append(f"data.crop_scale: need 0 < min <= max <= 1, got {self.crop_scale}")

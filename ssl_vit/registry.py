@@ -22,6 +22,7 @@ from ssl_vit.data.device import (
     device_view,
 )
 from ssl_vit.data.samplers import RepeatedAugSampler
+from ssl_vit.data.streaming import stream_classes
 from ssl_vit.data.transforms import Crop, View, multi_crop, single_view, supervised_view
 from ssl_vit.eval.accuracy import EvalData, eval_data
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig
@@ -183,8 +184,11 @@ def prepare(cfg: Config) -> EvalData | None:
         model.name = backbone.name
         for key in ("patch_size", "embed_dim", "depth", "num_heads"):
             setattr(model, key, getattr(backbone, key))
-    if classifier or cfg.data.path.startswith("hf:"):  # a Hub dataset: fails here if offline
+    if cfg.data.streaming and (classifier or cfg.data.path.startswith("hf:")):
+        classes = stream_classes(cfg.data)  # nothing read but the stream's metadata
+    elif classifier or cfg.data.path.startswith("hf:"):  # a Hub dataset: fails here if offline
         classes = build_dataset(cfg.data, lambda image: {}, image_size=model.img_size).classes
+    if classifier or cfg.data.path.startswith("hf:"):
         key = "method.deit.num_classes" if head is not m else "method.num_classes"
         if classifier and not classes:
             raise DataError(
@@ -197,6 +201,11 @@ def prepare(cfg: Config) -> EvalData | None:
             head.num_classes = head.num_classes or len(classes)
     if not cfg.train.eval_every_epochs:
         return None
+    if cfg.data.streaming:
+        raise DataError(
+            "train.eval_every_epochs: evaluations read map-style data, not a stream "
+            "(data.streaming); evaluate the run's checkpoints afterwards (ssl-vit knn)"
+        )
     what = "top-1" if TRAINABLE[m.name].build.classifies else "k-NN"
     try:
         data = eval_data(cfg, what)

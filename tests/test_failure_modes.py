@@ -175,13 +175,14 @@ def test_a_second_run_on_a_directory_is_refused_and_a_stale_lock_taken_over(tmp_
 
 
 def test_a_killed_runs_orphaned_workers_do_not_keep_its_lock(tmp_path):
-    fork = HOLD.replace('print("held", flush=True)', 'print(os.fork() or "parent", flush=True)')
+    # one write() each (atomic on a pipe): print's text and newline could interleave
+    fork = HOLD.replace('print("held", flush=True)', 'os.write(1, b"%d\\n" % os.fork())')
     fork = "import os\n" + fork.replace("sys.stdin.read()", "time.sleep(60)")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time\n" + fork, str(tmp_path)], stdout=subprocess.PIPE
     )
     lines = [holder.stdout.readline().strip() for _ in range(2)]
-    worker = int(next(x for x in lines if x not in (b"parent", b"0")))  # the forked child
+    worker = int(next(x for x in lines if x != b"0"))  # the forked child's pid, from the parent
     holder.kill()
     holder.wait()
     try:

@@ -23,7 +23,7 @@ from ssl_vit.config import Config, ModelConfig
 from ssl_vit.data.samplers import RepeatedAugSampler
 from ssl_vit.eval.features import features
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig
-from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
+from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig, linprobe_config
 from ssl_vit.eval.pretrained import pretrained_backbone
 from ssl_vit.methods.deit import DeiTConfig
 from ssl_vit.methods.dino import DINO, DINOConfig
@@ -375,3 +375,24 @@ def test_repeated_aug_trim_gives_rasamplers_epoch_length(n, processes):
     assert len(trimmed) == official * processes
     assert len(list(trimmed)) == official * processes
     assert len(RepeatedAugSampler(n, processes, 8, repeats=3, seed=0)) == n
+
+
+def test_dino_protocol_linear_probe_lr_steps_once_per_epoch_as_eval_linear():
+    """eval_linear.py: CosineAnnealingLR(optimizer, epochs, eta_min=0), stepped after each epoch,
+    so every iteration of epoch e has lr(e); MAE's protocol moves every iteration."""
+    epochs, per_epoch, peak = 5, 7, 0.1
+    dino = linprobe_config("dino").method
+    dino.num_classes = 3
+    probe = LinearProbe(Backbone(**TINY_MODEL), dino)
+    probe.set_schedule(epochs * per_epoch, per_epoch)
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=peak)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0)
+    official = []
+    for _ in range(epochs):
+        official += [opt.param_groups[0]["lr"]] * per_epoch
+        opt.step()
+        sched.step()
+    ours = [probe.lr_at(s, epochs * per_epoch, 0, peak, 0.0) for s in range(epochs * per_epoch)]
+    assert np.allclose(ours, official, rtol=0, atol=1e-12)
+    assert linprobe_config("mae").method.lr_steps == "iteration"

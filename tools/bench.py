@@ -26,6 +26,7 @@ given a device peak, the MFU. A table goes to stderr and the metrics as one JSON
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -50,7 +51,7 @@ from ssl_vit import flops
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli.runner import Args, choice, parse, run_command
 from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, validate
-from ssl_vit.data import DataError, build_dataset, build_loader
+from ssl_vit.data import DataError, StreamLoader, build_dataset, build_loader, build_stream
 from ssl_vit.data.device import DeviceView, batch_generator, encoded_dataset
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import METHODS
@@ -302,6 +303,9 @@ def real_loader(
     """
     cfg = run_config(root, method)
     b, spec = root.bench.batch_size, METHODS[method.name]
+    if cfg.data.streaming:  # the trainer's stream of one process, epochs after epochs
+        stream = build_stream(cfg.data, spec.view(cfg), batch_size=b, seed=0, rank=0, processes=1)
+        return itertools.islice(stream_epochs(stream), batches)
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=0, image_size=cfg.model.img_size)
     if root.data.decode_on_device:  # the workers read bytes; `real_batches` decodes them
         dataset = encoded_dataset(dataset)
@@ -326,6 +330,13 @@ def real_loader(
         seed=0,
         sampler=order[: batches * b],
     )
+
+
+def stream_epochs(stream: StreamLoader) -> Iterator[dict[str, Any]]:
+    """The batches of a stream's epochs 0, 1, 2, ... one after the other."""
+    for epoch in itertools.count():
+        stream.set_epoch(epoch)
+        yield from stream.iterate(0)
 
 
 def device_view(root: BenchRoot, method: Any) -> DeviceView | None:

@@ -22,6 +22,8 @@ from ssl_vit.data.device import (
     encoded_dataset,
     sample_crops,
 )
+from ssl_vit.data.shards import write_shards
+from ssl_vit.data.streaming import ImageStream, StreamLoader, build_stream
 from ssl_vit.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from ssl_vit.data.synthetic import SyntheticImages
 from ssl_vit.data.transforms import Crop, View, eval_view, multi_crop, single_view
@@ -34,6 +36,8 @@ __all__ = [
     "Encoded",
     "EncodedBatch",
     "ImageDataset",
+    "ImageStream",
+    "StreamLoader",
     "SkipCounter",
     "SyntheticImages",
     "View",
@@ -46,6 +50,8 @@ __all__ = [
     "eval_view",
     "build_dataset",
     "build_loader",
+    "build_stream",
+    "write_shards",
     "collate",
     "open_image",
     "sample_crops",

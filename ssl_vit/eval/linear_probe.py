@@ -28,6 +28,7 @@ from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config, DataConfig, TrainConfig, field_errors
 from ssl_vit.eval.features import Pool, feature_dim, features
 from ssl_vit.methods.protocol import Method
+from ssl_vit.optim import warmup_cosine
 
 VIT_B_WIDTH = 768
 """DINO's linear eval reads the last 4 cls tokens below this width (ViT-S), cls + avgpool from
@@ -66,6 +67,9 @@ class LinearProbeConfig:
     the scheduled lr (train.lr, or base_lr x batch / lr_batch_divisor)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas, used when train.optimizer is adamw."""
+    lr_steps: Literal["iteration", "epoch"] = "iteration"
+    """How often the lr schedule moves: every iteration (MAE's lr_sched) or once per epoch, a
+    staircase (DINO's eval_linear.py steps CosineAnnealingLR per epoch; the dino protocol's)."""
 
     def errors(self, cfg: Any) -> list[str]:
         """Every invalid value, each message naming its key; `cfg` is the whole run Config."""
@@ -115,6 +119,17 @@ class LinearProbe(nn.Module, Method):
         for head in self.heads:
             trunc_normal_(head.weight, std=cfg.head_init_std)
             nn.init.zeros_(head.bias)
+
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+
+    def lr_at(
+        self, step: int, total_steps: int, warmup_steps: float, peak: float, final: float
+    ) -> float:
+        """The run's warmup + cosine, read at the epoch's first step when lr_steps is epoch."""
+        if self.cfg.lr_steps == "epoch":
+            step -= step % self.steps_per_epoch
+        return warmup_cosine(step, total_steps, warmup_steps, peak, final)
 
     def train(self, mode: bool = True) -> LinearProbe:
         """Set the heads' (and BatchNorm's) mode; the backbone always stays in eval mode."""
@@ -183,5 +198,10 @@ def linprobe_config(protocol: Literal["mae", "dino"] = "mae") -> Config:
             weight_decay=0.0,
             eval_every_epochs=1,
         ),
-        method=LinearProbeConfig(protocol=protocol, batchnorm=mae, head_init_std=0.01),
+        method=LinearProbeConfig(
+            protocol=protocol,
+            batchnorm=mae,
+            head_init_std=0.01,
+            lr_steps="iteration" if mae else "epoch",
+        ),
     )

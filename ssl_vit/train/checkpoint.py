@@ -66,9 +66,11 @@ def save_checkpoint(
     config: str,
     keep_last: int,
     at_end: bool = False,
+    stream: dict[str, Any] | None = None,
 ) -> Path:
     """Save the full training state of every process atomically; keep the newest `keep_last`.
-    `at_end`: saved by the run's end, after its last pictures.
+    `at_end`: saved by the run's end, after its last pictures. `stream`: this process's stream
+    position (data.streaming), written as stream_<process>.json.
 
     Called on every process (Accelerate writes per-process RNG states). A failed write (a full
     disk) removes the partial checkpoint and says how much space there is.
@@ -83,6 +85,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if stream is not None:
+            write_atomic(tmp / stream_file(accelerator.process_index), json.dumps(stream).encode())
         accelerator.wait_for_everyone()
         if main:
             train_state = state.state_dict() | {"num_processes": accelerator.num_processes}
@@ -104,6 +108,17 @@ def save_checkpoint(
             discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def stream_file(process: int) -> str:
+    """The file of a process's stream position in a checkpoint."""
+    return f"stream_{process}.json"
+
+
+def stream_state(checkpoint: Path, process: int) -> dict[str, Any] | None:
+    """The stream position `process` saved in a (checked) checkpoint; None when it saved none."""
+    f = checkpoint / stream_file(process)
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def seal(folder: Path) -> dict[str, int]:

@@ -19,19 +19,27 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, parse_flag_from_env, send_to_device, set_seed
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ssl_vit.config import Config
-from ssl_vit.data import SkipCounter, batch_generator, build_dataset, build_loader, encoded_dataset
+from ssl_vit.config import Config, ConfigError
+from ssl_vit.data import (
+    SkipCounter,
+    StreamLoader,
+    batch_generator,
+    build_dataset,
+    build_loader,
+    build_stream,
+    encoded_dataset,
+)
 from ssl_vit.eval.accuracy import EvalData, classification_metrics, eval_loader
 from ssl_vit.eval.knn import knn_eval
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import TRAINABLE, MethodSpec, build_method
-from ssl_vit.train.checkpoint import newest_finite, resume, save_checkpoint
+from ssl_vit.train.checkpoint import newest_finite, resume, save_checkpoint, stream_state
 from ssl_vit.train.run_dir import (
     Metrics,
     Resume,
@@ -190,11 +198,16 @@ class Run:
         skipped (unreadable) images counted."""
         epoch, skip = self.state.epoch, self.state.batch_in_epoch
         self.loader.set_epoch(epoch)  # the shuffling order, held by the sampler both loaders share
-        loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-        loader.set_epoch(epoch)  # a skipping loader would reset it to its epoch 0
+        if isinstance(self.loader, StreamLoader):  # from its saved position, on this process
+            loader = self.loader.iterate(skip)
+        else:
+            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            loader.set_epoch(epoch)  # a skipping loader would reset it to its epoch 0
         timeout = self.cfg.data.timeout if self.cfg.data.num_workers else 0
         self.dataset.set_epoch(epoch)  # the augmentation seeds
         for i, batch in enumerate(batches(loader, self.run_dir, timeout), start=skip):
+            if isinstance(self.loader, StreamLoader):  # not prepared: no device placement
+                batch = send_to_device(batch, self.accelerator.device)
             if self.device_view is not None:  # keyed by (seed, epoch, batch, rank): resumes exactly
                 key = (self.cfg.train.seed, epoch, i, self.accelerator.process_index)
                 batch = self.device_view.apply(
@@ -258,7 +271,10 @@ class Run:
             self.diverged(f"by step {self.state.step}, which was not saved")
         t = self.cfg.train
         config = self.cfg.to_json()
-        save_checkpoint(self.accelerator, self.run_dir, self.state, config, t.keep_last, final)
+        stream = self.loader.state_dict() if isinstance(self.loader, StreamLoader) else None
+        save_checkpoint(
+            self.accelerator, self.run_dir, self.state, config, t.keep_last, final, stream
+        )
         self.last_saved = self.state.step
 
     def diverged(self, when: str) -> None:
@@ -372,6 +388,23 @@ def build_data(cfg: Config, spec: MethodSpec, accelerator: Accelerator) -> tuple
     order, the loader; with data.decode_on_device, workers read bytes and the view runs batched
     on the device."""
     t = cfg.train
+    if cfg.data.streaming:
+        if spec.sampler and spec.sampler(cfg, 1, 1).repeats > 1:
+            raise ConfigError(
+                [
+                    "data.streaming: repeated augmentation (method.repeated_aug > 1) draws from a "
+                    "map-style dataset; pass --method.repeated_aug 1 to train on a stream"
+                ]
+            )
+        loader = build_stream(
+            cfg.data,
+            spec.view(cfg),
+            batch_size=t.batch_size,
+            seed=t.seed,
+            rank=accelerator.process_index,
+            processes=accelerator.num_processes,
+        )
+        return loader.dataset, loader, spec.device_view(cfg) if cfg.data.decode_on_device else None
     dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
     device_view = None
     if cfg.data.decode_on_device:
@@ -434,10 +467,16 @@ def build_run(
     method = build_method(cfg, init=resume_from is None)  # resume replaces model.init's weights
     dataset, loader, device_view = build_data(cfg, spec, accelerator)
     optimizer = optimizer_for(method, t, cfg.method.betas)
-    model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
+    if isinstance(loader, StreamLoader):  # each process reads its own part: not prepared
+        model, optimizer = accelerator.prepare(method, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(method, optimizer, loader)
     state = TrainState()
     if resume_from is not None:
         resume(accelerator, model, resume_from.path, state, resume_from.state)
+        saved = stream_state(resume_from.path, accelerator.process_index)
+        if isinstance(loader, StreamLoader) and saved is not None:
+            loader.load_state_dict(saved)
     plan = make_plan(cfg, accelerator.num_processes, len(loader))
     if main:
         log_start(cfg, accelerator, plan, len(dataset))

@@ -54,7 +54,8 @@ OPERATIONAL |= {f"data.{k}" for k in ("num_workers", "pin_memory", "timeout", "m
 OPERATIONAL |= {"data.val_split", "model.grad_checkpointing"}
 """Config keys a resume may change freely: where and how often the run stops, logs, saves,
 evaluates, and how fast it runs; none changes a trained weight. Any other change alters the
-schedule or the data order and needs train.resume_changes allow."""
+schedule or the data order and needs train.resume_changes allow (so does data.num_workers on a
+stream, whose loader workers each read their own shards)."""
 
 
 @contextlib.contextmanager
@@ -219,7 +220,8 @@ def check_config(cfg: Config, source: Resume, num_processes: int, main: bool) ->
         keys = ["method.name"]
     else:
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    keys = [k for k in keys if k not in OPERATIONAL]
+    free = OPERATIONAL - ({"data.num_workers"} if new.get("data.streaming") else set())
+    keys = [k for k in keys if k not in free]  # a stream's workers each read their own shards
     changes = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys]
     if arch := [c for k, c in zip(keys, changes, strict=True) if k in ARCHITECTURE]:
         raise ConfigError(

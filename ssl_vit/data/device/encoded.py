@@ -43,7 +43,7 @@ def _read(path: str) -> Tensor:
         return read_file(path)
 
 
-def _as_bytes_tensor(obj: Any) -> Tensor:
+def bytes_tensor(obj: Any) -> Tensor:
     """Raw bytes, a path, or a Hugging Face {"bytes", "path"} dict -> uint8 (N,)."""
     if isinstance(obj, dict):
         obj = obj["bytes"] if obj.get("bytes") is not None else obj["path"]
@@ -79,7 +79,7 @@ class EncodedSource:
         elif isinstance(s, HFImages):
             row = s.ds[i]
             value = row[s.label_column] if s.label_column else None
-            data, label = _as_bytes_tensor(row[s.image_column]), -1 if value is None else value
+            data, label = bytes_tensor(row[s.image_column]), -1 if value is None else value
         else:
             image, label = s[i]
             data = _png(image)
