@@ -1,9 +1,10 @@
 """The ViT backbone: an adapter over timm's VisionTransformer; the only file touching its internals.
 
 It owns timm's submodules and parameters under timm's own names (so its state dict is a timm state
-dict) and adds what pretext methods need from an encoder: running on a subset of patch tokens, extra
-prefix tokens, any input resolution (with the position-embedding resampling formula the caller
-picks, `resample_pos_embed`), the last n blocks' outputs, and the last block's attention.
+dict) and adds what pretext methods need from an encoder: running on a subset of patch tokens,
+replacing chosen patch tokens by a given token, extra prefix tokens, any input resolution (with
+the position-embedding resampling formula the caller picks, `resample_pos_embed`), the last n
+blocks' outputs, and the last block's attention.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ class Backbone(nn.Module):
         images: Tensor,
         *,
         ids_keep: Tensor | None = None,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
         prefix: Tensor | None = None,
         n_last: int = 0,
         return_attn: bool = False,
@@ -144,11 +147,16 @@ class Backbone(nn.Module):
         """Encode images (B, C, H, W); H and W multiples of the patch size.
 
         ids_keep (B, K) long: run only these patch tokens (row-major positions on the h x w grid),
-        in this order. prefix (B, P, D): extra tokens, position embedding already added, placed
-        right after the model's own prefix tokens. With neither, this is timm's `forward_features`.
+        in this order. mask (B, L) bool with mask_token (D,) or (1, D): the masked patches'
+        embeddings are replaced by mask_token before the position embedding is added (masked
+        image modelling: the token is the caller's). prefix (B, P, D): extra tokens, position
+        embedding already added, placed right after the model's own prefix tokens. With none of
+        these, this is timm's `forward_features`.
         """
         x = self.patch_embed(images)  # (B, L, D); (B, h, w, D) if built with dynamic_img_size
         x = x.flatten(1, -2)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype).view(1, 1, -1), x)
         n_own = self.num_prefix_tokens
         tokens = (self.cls_token, self.dist_token, self.reg_token)  # timm's order
         own = [t.expand(x.shape[0], -1, -1) for t in tokens if t is not None]

@@ -30,6 +30,7 @@ from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
 from ssl_vit.eval.pretrained import pretrained_backbone
 from ssl_vit.methods.deit import DeiT, DeiTConfig
 from ssl_vit.methods.dino import DINO, DINOConfig
+from ssl_vit.methods.dinov2 import DINOv2, DINOv2Config
 from ssl_vit.methods.mae import MAE, MAEConfig
 from ssl_vit.methods.protocol import Method
 from ssl_vit.weights import load_pretrained
@@ -69,10 +70,10 @@ def image_device_view(cfg: Config) -> DeviceView:
 
 
 def dino_crops(cfg: Config) -> tuple[Crop, ...]:
-    """DINO's multi-crop of a run Config: 2 globals at model.img_size, then the method's locals;
-    each with colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 / 0.1 on the
-    globals, 0.5 on the locals; none without method.blur); solarisation (p 0.2) on the second
-    global only."""
+    """DINO's (and DINOv2's) multi-crop of a run Config: 2 globals at model.img_size, then the
+    method's locals; each with colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 /
+    0.1 on the globals, 0.5 on the locals; none without method.blur); solarisation (p 0.2) on the
+    second global only."""
     m = cfg.method
     size, scale, blur = cfg.model.img_size, m.global_crop_scale, float(m.blur)
     local = Crop(m.local_crop_size, m.local_crop_scale, 0.8, 0.2, blur=0.5 * blur)
@@ -126,6 +127,7 @@ def supervised(deit: Callable[[Config], DeiTConfig]) -> tuple[Callable, Callable
 METHODS: dict[str, MethodSpec] = {
     "mae": MethodSpec(MAEConfig, MAE, image_view, image_device_view),
     "dino": MethodSpec(DINOConfig, DINO, dino_view, dino_device_view),
+    "dinov2": MethodSpec(DINOv2Config, DINOv2, dino_view, dino_device_view),  # draws its masks
     "deit": MethodSpec(DeiTConfig, DeiT, *supervised(lambda cfg: cfg.method)),
 }
 """The pretext methods: `ssl-vit train --method NAME` and the pretraining recipes."""

@@ -1,6 +1,6 @@
 """Weights in and out: any checkpoint users bring to `--checkpoint` -> a Backbone or a timm
-classifier (loaded safely and strictly, with the official MAE / DINO / DeiT key maps), and our
-exports in timm's own pretrained layout (a directory of config.json + model.safetensors, as
+classifier (loaded safely and strictly, with the official MAE / DINO / DeiT / DINOv2 key maps),
+and our exports in timm's own pretrained layout (a directory of config.json + model.safetensors, as
 `timm.models.save_for_hf` writes it), written atomically. Exports of earlier versions
 (`backbone.safetensors` + `backbone.json`) are still read.
 
@@ -199,10 +199,17 @@ class CheckpointError(ValueError):
 
 WHICH = ("teacher", "student")
 _WRAPPERS = ("module.", "backbone.")
-_DROPPED = re.compile(r"^(head|head_dist)\.|^mask_token$|^decoder_")
-"""Method state that is not the backbone: classifier / DINO / distillation heads, the MAE mask
-token and decoder. A DeiT distillation token is kept: it is part of the network the distilled
-model's features come from (the backbone is then timm's deit_*_distilled)."""
+_DROPPED = re.compile(r"^(head|head_dist|dino_head|ibot_head)\.|^mask_token$|^decoder_")
+"""Method state that is not the backbone: classifier / DINO / DINOv2 / distillation heads, the MAE
+and DINOv2 mask tokens, MAE's decoder. A DeiT distillation token is kept: it is part of the
+network the distilled model's features come from (the backbone is then timm's deit_*_distilled)."""
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+"""A DINOv2 block under FSDP chunking (block_chunks > 0): `blocks.{chunk}.{i}.`, i global."""
+_SWIGLU = re.compile(r"^blocks\.\d+\.mlp\.w(12|3)\.")
+"""DINOv2's SwiGLU feed-forward (ffn_layer swiglufused: ViT-g/14 and the vitl14/vitg14 training
+configs), which is not timm's Mlp."""
+_DINOV2_SIZES = {384: "small", 768: "base", 1024: "large"}
+"""Width -> timm's DINOv2 size name (vit_{size}_patch14[_reg4]_dinov2)."""
 _STANDARD_VITS = {
     192: ("tiny", 3),
     384: ("small", 6),
@@ -218,30 +225,35 @@ def load_pretrained(
     *,
     model: ModelConfig | None = None,
     which: str = "teacher",
-    pos_interp: PosInterp = "bicubic",
+    pos_interp: PosInterp | None = None,
 ) -> Backbone:
     """The Backbone held by any checkpoint `--checkpoint` accepts.
 
     checkpoint: our run directory, or a `.safetensors` with its JSON beside (`backbone.json` for
     `backbone.safetensors`; `<stem>.json` holding {"name", "kwargs"} for an export); an official
-    MAE (pretrain, `_full`, visualize, training), DINO (`_pretrain` backbone, full training) or
-    DeiT (plain or distilled) `.pth`; any timm-named ViT state dict (.pth or .safetensors).
+    MAE (pretrain, `_full`, visualize, training), DINO (`_pretrain` backbone, full training),
+    DeiT (plain or distilled) or DINOv2 (`dinov2_vit{s,b,l}14[_reg4]_pretrain.pth`, a training
+    `teacher_checkpoint.pth`) `.pth`; any timm-named ViT state dict (.pth or .safetensors).
     `NAME=PATH` names the timm architecture of the file at PATH (e.g.
     `vit_small_patch16_224.dino=weights.safetensors`; a tag after the dot is ignored); NAME is
     built at its own image size unless `model` gives one. Nothing is downloaded.
 
     Architecture: from the JSON for our files, from NAME when given, else inferred from the
     tensor shapes (width, depth, patch, grid, MLP ratio, qkv bias; heads from the standard ViT
-    sizes Ti/S/B/L/H; a `dist_token` makes it timm's DeiT distilled ViT). Every non-zero field
-    of `model` but `name` (img_size, patch_size, embed_dim, depth, num_heads, drop_path)
-    overrides it; the position embedding is resampled with `pos_interp` when the grid changes
-    (backbone.resample_pos_embed: default bicubic without antialiasing, as the official MAE and
-    DeiT loaders; the returned backbone resizes it the same way for inputs of another size).
+    sizes Ti/S/B/L/H; a `dist_token` makes it timm's DeiT distilled ViT; layer scale or
+    registers timm's DINOv2 ViT). Every non-zero field of `model` but `name` (img_size,
+    patch_size, embed_dim, depth, num_heads, drop_path) overrides it; the position embedding is
+    resampled with `pos_interp` when the grid changes (backbone.resample_pos_embed; the returned
+    backbone resizes it the same way for inputs of another size). None: the official DINOv2
+    formula for its files (`official_interp`), else bicubic without antialiasing, as the
+    official MAE and DeiT loaders.
 
     Key mapping, then strict loading: the state dict is `model` (MAE, DeiT), `teacher` or
     `student` (`which`; DINO training checkpoints) or `state_dict` of the file, else the file
-    itself; `module.` and `backbone.` prefixes are stripped; dropped: `head.*`, `head_dist.*`
-    (classifier, DINO and distillation heads), `mask_token`, `decoder_*` (MAE decoder). A DeiT
+    itself; `module.` and `backbone.` prefixes are stripped; the official DINOv2 layout is
+    converted (`dinov2_keys`: registers, chunked blocks); dropped: `head.*`, `head_dist.*`,
+    `dino_head.*`, `ibot_head.*` (classifier, DINO, DINOv2 and distillation heads),
+    `mask_token` (MAE, DINOv2), `decoder_*` (MAE decoder). A DeiT
     distillation token stays, with its position: features are those of the distilled network.
     Every other key must match the backbone exactly, or CheckpointError lists the missing,
     unexpected and mis-shaped keys.
@@ -256,7 +268,11 @@ def load_pretrained(
     path, spec_file = weights_and_spec(path)
     obj = read_checkpoint(path)
     state, top_keys = _select_state(obj, which, path)
-    state = backbone_keys(state)
+    pos_interp = pos_interp or _dinov2_interp(unwrapped(state)) or "bicubic"
+    try:
+        state = backbone_keys(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if arch is not None:
         name, kwargs = architecture(arch), {}
     elif spec_file is not None and spec_file.is_file():
@@ -411,14 +427,73 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def backbone_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Timm backbone names: `module.`/`backbone.` prefixes stripped, method state dropped
-    (`_DROPPED`)."""
+    """Timm backbone names: `module.`/`backbone.` prefixes stripped, the official DINOv2 layout
+    converted (`dinov2_keys`), method state dropped (`_DROPPED`)."""
+    out = unwrapped(state)
+    if official_dinov2(out):
+        out = dinov2_keys(out)
+    return {k: v for k, v in out.items() if not _DROPPED.search(k)}
+
+
+def unwrapped(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with its `module.` / `backbone.` wrapper prefixes stripped."""
     out = {}
     for key, value in state.items():
         while key.startswith(_WRAPPERS):
             key = key.split(".", 1)[1]
         out[key] = value
-    return {k: v for k, v in out.items() if not _DROPPED.search(k)}
+    return out
+
+
+def official_dinov2(state: dict[str, Tensor]) -> bool:
+    """Whether an unwrapped state dict is in the official DINOv2 layout
+    (dinov2/models/vision_transformer.py): `register_tokens`, or its (1, D) mask token (MAE's is
+    (1, 1, D); timm's DINOv2 ViTs have none)."""
+    mask_token = state.get("mask_token")
+    return "register_tokens" in state or (mask_token is not None and mask_token.ndim == 2)
+
+
+def dinov2_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An official DINOv2 backbone (a released `dinov2_vit*14[_reg4]_pretrain.pth`, or the
+    `backbone.*` of a training `teacher_checkpoint.pth`, unwrapped) in timm's names, as timm's own
+    `_convert_dinov2`: chunked blocks `blocks.{c}.{i}.*` -> `blocks.{i}.*`; with registers,
+    `register_tokens` (1, R, D) -> `reg_token`, and since timm's registered DINOv2 ViT keeps no
+    prefix positions (no_embed_class) the cls position pos_embed[:, :1] is added into `cls_token`
+    (the official forward adds it to the cls token alone) and pos_embed (1, 1 + N, D) keeps its
+    N patch positions. Layer scale (`ls1.gamma`, `ls2.gamma`), attention, MLP and norms already
+    carry timm's names. A SwiGLU feed-forward (`mlp.w12`, `mlp.w3`) is refused."""
+    if swiglu := next((k for k in state if _SWIGLU.match(k)), None):
+        raise CheckpointError(
+            f"{swiglu}: a DINOv2 SwiGLU feed-forward (ViT-g/14, ffn_layer swiglufused) is not "
+            "supported; only the MLP of ViT-S/B/L/14 (blocks.*.mlp.fc1, fc2)"
+        )
+    out = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in state.items()}
+    if "register_tokens" in out:
+        pos = out["pos_embed"]
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    return out
+
+
+def official_interp(checkpoint: str | Path, which: str = "teacher") -> PosInterp | None:
+    """The position-embedding formula the official code of `checkpoint`'s format fixes for every
+    protocol, or None when the command's protocol decides (MAE, DINO, DeiT, timm, ours): for an
+    official DINOv2 file, that of its model (dinov2/configs/eval/*.yaml, hub/backbones.py):
+    without registers interpolate_offset 0.1, no antialiasing ('offset', DINO's); with registers
+    offset 0 and antialiasing, F.interpolate(size, bicubic, antialias=True) ('antialias',
+    timm's)."""
+    path, _ = parse_checkpoint(checkpoint)
+    if path.is_dir():
+        return None
+    state, _ = _select_state(read_checkpoint(path), which, path)
+    return _dinov2_interp(unwrapped(state))
+
+
+def _dinov2_interp(state: dict[str, Tensor]) -> PosInterp | None:
+    if not official_dinov2(state):
+        return None
+    return "antialias" if "register_tokens" in state else "offset"
 
 
 def distilled_name(name: str) -> str:
@@ -464,7 +539,10 @@ def classifier_keys(
 
 def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[str, dict[str, Any]]:
     """(timm name, kwargs) of the cls-token ViT a timm-named state dict holds, from its shapes;
-    with a `dist_token`, timm's DeiT distilled ViT (its pos_embed: cls, dist, patches).
+    with a `dist_token`, timm's DeiT distilled ViT (its pos_embed: cls, dist, patches); with
+    layer scale (`blocks.0.ls1.gamma`) or registers (`reg_token` (1, R, D)), timm's DINOv2 ViT
+    (`vit_{size}_patch14[_reg4]_dinov2`, sized by the kwargs; pos_embed with or without the cls
+    position: no_embed_class).
 
     Heads are not in the shapes: `num_heads`, else the standard ViT size of that width.
     """
@@ -477,7 +555,12 @@ def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[st
             "patch_embed.proj.weight and blocks.* keys (name it with NAME=PATH)"
         )
     dim, in_chans, p = patch.shape[0], patch.shape[1], patch.shape[-1]
+    reg = state.get("reg_token")
+    layer_scale = "blocks.0.ls1.gamma" in state
+    dinov2 = layer_scale or reg is not None
     prefix = 2 if "dist_token" in state else 1
+    if dinov2 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        prefix = 0  # timm's registered DINOv2 layout: the cls position is in cls_token
     grid = math.isqrt(pos.shape[1] - prefix)
     if grid * grid != pos.shape[1] - prefix:
         raise CheckpointError(
@@ -501,8 +584,27 @@ def infer_architecture(state: dict[str, Tensor], num_heads: int = 0) -> tuple[st
         kwargs["qkv_bias"] = False
     if in_chans != 3:
         kwargs["in_chans"] = in_chans
+    if dinov2:
+        return _dinov2_name(dim, reg), kwargs | _dinov2_kwargs(reg, prefix, layer_scale)
     name = name if timm.is_model(name) else "vit_base_patch16_224"
     return (distilled_name(name) if prefix == 2 else name), kwargs
+
+
+def _dinov2_name(dim: int, reg: Tensor | None) -> str:
+    """timm's DINOv2 ViT of width `dim` (base for another width: the kwargs size it)."""
+    return f"vit_{_DINOV2_SIZES.get(dim, 'base')}_patch14_{'' if reg is None else 'reg4_'}dinov2"
+
+
+def _dinov2_kwargs(reg: Tensor | None, prefix: int, layer_scale: bool) -> dict[str, Any]:
+    """What differs from `_dinov2_name`'s defaults (4 registers and no cls position with
+    registers, a cls position without; layer scale)."""
+    registers = 0 if reg is None else reg.shape[1]
+    kwargs: dict[str, Any] = {} if registers in (0, 4) else {"reg_tokens": registers}
+    if (prefix == 0) != (registers > 0):
+        kwargs["no_embed_class"] = prefix == 0
+    if not layer_scale:
+        kwargs["init_values"] = None
+    return kwargs
 
 
 def load_strict(
@@ -658,8 +760,9 @@ class LoadConfig:
     keeps the checkpoint's."""
     pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"
     """How the position embedding is resized (backbone.resample_pos_embed), at load and for
-    inputs of another size. auto: the official formula of the command's protocol (knn: DINO's
-    offset bicubic; import / export: bicubic, as MAE's and DeiT's loaders)."""
+    inputs of another size. auto: an official DINOv2 file's own formula (`official_interp`),
+    else the official formula of the command's protocol (knn: DINO's offset bicubic; import /
+    export: bicubic, as MAE's and DeiT's loaders)."""
     num_heads: int = 0
     """Attention heads; 0 takes them from the checkpoint's JSON or timm name, else from the
     standard ViT size of its width."""
@@ -668,9 +771,12 @@ class LoadConfig:
         """The overrides as load_pretrained's `model` (zero fields keep the checkpoint's)."""
         return ModelConfig(img_size=self.img_size, num_heads=self.num_heads)
 
-    def interp(self, protocol: PosInterp) -> PosInterp:
-        """pos_interp, with `protocol` (the command's official formula) for auto."""
-        return protocol if self.pos_interp == "auto" else self.pos_interp
+    def interp(self, protocol: PosInterp, checkpoint: str | Path) -> PosInterp:
+        """pos_interp; for auto, `checkpoint`'s official formula if its format fixes one, else
+        `protocol` (the command's)."""
+        if self.pos_interp != "auto":
+            return self.pos_interp
+        return official_interp(checkpoint, self.which) or protocol
 
     def errors(self) -> list[str]:
         return field_errors(self, "load", {">= 0": "img_size num_heads"})
@@ -683,7 +789,7 @@ def export_checkpoint(
     what: str = "auto",
     model: ModelConfig | None = None,
     which: str = "teacher",
-    pos_interp: PosInterp = "bicubic",
+    pos_interp: PosInterp | None = None,
 ) -> dict[str, Any]:
     """Write the directory `output` in timm's pretrained layout (`save_timm`: config.json +
     model.safetensors), which `timm.create_model("local-dir:OUTPUT", pretrained=True)` loads.
@@ -727,7 +833,7 @@ def import_checkpoint(
     model: ModelConfig | None = None,
     which: str = "teacher",
     overwrite: bool = False,
-    pos_interp: PosInterp = "bicubic",
+    pos_interp: PosInterp | None = None,
 ) -> dict[str, Any]:
     """Write the backbone of any accepted checkpoint as `output_dir`/backbone/ (timm's pretrained
     layout), so that output_dir is a run-like directory every command takes. Returns what was

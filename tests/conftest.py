@@ -25,16 +25,18 @@ TINY_MODEL = dict(
     name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
 )
 """A 2-block ViT of width 32 on 32 px images, 16 patches of 8 px: a step in milliseconds."""
+TINY_DINO = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=3, local_crop_size=16)
 TINY_METHODS: dict[str, dict[str, Any]] = {
     "mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
-    "dino": dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops=3, local_crop_size=16),
+    "dino": TINY_DINO,
+    "dinov2": dict(TINY_DINO, warmup_teacher_temp_epochs=1),
     "deit": dict(num_classes=10),
     "linprobe": dict(num_classes=10),
     "finetune": dict(deit=DeiTConfig(num_classes=10, repeated_aug=1)),
 }
-"""Each method's (and evaluator's) tiny settings: MAE's decoder; DINO's head and 3 local 16 px
-crops; the classes of DeiT and the evaluators (the synthetic dataset's 10). An evaluator's
-method.checkpoint is the caller's."""
+"""Each method's (and evaluator's) tiny settings: MAE's decoder; DINO's and DINOv2's head and 3
+local 16 px crops (DINOv2: a 1-epoch temperature warmup); the classes of DeiT and the evaluators
+(the synthetic dataset's 10). An evaluator's method.checkpoint is the caller's."""
 
 
 def tiny(

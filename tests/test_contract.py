@@ -47,7 +47,8 @@ def batch_of(cfg, name: str, n: int = 4) -> dict:
 
 
 def test_the_tables():
-    assert list(METHODS) == ["mae", "dino", "deit"] and list(EVALUATORS) == ["linprobe", "finetune"]
+    assert list(METHODS) == ["mae", "dino", "dinov2", "deit"]
+    assert list(EVALUATORS) == ["linprobe", "finetune"]
     for name, spec in TRAINABLE.items():
         assert spec.config.name == name  # the key is the config's name (config.json's method)
 

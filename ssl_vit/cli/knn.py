@@ -71,9 +71,8 @@ def knn(root: KNNRoot, args: Args) -> dict[str, Any]:
     if e:
         raise ConfigError(e)
     load = root.load  # DINO's eval_knn.py: its interpolate_pos_encoding at another size
-    backbone = load_pretrained(
-        checkpoint, model=load.model(), which=load.which, pos_interp=load.interp("offset")
-    )
+    interp = load.interp("offset", checkpoint)
+    backbone = load_pretrained(checkpoint, model=load.model(), which=load.which, pos_interp=interp)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     img_size = root.knn.img_size or backbone.grid_size[0] * backbone.patch_size

@@ -63,7 +63,7 @@ def checked(root: ExportRoot | ImportRoot, args: Args, output: str, what: str) -
 def export(root: ExportRoot, args: Args) -> dict[str, Any]:
     o, load = root.output, root.load
     checkpoint = checked(root, args, o.dir, "--output.dir: required (the directory to write)")
-    kw = dict(model=load.model(), which=load.which, pos_interp=load.interp("bicubic"))
+    kw = dict(model=load.model(), which=load.which, pos_interp=load.interp("bicubic", checkpoint))
     return export_checkpoint(checkpoint, o.dir, what=o.what, **kw)
 
 
@@ -72,7 +72,7 @@ def import_(root: ImportRoot, args: Args) -> dict[str, Any]:
     checkpoint = checked(
         root, args, o.dir, "--output.dir: required (the directory to write the backbone to)"
     )
-    kw = dict(model=load.model(), which=load.which, pos_interp=load.interp("bicubic"))
+    kw = dict(model=load.model(), which=load.which, pos_interp=load.interp("bicubic", checkpoint))
     return import_checkpoint(checkpoint, o.dir, overwrite=o.overwrite, **kw)
 
 

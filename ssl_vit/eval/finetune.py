@@ -48,7 +48,8 @@ class FineTuneConfig:
     """Network of a DINO training checkpoint whose backbone is fine-tuned."""
     pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"
     """Position-embedding resizing when model.img_size is not the checkpoint's
-    (backbone.resample_pos_embed); auto: bicubic, MAE's and DeiT's."""
+    (backbone.resample_pos_embed); auto: an official DINOv2 file's own (weights.official_interp),
+    else bicubic, MAE's and DeiT's."""
     global_pool: Literal["auto", "avg", "token"] = "auto"
     """avg: mean of the patch tokens through a fresh fc_norm, the final norm dropped (MAE); token:
     the cls token after the final norm, and a distilled backbone's distillation token to a second

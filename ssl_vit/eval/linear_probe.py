@@ -45,7 +45,8 @@ class LinearProbeConfig:
     """Network of a DINO training checkpoint whose backbone is probed."""
     pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"
     """Position-embedding resizing when model.img_size is not the checkpoint's
-    (backbone.resample_pos_embed); auto: the protocol's (mae: bicubic, dino: offset)."""
+    (backbone.resample_pos_embed); auto: an official DINOv2 file's own (weights.official_interp),
+    else the protocol's (mae: bicubic, dino: offset)."""
     protocol: Literal["mae", "dino"] = "mae"
     """Whose features 'auto' reads (`ssl-vit linprobe --protocol` also sets its optimisation)."""
     pool: Literal["auto", "cls", "avgpool", "cls_avgpool"] = "auto"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ssl_vit.backbone import Backbone, PosInterp
 from ssl_vit.config import Config, ConfigError, ModelConfig
 from ssl_vit.eval.linear_probe import LinearProbeConfig, probe_features
-from ssl_vit.weights import load_pretrained
+from ssl_vit.weights import load_pretrained, official_interp
 
 FROM_CHECKPOINT = """
 model.name, model.img_size and model.patch_size default to the checkpoint's own (a different
@@ -16,12 +16,15 @@ img_size resamples the position embedding by method.pos_interp); num_classes 0
 
 def protocol_interp(cfg: Config) -> PosInterp:
     """How the evaluator resizes the checkpoint's position embedding: method.pos_interp, or for
-    auto the official formula of the protocol it runs: MAE's linear probe and fine-tuning
+    auto an official DINOv2 file's own formula (weights.official_interp), else the official
+    formula of the protocol it runs: MAE's linear probe and fine-tuning
     (util/pos_embed.interpolate_pos_embed; DeiT's main.py, for distilled checkpoints) bicubic
     without antialiasing; DINO's linear probe its interpolate_pos_encoding ('offset')."""
     m = cfg.method
     if m.pos_interp != "auto":
         return m.pos_interp
+    if official := official_interp(m.checkpoint, m.which):
+        return official
     return "offset" if isinstance(m, LinearProbeConfig) and m.protocol == "dino" else "bicubic"
 
 

@@ -129,6 +129,18 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
+def cross_view_ce(student: Tensor, q: Tensor, student_temp: float) -> Tensor:
+    """Student logits (n_crops * B, K) and teacher probabilities q (2 * B, K), both crop-major ->
+    the mean of CE(q_i, softmax(s_v / student_temp)) over the 2 (n_crops - 1) pairs of views
+    v != i: DINO's loss, and DINOv2's on the cls tokens."""
+    n_crops = student.shape[0] // (q.shape[0] // 2)
+    log_s = F.log_softmax(student.float() / student_temp, dim=-1).chunk(n_crops)
+    # sum over views v != i of CE(q_i, s_v) = -q_i . (sum_v log s_v - log s_i)
+    log_s_sum = torch.stack(log_s).sum(0)
+    loss = sum(-(q_i * (log_s_sum - log_s[i])).sum(-1).mean() for i, q_i in enumerate(q.chunk(2)))
+    return loss / (2 * (n_crops - 1))
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between teacher and student over all pairs of different views, with the
     center (a buffer, so checkpoints hold it) updated after each call."""
@@ -145,17 +157,9 @@ class DINOLoss(nn.Module):
         probability and batch-mean max probability, the center's norm (before this update), and
         KL(teacher || student) averaged over the same pairs as the loss (= loss - entropy).
         """
-        n_crops = student.shape[0] // (teacher.shape[0] // 2)
-        log_s = F.log_softmax(student.float() / self.student_temp, dim=-1).chunk(n_crops)
-        t_logits = (teacher.float() - self.center) / teacher_temp
-        log_q = F.log_softmax(t_logits, dim=-1)
+        log_q = F.log_softmax((teacher.float() - self.center) / teacher_temp, dim=-1)
         q = log_q.exp()
-        # sum over views v != i of CE(q_i, s_v) = -q_i . (sum_v log s_v - log s_i)
-        log_s_sum = torch.stack(log_s).sum(0)
-        loss = sum(
-            -(q_i * (log_s_sum - log_s[i])).sum(-1).mean() for i, q_i in enumerate(q.chunk(2))
-        )
-        loss = loss / (2 * (n_crops - 1))
+        loss = cross_view_ce(student, q, self.student_temp)
         with torch.no_grad():
             entropy = -(q * log_q).sum(-1).mean()
             stats = {

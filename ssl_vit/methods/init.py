@@ -28,8 +28,9 @@ def init_backbone(target: Backbone, checkpoint: str, which: str = "teacher") -> 
     `target`, built for target's grid.
 
     The one place where continued pretraining chooses how a checkpoint's position embedding
-    reaches the run's grid: `load_pretrained`'s resampling (bicubic, timm's checkpoint_filter_fn);
-    MAE then puts back its fixed sin-cos (MAE.init_from)."""
+    reaches the run's grid: `load_pretrained`'s resampling (an official DINOv2 file's own formula,
+    else bicubic; timm's checkpoint_filter_fn); MAE then puts back its fixed sin-cos
+    (MAE.init_from)."""
     size = target.grid_size[0] * target.patch_size
     source = load_pretrained(
         checkpoint, model=ModelConfig(img_size=size, num_heads=target.num_heads), which=which
