@@ -15,9 +15,9 @@ DINO's collapse warning computes it), teacher temperature 0.04, student 0.1, cen
 AdamW, lr 2e-3 x batch/256 (5e-4 at batch 64) with 10 warmup epochs then cosine to 1e-6, weight
 decay 0.04 -> 0.4, each parameter's gradient clipped to 3, no drop path; 2 global crops of 32 px
 (scale 0.25-1) + 4 local crops of 16 px (0.05-0.4), no flip. 100 epochs; k-NN every 10.
-docs/fidelity.md runs a short version on scikit-learn's digits (the learning check): 264 steps
-gained 4 k-NN points over a random backbone where MAE's 880 gained 35, its teacher drifting to
-uniform; DINO needs many more epochs.
+docs/fidelity.md runs it on scikit-learn's digits (the learning check), 880 steps with no local
+crops (a 16 px crop of an 8 x 8 digit shows a few of its pixels), global crops of scale 0.5-1 and
+teacher temperature 0.02: k-NN +30 and linear probe +30 points over a random backbone.
 """
 
 import sys
