@@ -597,6 +597,27 @@ def test_config_errors_name_their_fields():
 # Training and resume
 
 
+@pytest.mark.parametrize("recipe", ["dinov2_vits14", "dinov2_vitb14"])
+@pytest.mark.parametrize("registers", [False, True])
+def test_recipes_validate_and_build_on_the_meta_device(recipe, registers):
+    """Each DINOv2 recipe, plain and with 4 registers: a valid config whose timm model is a
+    patch-14 ViT at 224 px (16 x 16 patches) with 1 or 1 + 4 prefix tokens."""
+    import importlib.util
+
+    from ssl_vit.flops import vit_dims
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
+    spec = importlib.util.spec_from_file_location(recipe, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = validate(module.config(registers=registers))
+    assert cfg.method.name == "dinov2" and cfg.model.name.endswith("_dinov2")
+    d = vit_dims(cfg.model.name, **cfg.model.timm_kwargs())
+    assert (d.patch_size, cfg.model.img_size // d.patch_size) == (14, 16)
+    assert d.num_prefix == (5 if registers else 1)
+    assert d.embed_dim == {"dinov2_vits14": 384, "dinov2_vitb14": 768}[recipe]
+
+
 def test_tiny_run_trains_with_sane_teacher_and_frozen_last_layers(tmp_path):
     run = tmp_path / "run"
     cfg = tiny(run, epochs=2, save_every_epochs=1, keep_last=10)
