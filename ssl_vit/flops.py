@@ -31,6 +31,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssl_vit.methods.dinov2 import mask_upperbound
+
 FULL_TOKEN_CLASSES = 1000
 """Classes of the full-token baseline's linear head (ImageNet-1k)."""
 
@@ -73,7 +75,8 @@ def mfu(flops_per_img: float, img_per_s: float, peak_tflops: float | None) -> fl
 
 
 # ---------------------------------------------------------------------------------------------
-# Analytic counts. All per image (one sample and all its crops); every count is linear in batch.
+# Analytic counts. All per image (one sample and all its crops); every count is linear in batch
+# but DINOv2's, whose padded masked rows are a step function of it.
 
 
 @dataclass(frozen=True)
@@ -143,17 +146,17 @@ def vit_forward(d: ViTDims, img_size: int, *, keep: int | None = None) -> int:
 class StepFlops:
     """Forward FLOPs per image of one training step, split by whether the part is trained."""
 
-    trained: int
+    trained: float
     """Forward of the parts that get gradients (counted 3 x in the step)."""
-    frozen: int = 0
+    frozen: float = 0
     """Forward-only parts: a teacher (counted 1 x)."""
 
     @property
-    def forward(self) -> int:
+    def forward(self) -> float:
         return self.trained + self.frozen
 
     @property
-    def train(self) -> int:
+    def train(self) -> float:
         """Training-step FLOPs per image: forward + backward (2 x) of the trained parts, plus the
         frozen forward."""
         return 3 * self.trained + self.frozen
@@ -190,6 +193,28 @@ def dino_flops(d: ViTDims, img_size: int, cfg: Any) -> StepFlops:
     return StepFlops(trained=globals_ + locals_, frozen=globals_)
 
 
+def dinov2_flops(d: ViTDims, img_size: int, cfg: Any, batch_size: int) -> StepFlops:
+    """DINOv2 (cfg: DINOv2Config) at `batch_size` images a step (per process): the student on 2
+    globals at img_size (every patch: a masked one runs as the mask token) and the local crops;
+    the EMA teacher's forward on the 2 globals; the DINO head on the cls token of every student
+    crop and of the teacher's 2 globals; the patch head (the DINO head, or the separate iBOT
+    head) of student and teacher on the masked-patch rows padded to
+    `mask_upperbound(2 x batch_size, ...)`: what runs whatever the draw masks (padded rows run,
+    then weigh 0), hence batch_size is needed and the count per image is a fraction. KoLeo's
+    (B, D) @ (D, B) nearest-neighbour matmul per global crop (4 B D per image) is left out:
+    under 1e-5 of a ViT step."""
+    patches = (img_size // d.patch_size) ** 2
+    ratio, p = cfg.mask_ratio_min_max, cfg.mask_sample_probability
+    rows = mask_upperbound(2 * batch_size, patches, ratio, p) / batch_size
+    patch_head = dino_head_forward(
+        d.embed_dim, cfg.head("ibot" if cfg.ibot_separate_head else "dino")
+    )
+    cls_head = dino_head_forward(d.embed_dim, cfg)
+    globals_ = 2 * (vit_forward(d, img_size) + cls_head) + rows * patch_head
+    locals_ = cfg.local_crops * (vit_forward(d, cfg.local_crop_size) + cls_head)
+    return StepFlops(trained=globals_ + locals_, frozen=globals_)
+
+
 def deit_flops(d: ViTDims, img_size: int, cfg: Any, teacher_forward: int = 0) -> StepFlops:
     """DeiT (cfg: DeiTConfig): the student on all patches and its head(s); `d` are the dims of
     the student's backbone as built, whose prefix holds the distillation token when distilling
@@ -206,18 +231,22 @@ def full_token_flops(d: ViTDims, img_size: int, num_classes: int = FULL_TOKEN_CL
     return StepFlops(vit_forward(d, img_size) + linear(1, d.embed_dim, num_classes))
 
 
-METHOD_FLOPS = {"mae": mae_flops, "dino": dino_flops, "deit": deit_flops}
+METHOD_FLOPS = {"mae": mae_flops, "dino": dino_flops, "dinov2": dinov2_flops, "deit": deit_flops}
 """Method name -> its analytic count; other methods (the evaluators) have none."""
 
 
 def step_flops(
-    d: ViTDims, img_size: int, method_cfg: Any, teacher_forward: int = 0
+    d: ViTDims, img_size: int, method_cfg: Any, teacher_forward: int = 0, batch_size: int = 1
 ) -> StepFlops | None:
-    """The method's step FLOPs for a backbone of dims `d` at `img_size`; None if uncounted."""
+    """The method's step FLOPs for a backbone of dims `d` at `img_size`; None if uncounted.
+    `teacher_forward`: DeiT's teacher (see deit_flops); `batch_size`: DINOv2's padded rows."""
     count = METHOD_FLOPS.get(method_cfg.name)
     if count is None:
         return None
-    extra = {"teacher_forward": teacher_forward} if method_cfg.name == "deit" else {}
+    extra = {
+        "deit": {"teacher_forward": teacher_forward},
+        "dinov2": {"batch_size": batch_size},
+    }.get(method_cfg.name, {})
     return count(d, img_size, method_cfg, **extra)
 
 

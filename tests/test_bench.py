@@ -141,6 +141,17 @@ def test_bench_runs_dino_with_multi_crop_batches(capsys):
     assert 1 < m["loss"] < 10 and m["full_token_step_time_s"] is None
 
 
+def test_bench_runs_dinov2_and_counts_its_flops(capsys):
+    from bench import PHASES, configure
+
+    assert main([*DINOV2_TINY, "--bench.baseline", "false"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["method"] == "dinov2" and math.isfinite(m["loss"])
+    root = configure(DINOV2_TINY)
+    count = PHASES["method"].count(root, PHASES["method"].build(root))
+    assert m["flops_per_img"] == pytest.approx(count.train) and count.train > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs: the analytic count against FlopCounterMode, the reference anchors, MFU arithmetic.
 
@@ -152,9 +163,17 @@ DEIT_TINY = [
     "--bench.batch_size", "2", "--bench.device", "cpu",
 ]  # fmt: skip
 DISTILLED = ["--method.distillation", "hard", "--method.teacher_img_size", "48"]
+DINOV2_TINY = [
+    "--method", "dinov2", *DINO_TINY[2:], "--bench.batch_size", "3",
+    "--method.local_crops", "2", "--method.mask_sample_probability", "1",
+]  # fmt: skip
+SEPARATE_IBOT = ["--method.ibot_separate_head", "true", "--method.ibot_out_dim", "48"]
+SEPARATE_IBOT += ["--method.ibot_hidden_dim", "24", "--method.ibot_bottleneck_dim", "8"]
 FLOP_CASES = {
     "mae": TINY,
     "dino": DINO_TINY,
+    "dinov2": DINOV2_TINY,
+    "dinov2_ibot_head": DINOV2_TINY + SEPARATE_IBOT,
     "deit": DEIT_TINY,
     "deit_distilled": DEIT_TINY + DISTILLED,
 }
@@ -184,18 +203,42 @@ def built(argv: list[str], phase: str = "method"):
     return root, module, PHASES[phase].count(root, module), batch
 
 
+def koleo_flops(case: str, root) -> int:
+    """What the analytic count leaves out: DINOv2's KoLeo similarity matmul, (B, D) @ (D, B) per
+    global crop, forward only (its nearest neighbours are found without gradient)."""
+    b, d = root.bench.batch_size, root.model.embed_dim
+    return 2 * 2 * b * d * b if case.startswith("dinov2") else 0
+
+
 @pytest.mark.parametrize("case", [*FLOP_CASES, "full_token"])
 def test_analytic_forward_flops_equal_flop_counter_mode(case):
     """Exact equality: both count 2 FLOPs per multiply-add of the same convolution, linear and
     SDPA calls and nothing else (norms, softmax, GELU, losses, Mixup are uncounted by both), so
     any difference is a missed or extra matmul; the teacher's share is FlopCounterMode's own
-    count of one image (DeiT), the rest analytic."""
+    count of one image (DeiT), the rest analytic; DINOv2's heads on the padded masked rows
+    (whatever the draw: its seed) plus the KoLeo matmul the count leaves out."""
     argv = FLOP_CASES.get(case, TINY)
     root, module, count, batch = built(argv, "full_token" if case == "full_token" else "method")
     b = root.bench.batch_size
     with torch.no_grad():
-        assert counted_step(module, batch, backward=False) == b * count.forward
-    assert (count.frozen > 0) == (case in ("dino", "deit_distilled"))
+        counted = counted_step(module, batch, backward=False)
+    assert counted == pytest.approx(b * count.forward + koleo_flops(case, root), rel=1e-12)
+    assert (count.frozen > 0) == (case in ("dino", "dinov2", "dinov2_ibot_head", "deit_distilled"))
+
+
+def test_dinov2_flops_count_the_padded_rows_of_each_head():
+    """2 x 3 global crops on 4 x 4 grids, all masked (probability 1), in 6 bins of 0.1-0.5: the
+    rows padded to int(16 x 1/6 ...) = 2 + 3 + 4 + 5 + 6 + 8 = 28, run by the student's and the
+    teacher's patch head; a separate iBOT head changes the count by that much."""
+    from ssl_vit import flops
+
+    root, _, shared, _ = built(DINOV2_TINY)
+    _, _, separate, _ = built(DINOV2_TINY + SEPARATE_IBOT)
+    m, d = root.method, root.model.embed_dim
+    ibot = flops.linear(1, d, 24) + flops.linear(1, 24, 24) + flops.linear(1, 24, 8)
+    ibot += flops.linear(1, 8, 48)
+    dino = flops.dino_head_forward(d, m)
+    assert separate.forward - shared.forward == pytest.approx(2 * 28 / 3 * (ibot - dino))
 
 
 @pytest.mark.parametrize("case", FLOP_CASES)
@@ -208,10 +251,11 @@ def test_training_step_flops_are_3x_trained_forward_plus_frozen(case):
 
     root, module, count, batch = built(FLOP_CASES[case])
     d, img, m = flops.ViTDims.of(module.backbone), root.model.img_size, root.method
-    sizes = [img] * 2 + [m.local_crop_size] * m.local_crops if case == "dino" else [img]
+    multi_crop = case.startswith("dino")
+    sizes = [img] * 2 + [m.local_crop_size] * m.local_crops if multi_crop else [img]
     embed = sum(flops.patch_embed_forward(d, s) for s in sizes)
-    expected = count.train - embed
-    assert counted_step(module, batch, backward=True) == root.bench.batch_size * expected
+    expected = root.bench.batch_size * (count.train - embed) + koleo_flops(case, root)
+    assert counted_step(module, batch, backward=True) == pytest.approx(expected, rel=1e-12)
 
 
 def test_the_flop_oracle_counts_attention_by_hand():

@@ -31,6 +31,7 @@ from ssl_vit.methods.dinov2 import (
     block_mask,
     ibot_patch_loss,
     koleo_loss,
+    mask_upperbound,
     sinkhorn_knopp,
 )
 from ssl_vit.optim import warmup_cosine
@@ -288,17 +289,19 @@ def random_masks(b: int, n: int, g: torch.Generator) -> torch.Tensor:
 
 def test_ibot_patch_loss_matches_the_official_forward_masked():
     """Per-image weight 1 / n_masked, summed over the masked patches, over all B images (the
-    unmasked count), x loss_scales 2 x ibot_loss_scale 1/2 as ssl_meta_arch scales it."""
+    unmasked count), x loss_scales 2 x ibot_loss_scale 1/2 as ssl_meta_arch scales it; rows of
+    padding (weight 0) change nothing."""
     g = torch.Generator().manual_seed(0)
     masks = random_masks(8, 16, g)
-    m, k = int(masks.sum()), 32
-    student = torch.randn(m, k, generator=g)
-    q = torch.softmax(torch.randn(m, k, generator=g) / 0.07, dim=-1)
+    m, k, pad = int(masks.sum()), 32, 5
+    student = torch.randn(m + pad, k, generator=g)
+    q = torch.softmax(torch.randn(m + pad, k, generator=g) / 0.07, dim=-1)
+    weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
     want = official_forward_masked(student, q, masks, n_masked_patches=m) * 2 * (1 / 2)
-    got = ibot_patch_loss(student, q, masks, 0.1)
+    got = ibot_patch_loss(student, q, F.pad(weight, (0, pad)), 8, 0.1)
     assert got.item() == pytest.approx(want.item(), rel=LOSS_RTOL)
     # the weighting matters here: the plain mean over masked patches differs
-    plain = -(q * F.log_softmax(student / 0.1, -1)).sum(-1).mean()
+    plain = -(q[:m] * F.log_softmax(student[:m] / 0.1, -1)).sum(-1).mean()
     assert abs(plain.item() - want.item()) > 0.1
 
 
@@ -323,6 +326,22 @@ def test_sinkhorn_knopp_matches_the_official_teachers():
     n = torch.tensor([12])
     torch.testing.assert_close(got, official_sinkhorn_knopp_teacher(logits.clone(), 0.07, B=n))
     torch.testing.assert_close(got.sum(-1), torch.ones(12), **ROUNDING)
+
+
+def test_sinkhorn_knopp_leaves_the_padding_out():
+    """Rows padded to the upper bound (valid False), however large their logits: the valid rows'
+    targets are those of the official iBOT Sinkhorn-Knopp on them alone (B = n_masked_patches),
+    the padded rows 0; with no valid row at all, zeros rather than NaN."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 32, generator=g)
+    padded = torch.cat([logits, 50 + torch.randn(5, 32, generator=g)])
+    valid = torch.arange(17) < 12
+    got = sinkhorn_knopp(padded, torch.tensor(0.07), valid)
+    want = official_sinkhorn_knopp_teacher(logits.clone(), 0.07, B=torch.tensor([12]))
+    torch.testing.assert_close(got[:12], want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[12:], torch.zeros(5, 32))
+    none = sinkhorn_knopp(padded, torch.tensor(0.07), torch.zeros(17, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(17, 32))
 
 
 def test_cls_loss_matches_the_official_crop_swapped_assembly():
@@ -382,6 +401,35 @@ def test_training_step_loss_is_the_official_sum_of_its_terms(monkeypatch):
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+def test_padding_to_the_upper_bound_changes_no_loss_gradient_or_center(centering, monkeypatch):
+    """The step with its masked rows padded to mask_upperbound (21 rows here for 16 masked) and
+    the same step padded to nothing (bound = the draw's own count, as before the padding): the
+    same losses, gradients and iBOT center, to float rounding."""
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+    crops += [torch.randn(4, 3, 16, 16, generator=g) for _ in range(3)]
+    masks = random_masks(8, 16, g)
+    monkeypatch.setattr(dinov2_module, "batch_masks", lambda *a: masks)
+    assert mask_upperbound(8, 16, (0.1, 0.5), 0.5) == 21 > int(masks.sum())
+    runs = []
+    for bound in (mask_upperbound, lambda *a: int(masks.sum())):
+        monkeypatch.setattr(dinov2_module, "mask_upperbound", bound)
+        dino = make(centering=centering)
+        dino.set_schedule(16, 4)
+        out = dino.training_step({"crops": crops})
+        out["loss"].backward()
+        grads = {k: p.grad for k, p in dino.named_parameters() if p.grad is not None}
+        runs.append((out, grads, dino.ibot_center.center.clone()))
+    (padded, grads, center), (unpadded, grads_unpadded, center_unpadded) = runs
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+        assert padded[key].item() == pytest.approx(unpadded[key].item(), rel=1e-6, abs=1e-7)
+    assert grads.keys() == grads_unpadded.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_unpadded[k], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(center, center_unpadded, rtol=1e-6, atol=1e-8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Masks
 
@@ -436,7 +484,7 @@ def test_batch_masks_statistics_match_the_official_collate():
         counts = masks.sum(-1)
         assert (counts > 0).sum() <= 8 and counts.max() <= 128
         want, upperbound = official_collate_masks(n, (0.1, 0.5), 0.5, 256, official)
-        assert counts.sum() <= upperbound
+        assert counts.sum() <= upperbound == mask_upperbound(n, 256, (0.1, 0.5), 0.5)
         ours.append(counts.sort().values), theirs.append(want.sum(-1).sort().values)
     ours, theirs = torch.stack(ours).float(), torch.stack(theirs).float()
     # the k-th smallest count of a batch: the bin structure (means 0 for the 8 unmasked rows,
@@ -547,6 +595,27 @@ def test_config_errors_name_their_fields():
 
 # ---------------------------------------------------------------------------------------------
 # Training and resume
+
+
+@pytest.mark.parametrize("recipe", ["dinov2_vits14", "dinov2_vitb14"])
+@pytest.mark.parametrize("registers", [False, True])
+def test_recipes_validate_and_build_on_the_meta_device(recipe, registers):
+    """Each DINOv2 recipe, plain and with 4 registers: a valid config whose timm model is a
+    patch-14 ViT at 224 px (16 x 16 patches) with 1 or 1 + 4 prefix tokens."""
+    import importlib.util
+
+    from ssl_vit.flops import vit_dims
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
+    spec = importlib.util.spec_from_file_location(recipe, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = validate(module.config(registers=registers))
+    assert cfg.method.name == "dinov2" and cfg.model.name.endswith("_dinov2")
+    d = vit_dims(cfg.model.name, **cfg.model.timm_kwargs())
+    assert (d.patch_size, cfg.model.img_size // d.patch_size) == (14, 16)
+    assert d.num_prefix == (5 if registers else 1)
+    assert d.embed_dim == {"dinov2_vits14": 384, "dinov2_vitb14": 768}[recipe]
 
 
 def test_tiny_run_trains_with_sane_teacher_and_frozen_last_layers(tmp_path):

@@ -207,7 +207,8 @@ def method_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:
     if root.method.name == "deit" and teacher is not None:
         size = root.method.teacher_img_size or root.model.img_size
         teacher_flops = flops.counted_forward_flops(teacher, (1, dims.in_chans, size, size))
-    return flops.step_flops(dims, root.model.img_size, root.method, teacher_flops)
+    b = root.bench.batch_size
+    return flops.step_flops(dims, root.model.img_size, root.method, teacher_flops, b)
 
 
 def full_token_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:

@@ -15,7 +15,10 @@ Masks are drawn here, in the training process, from torch's global CPU generator
 collate draws them in the loader workers with Python's `random`): the generator's state is part of
 every checkpoint, so a resumed run draws the same masks; the CPU keeps the device free of the
 block sampler's small sequential loop, and the masked positions travel with the batch to the device
-(non-blocking), so no step waits on the host.
+(non-blocking), so no step waits on the host. The masked patches' rows are padded to the
+official collate's `upperbound` (a function of the batch, grid and mask config, not of the draw),
+weight 0 in the iBOT loss and left out of Sinkhorn-Knopp and the center: every step has the same
+shapes, so torch.compile builds one graph (the draw, first in the step, its only graph break).
 """
 
 from __future__ import annotations
@@ -162,6 +165,21 @@ def block_mask(h: int, w: int, n_masked: int) -> np.ndarray:
     return mask
 
 
+def mask_bins(n_images: int, ratio: tuple[float, float], probability: float) -> list[float]:
+    """The edges of the int(n_images x probability) equal bins of `ratio` (the official collate's
+    torch.linspace, float32)."""
+    return torch.linspace(*ratio, int(n_images * probability) + 1).tolist()
+
+
+def mask_upperbound(
+    n_images: int, n_patches: int, ratio: tuple[float, float], probability: float
+) -> int:
+    """The most patches batch_masks can mask in n_images crops of n_patches: the sum over its bins
+    of int(n_patches x the bin's upper edge) (the official collate's `upperbound`). A function of
+    the shapes and config only: the iBOT rows padded to it have one shape every step."""
+    return sum(int(n_patches * e) for e in mask_bins(n_images, ratio, probability)[1:])
+
+
 @torch.compiler.disable
 def batch_masks(
     n_images: int, grid: tuple[int, int], ratio: tuple[float, float], probability: float
@@ -170,8 +188,8 @@ def batch_masks(
     a share drawn in the i-th of as many equal bins of `ratio`, the rest unmasked, in a random
     order (the official collate_data_and_cast). From torch's global CPU generator."""
     h, w = grid
-    n = int(n_images * probability)
-    edges = torch.linspace(*ratio, n + 1).tolist()
+    edges = mask_bins(n_images, ratio, probability)
+    n = len(edges) - 1
     u = torch.rand(n, dtype=torch.float64).tolist()
     counts = [int(h * w * (edges[i] + (edges[i + 1] - edges[i]) * u[i])) for i in range(n)]
     masks = [block_mask(h, w, c) for c in counts + [0] * (n_images - n)]
@@ -179,18 +197,38 @@ def batch_masks(
     return torch.from_numpy(np.stack([masks[i] for i in order]).reshape(n_images, h * w))
 
 
+@torch.compiler.disable
+def ibot_masks(
+    n_images: int, grid: tuple[int, int], ratio: tuple[float, float], probability: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """On the host, before the compiled graph: masks (B, N) bool from batch_masks, the flat
+    indices (U,) of their masked patches (row-major) and each one's iBOT weight (U,), 1 / its
+    image's masked count (the official mask_indices_list and masks_weight), both padded to
+    U = mask_upperbound with index 0 and weight 0, as ssl_meta_arch pads its head inputs to
+    `upperbound`: static shapes, so one graph serves every draw."""
+    masks = batch_masks(n_images, grid, ratio, probability)
+    upperbound = mask_upperbound(n_images, masks.shape[1], ratio, probability)
+    index = masks.flatten().nonzero().squeeze(1)
+    if len(index) > upperbound:
+        raise ValueError(f"{len(index)} masked patches exceed the upper bound {upperbound}")
+    weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+    pad = (0, upperbound - len(index))
+    return masks, F.pad(index, pad), F.pad(weight, pad)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 
 
-def ibot_patch_loss(student: Tensor, q: Tensor, masks: Tensor, student_temp: float) -> Tensor:
-    """Student logits (M, K) and teacher probabilities q (M, K) of the M masked patches of masks
-    (B, N) bool, in its row-major order -> sum of CE(q, softmax(s / T)) weighted by 1 / the
-    patch's image's masked count, over B (iBOTPatchLoss.forward_masked): each image weighs the
-    same however many patches it masks; unmasked images count in B."""
-    weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+def ibot_patch_loss(
+    student: Tensor, q: Tensor, weight: Tensor, n_images: int, student_temp: float
+) -> Tensor:
+    """Student logits (U, K), teacher probabilities q (U, K) and weights (U,) of the masked
+    patches (ibot_masks: 1 / the image's masked count, 0 on the padding) -> sum of weight x
+    CE(q, softmax(s / T)) / B, B the images (iBOTPatchLoss.forward_masked): each image weighs
+    the same however many patches it masks; unmasked images count in B."""
     ce = -(q * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)
-    return (ce * weight).sum() / masks.shape[0]
+    return (ce * weight).sum() / n_images
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -212,19 +250,24 @@ def all_sum(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher: Tensor, temp: Tensor, n_iterations: int = 3) -> Tensor:
+def sinkhorn_knopp(
+    teacher: Tensor, temp: Tensor, valid: Tensor | None = None, n_iterations: int = 3
+) -> Tensor:
     """Teacher logits (B, K) -> (B, K) targets, each row a distribution, the prototypes used
     about equally across the global batch: exp(t / temp) alternately normalised over prototypes
     (to 1/K each) and samples (to 1/B each), B counting every process's rows (the official
-    sinkhorn_knopp_teacher of DINOLoss and iBOTPatchLoss)."""
-    q = torch.exp(teacher.float() / temp).t()  # (K, B)
+    sinkhorn_knopp_teacher of DINOLoss and iBOTPatchLoss). `valid` (B,) bool: the rows that count
+    (iBOT's padding False); the others stay out of every sum and of B (the official
+    n_masked_patches_tensor) and come back 0."""
+    valid = torch.ones_like(teacher[:, 0], dtype=torch.bool) if valid is None else valid
+    q = torch.where(valid[:, None], torch.exp(teacher.float() / temp), 0).t()  # (K, B)
     k = q.shape[0]
-    b = all_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    b = all_sum(valid.sum().float())
     q /= all_sum(q.sum())
     for _ in range(n_iterations):
         q /= all_sum(q.sum(dim=1, keepdim=True)) * k
-        q /= q.sum(dim=0, keepdim=True) * b
-    return (q * b).t()
+        q /= torch.where(valid, q.sum(dim=0, keepdim=True), 1) * b  # padded columns stay 0
+    return torch.where(valid[:, None], (q * b).t(), 0)  # no masked row anywhere: 0, not NaN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,33 +366,47 @@ class DINOv2(nn.Module, Method):
             group["params"].append(p)
         return list(groups.values())
 
-    def teacher_targets(self, logits: Tensor, center: DINOLoss) -> Tensor:
+    def teacher_targets(
+        self, logits: Tensor, center: DINOLoss, valid: Tensor | None = None
+    ) -> Tensor:
         """Teacher head outputs (M, K) -> target probabilities: Sinkhorn-Knopp, or DINO's
-        centred, sharpened softmax (the center then updated with these outputs)."""
+        centred, sharpened softmax (the center then updated with these outputs). `valid` (M,)
+        bool: the iBOT rows that are not padding; the center moves by their mean in this
+        process, averaged over the processes (the official iBOTPatchLoss.update_center)."""
         if self.cfg.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, self.teacher_temp)
+            return sinkhorn_knopp(logits, self.teacher_temp, valid)
         q = F.softmax((logits.float() - center.center) / self.teacher_temp, dim=-1)
-        center.update_center(logits)
+        if valid is None:
+            center.update_center(logits)
+        else:
+            rows = torch.where(valid[:, None], logits.float(), 0).sum(0, keepdim=True)
+            center.update_center(rows / valid.sum().clamp(min=1))
         return q
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """batch["crops"]: 2 global (B, C, H, W) then N local (B, C, h, w) crops."""
         c, crops = self.cfg, batch["crops"]
+        n, grid = (
+            2 * len(crops[0]),
+            self.backbone.patch_embed.dynamic_feat_size(crops[0].shape[-2:]),
+        )
+        # first, before any tensor op: the host draw is the compiled step's only graph break
+        masks, index, weight = ibot_masks(n, grid, c.mask_ratio_min_max, c.mask_sample_probability)
         globals_ = torch.cat(crops[:2])
-        grid = self.backbone.patch_embed.dynamic_feat_size(globals_.shape[-2:])
-        masks = batch_masks(len(globals_), grid, c.mask_ratio_min_max, c.mask_sample_probability)
-        where = masks.flatten().nonzero().squeeze(1).to(globals_.device, non_blocking=True)
-        masks = masks.to(globals_.device, non_blocking=True)
+        masks, index, weight = (
+            t.to(globals_.device, non_blocking=True) for t in (masks, index, weight)
+        )
+        valid = weight > 0
 
-        def masked(out: Any) -> Tensor:  # (M, D): the masked patches' tokens, row-major
-            return out.tokens[:, out.num_prefix :].flatten(0, 1).index_select(0, where)
+        def masked(out: Any) -> Tensor:  # (U, D): the masked patches' tokens, row-major, padded
+            return out.tokens[:, out.num_prefix :].flatten(0, 1).index_select(0, index)
 
         with torch.no_grad():
             out = self.teacher.backbone(globals_)
             t_cls = self.teacher.dino_head(out.tokens[:, 0])
             t_patch = self.patch_head(self.teacher)(masked(out))
             q_cls = self.teacher_targets(t_cls, self.dino_center)
-            q_patch = self.teacher_targets(t_patch, self.ibot_center)
+            q_patch = self.teacher_targets(t_patch, self.ibot_center, valid)
 
         out = self.backbone(globals_, mask=masks, mask_token=self.mask_token)
         cls = out.tokens[:, 0]
@@ -359,7 +416,7 @@ class DINOv2(nn.Module, Method):
         # teacher crop i against every student crop but i: the official crop-swapped global pairs
         # and every local crop against both globals, over 2 + 2 N terms
         dino = cross_view_ce(s_cls, q_cls, c.student_temp)
-        ibot = ibot_patch_loss(s_patch, q_patch, masks, c.student_temp)
+        ibot = ibot_patch_loss(s_patch, q_patch, weight, n, c.student_temp)
         koleo = sum(koleo_loss(x) for x in cls.chunk(2))
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
         with torch.no_grad():
