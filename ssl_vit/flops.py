@@ -31,8 +31,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_vit.methods.dinov2 import mask_upperbound
-
 FULL_TOKEN_CLASSES = 1000
 """Classes of the full-token baseline's linear head (ImageNet-1k)."""
 
@@ -199,13 +197,12 @@ def dinov2_flops(d: ViTDims, img_size: int, cfg: Any, batch_size: int) -> StepFl
     the EMA teacher's forward on the 2 globals; the DINO head on the cls token of every student
     crop and of the teacher's 2 globals; the patch head (the DINO head, or the separate iBOT
     head) of student and teacher on the masked-patch rows padded to
-    `mask_upperbound(2 x batch_size, ...)`: what runs whatever the draw masks (padded rows run,
+    `cfg.masked_rows(2 x batch_size, ...)`: what runs whatever the draw masks (padded rows run,
     then weigh 0), hence batch_size is needed and the count per image is a fraction. KoLeo's
     (B, D) @ (D, B) nearest-neighbour matmul per global crop (4 B D per image) is left out:
     under 1e-5 of a ViT step."""
     patches = (img_size // d.patch_size) ** 2
-    ratio, p = cfg.mask_ratio_min_max, cfg.mask_sample_probability
-    rows = mask_upperbound(2 * batch_size, patches, ratio, p) / batch_size
+    rows = cfg.masked_rows(2 * batch_size, patches) / batch_size
     patch_head = dino_head_forward(
         d.embed_dim, cfg.head("ibot" if cfg.ibot_separate_head else "dino")
     )

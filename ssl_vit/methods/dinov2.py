@@ -120,6 +120,12 @@ class DINOv2Config:
             e.append(f"method.mask_ratio_min_max: need 0 <= min <= max <= 1, got {(lo, hi)}")
         return e
 
+    def masked_rows(self, n_images: int, n_patches: int) -> int:
+        """The iBOT rows a step of n_images global crops of n_patches runs (mask_upperbound):
+        for flops.dinov2_flops, which cannot import a method."""
+        ratio, p = self.mask_ratio_min_max, self.mask_sample_probability
+        return mask_upperbound(n_images, n_patches, ratio, p)
+
     def head(self, which: Literal["dino", "ibot"]) -> DINOConfig:
         """The DINOConfig of a head; its last layer's norm trains (DINOv2's head fixes none)."""
         sizes = (self.out_dim, self.hidden_dim, self.bottleneck_dim)
