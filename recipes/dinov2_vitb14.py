@@ -1,5 +1,5 @@
-"""DINOv2 ViT-B/14 from scratch with the official default objective (Oquab et al. 2023;
-docs/fidelity.md § DINOv2).
+"""DINOv2 ViT-B/14 from scratch: recipes/dinov2_vits14.py (the official default objective, Oquab et
+al. 2023; docs/fidelity.md § DINOv2) with the base encoder.
 
     accelerate launch recipes/dinov2_vitb14.py --data.path /data/imagenet
     accelerate launch recipes/dinov2_vitb14.py --model.name vit_base_patch14_reg4_dinov2
@@ -23,55 +23,18 @@ patches. k-NN of the teacher every 10 epochs.
 
 import sys
 
+from dinov2_vits14 import config as vits14
+
 from ssl_vit.cli.train import run
-from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig
-from ssl_vit.methods.dinov2 import DINOv2Config
+from ssl_vit.config import Config
 
 
 def config(registers: bool = False) -> Config:
     """registers: timm's vit_base_patch14_reg4_dinov2 (4 register tokens, Darcet et al.)."""
-    name = "vit_base_patch14_reg4_dinov2" if registers else "vit_base_patch14_dinov2"
-    return Config(
-        model=ModelConfig(name=name, img_size=224, drop_path=0.1),
-        data=DataConfig(interpolation="bicubic", hflip=0.5),
-        train=TrainConfig(
-            output_dir="runs/dinov2_vitb14",
-            epochs=100,
-            warmup_epochs=10,
-            batch_size=64,
-            effective_batch=1024,
-            base_lr=4e-3,
-            lr_batch_divisor=1024,
-            min_lr=1e-6,
-            weight_decay=0.04,
-            weight_decay_end=0.4,
-            clip_grad=3.0,
-            eval_every_epochs=10,
-        ),
-        method=DINOv2Config(
-            out_dim=65536,
-            hidden_dim=2048,
-            bottleneck_dim=256,
-            ibot_separate_head=False,
-            dino_loss_weight=1.0,
-            ibot_loss_weight=1.0,
-            koleo_loss_weight=0.1,
-            mask_ratio_min_max=(0.1, 0.5),
-            mask_sample_probability=0.5,
-            centering="sinkhorn_knopp",
-            warmup_teacher_temp=0.04,
-            teacher_temp=0.07,
-            warmup_teacher_temp_epochs=30,
-            momentum_teacher=0.992,
-            freeze_last_layer=1,
-            layerwise_decay=0.9,
-            patch_embed_lr_mult=0.2,
-            local_crops=8,
-            local_crop_size=98,
-            global_crop_scale=(0.32, 1.0),
-            local_crop_scale=(0.05, 0.32),
-        ),
-    )
+    cfg = vits14(registers)
+    cfg.model.name = "vit_base_patch14_reg4_dinov2" if registers else "vit_base_patch14_dinov2"
+    cfg.train.output_dir = "runs/dinov2_vitb14"
+    return cfg
 
 
 if __name__ == "__main__":

@@ -599,14 +599,16 @@ def test_config_errors_name_their_fields():
 
 @pytest.mark.parametrize("recipe", ["dinov2_vits14", "dinov2_vitb14"])
 @pytest.mark.parametrize("registers", [False, True])
-def test_recipes_validate_and_build_on_the_meta_device(recipe, registers):
+def test_recipes_validate_and_build_on_the_meta_device(recipe, registers, monkeypatch):
     """Each DINOv2 recipe, plain and with 4 registers: a valid config whose timm model is a
     patch-14 ViT at 224 px (16 x 16 patches) with 1 or 1 + 4 prefix tokens."""
     import importlib.util
 
     from ssl_vit.flops import vit_dims
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    monkeypatch.syspath_prepend(str(recipes))  # as run: vitb14 builds on vits14
+    path = recipes / f"{recipe}.py"
     spec = importlib.util.spec_from_file_location(recipe, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
