@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from accelerate.utils import DistributedType
 from conftest import ROOT, TINY_METHODS, TINY_MODEL, metrics, overrides, tiny
+from launched_runs import fsdp_on_cpu
 from safetensors.torch import load_file
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 from torch._dynamo.utils import counters
@@ -212,18 +212,6 @@ def test_accelerate_configs_parse():
     assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Block"
     ddp = load_config_from_file(str(ROOT / "configs" / "ddp.yaml"))
     assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.mixed_precision == "bf16"
-
-
-def fsdp_on_cpu() -> None:
-    """Let Accelerate's FSDP path run on CPU processes. Accelerate turns ACCELERATE_USE_FSDP into
-    FSDP only for GPU-like process groups (a GPU-less launch is MULTI_CPU, which it replicates
-    with DDP), while torch's fully_shard itself runs on CPU over gloo; so this process's gloo
-    group is declared GPU-like, and the device pinned to the CPU."""
-    from accelerate.state import PartialState
-
-    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-    dist.init_process_group("gloo")
-    PartialState._prepare_backend = lambda *_, **__: ("gloo", DistributedType.MULTI_GPU)
 
 
 def launch_fsdp(cfg: Config) -> subprocess.CompletedProcess:
