@@ -1,14 +1,14 @@
 """DINOv2: iBOT patch loss, KoLeo, Sinkhorn-Knopp, the block-mask generator, the loss assembly,
-layer-wise lr decay and schedules against the official code (its function bodies copied below,
-made standalone: no process group, no xFormers, no CUDA autocast); the backbone's token-replacement
-input against timm; a tiny run; exact resume after SIGKILL."""
+layer-wise lr decay and schedules against references written here from the paper's equations and
+the official code's behaviour (one process, no xFormers); the backbone's token-replacement input
+against timm; a tiny run; exact resume after SIGKILL."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import TINY_METHODS, TINY_MODEL, metrics, train_until_killed
 from conftest import tiny as tiny_run
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config, ConfigError, validate
@@ -56,223 +56,149 @@ def tiny(run_dir: Path, **train) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# The official code (facebookresearch/dinov2), copied: loss/ibot_patch_loss.py,
-# loss/koleo_loss.py, loss/dino_clstoken_loss.py, data/masking.py, data/collate.py,
-# utils/param_groups.py, utils/utils.py; process groups and xFormers removed.
+# References, written here from the DINOv2 paper (Oquab et al. 2023, section 4) and the
+# behaviour of facebookresearch/dinov2 (its losses, MaskingGenerator, collate, parameter groups
+# and CosineScheduler), each in a form of its own: loops and plain formulas where ours vectorises,
+# one process, float32 as the official code computes.
 
 
-def official_lossfunc(t, s, temp):
-    return torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)
+def ce_terms(students: list[Tensor], teachers: list[Tensor], temp: float = 0.1) -> Tensor:
+    """DINO's class-token loss: every (student chunk, teacher chunk) pair contributes the batch
+    mean of H(t, softmax(s / temp)) = -sum_k t_k log softmax(s / temp)_k; the terms are summed."""
+    total = torch.zeros(())
+    for s, t in itertools.product(students, teachers):
+        log_p = s / temp - torch.logsumexp(s / temp, dim=-1, keepdim=True)
+        total = total + (-(t * log_p).sum(-1)).mean()
+    return total
 
 
-def official_forward_masked(
-    student_patch_tokens_masked,
-    teacher_patch_tokens_masked,
-    student_masks_flat,
-    student_temp=0.1,
-    n_masked_patches=None,
-    masks_weight=None,
-):
-    t = teacher_patch_tokens_masked
-    s = student_patch_tokens_masked
-    loss = official_lossfunc(t, s, student_temp)
-    if masks_weight is None:
-        masks_weight = (
-            (1 / student_masks_flat.sum(-1).clamp(min=1.0))
-            .unsqueeze(-1)
-            .expand_as(student_masks_flat)[student_masks_flat]
-        )
-    if n_masked_patches is not None:
-        loss = loss[:n_masked_patches]
-    loss = loss * masks_weight
-    return -loss.sum() / student_masks_flat.shape[0]
+def ibot_reference(student: Tensor, teacher: Tensor, masks: Tensor, temp: float = 0.1) -> Tensor:
+    """iBOT's patch loss, image by image: `student` and `teacher` hold one row per masked patch,
+    image after image in the order of `masks` (B, N) (extra rows past the masked count, padding,
+    are ignored). Image i adds the mean over its n_i masked patches of H(t, softmax(s / temp))
+    (nothing when n_i = 0); the sum is divided by B, every image counted."""
+    total, row = torch.zeros(()), 0
+    for n_i in masks.sum(-1).tolist():
+        s, t = student[row : row + n_i], teacher[row : row + n_i]
+        row += n_i
+        if n_i:
+            total = total - (t * F.log_softmax(s / temp, dim=-1)).sum() / n_i
+    return total / len(masks)
 
 
-class OfficialKoLeoLoss(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pdist = nn.PairwiseDistance(2, eps=1e-8)
-
-    def pairwise_NNs_inner(self, x):
-        dots = torch.mm(x, x.t())
-        n = x.shape[0]
-        dots.view(-1)[:: (n + 1)].fill_(-1)  # Trick to fill diagonal with -1
-        _, I = torch.max(dots, dim=1)  # noqa: E741
-        return I
-
-    def forward(self, student_output, eps=1e-8):
-        student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
-        I = self.pairwise_NNs_inner(student_output)  # noqa: E741
-        distances = self.pdist(student_output, student_output[I])  # BxD, BxD -> B
-        loss = -torch.log(distances + eps).mean()
-        return loss
+def koleo_reference(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """KoLeo (Sablayrolles et al. 2019; DINOv2 section 4): -1/n sum_i log(rho_i + eps), rho_i the
+    distance of the L2-normalised row i to its nearest other row, the distance taken as the
+    official code's PairwiseDistance(2, eps) takes it, ||a - b + eps||."""
+    unit = x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+    gaps = (unit[:, None, :] - unit[None, :, :] + eps).norm(dim=-1)  # (n, n)
+    rho = (gaps + torch.diag(torch.full((len(x),), math.inf))).min(dim=1).values
+    return -torch.log(rho + eps).mean()
 
 
-@torch.no_grad()
-def official_sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=3, B=None):
-    """DINOLoss.sinkhorn_knopp_teacher; with B: iBOTPatchLoss's (B = n_masked_patches)."""
-    teacher_output = teacher_output.float()
-    world_size = 1
-    Q = torch.exp(teacher_output / teacher_temp).t()
-    B = Q.shape[1] * world_size if B is None else B
-    K = Q.shape[0]
-    sum_Q = torch.sum(Q)
-    Q /= sum_Q
-    for _ in range(n_iterations):
-        sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
-        Q /= sum_of_rows
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
+def sinkhorn_reference(
+    logits: Tensor, temp: float, n_samples: Tensor | int | None = None, iterations: int = 3
+) -> Tensor:
+    """Sinkhorn-Knopp as in SwAV / DINOv2, in the (samples, prototypes) layout: P = exp(logits /
+    temp) scaled to total 1, then `iterations` times each prototype's column to total 1 / K and
+    each sample's row to total 1 / B; returned x B, so each row is a distribution. B is the
+    number of samples (DINO's cls loss) or the count it is given (iBOT's n_masked_patches)."""
+    b = len(logits) if n_samples is None else n_samples
+    k = logits.shape[1]
+    p = torch.exp(logits.float() / temp)
+    p = p / p.sum()
+    for _ in range(iterations):
+        p = p / (k * p.sum(dim=0, keepdim=True))
+        p = p / (b * p.sum(dim=1, keepdim=True))
+    return p * b
 
 
-def official_dino_loss(student_output_list, teacher_out_softmaxed_centered_list, student_temp=0.1):
-    total_loss = 0
-    for s in student_output_list:
-        lsm = F.log_softmax(s / student_temp, dim=-1)
-        for t in teacher_out_softmaxed_centered_list:
-            loss = torch.sum(t * lsm, dim=-1)
-            total_loss -= loss.mean()
-    return total_loss
-
-
-class OfficialMaskingGenerator:
-    def __init__(
-        self,
-        input_size,
-        num_masking_patches=None,
-        min_num_patches=4,
-        max_num_patches=None,
-        min_aspect=0.3,
-        max_aspect=None,
-    ):
-        if not isinstance(input_size, tuple):
-            input_size = (input_size,) * 2
-        self.height, self.width = input_size
-        self.num_patches = self.height * self.width
-        self.num_masking_patches = num_masking_patches
-        self.min_num_patches = min_num_patches
-        self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
-        max_aspect = max_aspect or 1 / min_aspect
-        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
-
-    def get_shape(self):
-        return self.height, self.width
-
-    def _mask(self, mask, max_mask_patches):
-        delta = 0
-        for _ in range(10):
-            target_area = random.uniform(self.min_num_patches, max_mask_patches)
-            aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
-            h = int(round(math.sqrt(target_area * aspect_ratio)))
-            w = int(round(math.sqrt(target_area / aspect_ratio)))
-            if w < self.width and h < self.height:
-                top = random.randint(0, self.height - h)
-                left = random.randint(0, self.width - w)
-                num_masked = mask[top : top + h, left : left + w].sum()
-                if 0 < h * w - num_masked <= max_mask_patches:
-                    for i in range(top, top + h):
-                        for j in range(left, left + w):
-                            if mask[i, j] == 0:
-                                mask[i, j] = 1
-                                delta += 1
-                if delta > 0:
-                    break
-        return delta
-
-    def __call__(self, num_masking_patches=0):
-        mask = np.zeros(shape=self.get_shape(), dtype=bool)
-        mask_count = 0
-        while mask_count < num_masking_patches:
-            max_mask_patches = num_masking_patches - mask_count
-            max_mask_patches = min(max_mask_patches, self.max_num_patches)
-            delta = self._mask(mask, max_mask_patches)
-            if delta == 0:
-                break
-            else:
-                mask_count += delta
-        return mask
-
-
-def official_collate_masks(B, mask_ratio_tuple, mask_probability, n_tokens, mask_generator):
-    """collate_data_and_cast's masks (the crops left out): (B, N) bool and the upper bound."""
-    N = n_tokens
-    n_samples_masked = int(B * mask_probability)
-    probs = torch.linspace(*mask_ratio_tuple, n_samples_masked + 1)
-    upperbound = 0
-    masks_list = []
-    for i in range(0, n_samples_masked):
-        prob_min = probs[i]
-        prob_max = probs[i + 1]
-        masks_list.append(
-            torch.BoolTensor(mask_generator(int(N * random.uniform(prob_min, prob_max))))
-        )
-        upperbound += int(N * prob_max)
-    for _ in range(n_samples_masked, B):
-        masks_list.append(torch.BoolTensor(mask_generator(0)))
-    random.shuffle(masks_list)
-    return torch.stack(masks_list).flatten(1), upperbound
-
-
-def official_get_vit_lr_decay_rate(name, lr_decay_rate=1.0, num_layers=12, force_is_backbone=False):
-    layer_id = num_layers + 1
-    if name.startswith("backbone") or force_is_backbone:
-        if (
-            ".pos_embed" in name
-            or ".patch_embed" in name
-            or ".mask_token" in name
-            or ".cls_token" in name
-            or ".register_tokens" in name
-        ):
-            layer_id = 0
-        elif force_is_backbone and (
-            "pos_embed" in name
-            or "patch_embed" in name
-            or "mask_token" in name
-            or "cls_token" in name
-            or "register_tokens" in name
-        ):
-            layer_id = 0
-        elif ".blocks." in name and ".residual." not in name:
-            layer_id = int(name[name.find(".blocks.") :].split(".")[2]) + 1
-        elif "blocks." in name and "residual." not in name:
-            layer_id = int(name[name.find("blocks.") :].split(".")[1]) + 1
-    return lr_decay_rate ** (num_layers + 1 - layer_id)
-
-
-def official_get_params_groups_with_decay(model, lr_decay_rate=1.0, patch_embed_lr_mult=1.0):
-    n_blocks = len(model.blocks) if hasattr(model, "blocks") else 0
-    all_param_groups = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
+def place_block(mask: np.ndarray, budget: float, rng, tries: int = 10, min_area: int = 4) -> int:
+    """One block of MaskingGenerator: a try draws an area ~ U(min_area, budget) and a log aspect
+    ~ U(log 0.3, log 1/0.3) (rng.uniform, in that order), rounds sqrt(area x aspect) rows and
+    sqrt(area / aspect) columns (Python's round); a block as tall or as wide as the grid is
+    discarded before any position is drawn; otherwise its corner is rng.randint(0, rows left),
+    rng.randint(0, columns left). The block is taken when it masks between 1 and `budget` new
+    patches. Returns the patches it masked, 0 when every try failed."""
+    for _ in range(tries):
+        area = rng.uniform(min_area, budget)
+        aspect = math.exp(rng.uniform(math.log(0.3), -math.log(0.3)))
+        rows, cols = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if rows >= mask.shape[0] or cols >= mask.shape[1]:
             continue
-        name = name.replace("reg_token", "register_tokens")  # timm's name -> the official one
-        decay_rate = official_get_vit_lr_decay_rate(
-            name, lr_decay_rate, num_layers=n_blocks, force_is_backbone=n_blocks > 0
-        )
-        d = {"params": param, "lr_multiplier": decay_rate, "wd_multiplier": 1.0, "name": name}
-        if name.endswith(".bias") or "norm" in name or "gamma" in name:
-            d.update({"wd_multiplier": 0.0})
-        if "patch_embed" in name:
-            d.update({"lr_multiplier": d["lr_multiplier"] * patch_embed_lr_mult})
-        all_param_groups.append(d)
-    return all_param_groups
+        r0 = rng.randint(0, mask.shape[0] - rows)
+        c0 = rng.randint(0, mask.shape[1] - cols)
+        fresh = ~mask[r0 : r0 + rows, c0 : c0 + cols]
+        if 0 < fresh.sum() <= budget:
+            mask[r0 : r0 + rows, c0 : c0 + cols] = True
+            return int(fresh.sum())
+    return 0
 
 
-def official_cosine_scheduler(
-    base_value, final_value, total_iters, warmup_iters=0, start_warmup_value=0, freeze_iters=0
-):
-    """utils.utils.CosineScheduler's schedule and __getitem__ as a list over total_iters + 2."""
-    freeze_schedule = np.zeros(freeze_iters)
-    warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(total_iters - warmup_iters - freeze_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (
-        1 + np.cos(np.pi * iters / len(iters))
-    )
-    schedule = np.concatenate((freeze_schedule, warmup_schedule, schedule))
-    return [schedule[it] if it < total_iters else final_value for it in range(total_iters + 2)]
+def masking_reference(grid: tuple[int, int], n: int, rng) -> np.ndarray:
+    """MaskingGenerator(grid, max_num_patches = half the grid)(n): blocks are added while fewer
+    than n patches are masked, each allowed min(n - masked, half the grid) new patches; the first
+    block that cannot be placed ends the mask (it may stay short of n)."""
+    mask = np.zeros(grid, dtype=bool)
+    half = 0.5 * grid[0] * grid[1]
+    while mask.sum() < n and place_block(mask, min(n - int(mask.sum()), half), rng):
+        pass
+    return mask
+
+
+def collate_reference(
+    n_images: int, ratio: tuple[float, float], probability: float, grid: tuple[int, int], rng
+) -> tuple[Tensor, int]:
+    """collate_data_and_cast's masks: int(B x probability) images, image j masking
+    int(N x u) patches with u ~ U(edge j, edge j + 1) of float32 linspace(ratio) (the u drawn
+    just before its mask), the others none, the list then rng.shuffle'd. Returns (B, N) bool and
+    the upper bound, the sum of int(N x upper edge) in float32."""
+    n = grid[0] * grid[1]
+    n_masked = int(n_images * probability)
+    edges = torch.linspace(*ratio, n_masked + 1)
+    masks = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        masks.append(masking_reference(grid, int(n * rng.uniform(lo, hi)), rng))
+    masks += [np.zeros(grid, dtype=bool)] * (n_images - n_masked)
+    rng.shuffle(masks)
+    bound = int((n * edges[1:]).long().sum())
+    return torch.from_numpy(np.stack(masks)).flatten(1), bound
+
+
+STEM = ("patch_embed.", "pos_embed", "cls_token", "reg_token", "mask_token")
+
+
+def multipliers_reference(
+    name: str, depth: int, decay: float, patch_embed_mult: float
+) -> tuple[float, float]:
+    """(lr, weight decay) multipliers of a parameter, named within its submodel as
+    get_params_groups_with_decay sees it: in a backbone of `depth` blocks the stem (patch and
+    position embedding, cls / register / mask tokens) sits depth + 1 layers below the top and
+    block i depth - i; anything else (the final norm, a head: depth 0) at the top. lr = decay to
+    that distance, x patch_embed_mult for the patch embedding; no weight decay for biases,
+    norms and layer scale (`gamma`)."""
+    below = 0
+    if name.startswith(STEM):
+        below = depth + 1
+    elif name.startswith("blocks."):
+        below = depth - int(name.split(".")[1])
+    lr = decay**below * (patch_embed_mult if name.startswith("patch_embed.") else 1.0)
+    exempt = name.endswith(".bias") or "norm" in name or "gamma" in name
+    return lr, 0.0 if exempt else 1.0
+
+
+def schedule_reference(
+    i: int, base: float, final: float, total: int, warmup: int = 0, start: float = 0.0
+) -> float:
+    """CosineScheduler[i]: `warmup` iterations evenly from `start` to `base` (both ends
+    included), then final + (base - final) (1 + cos(pi j / C)) / 2 over the C = total - warmup
+    remaining iterations j = 0..C-1; `final` from `total` on."""
+    if i >= total:
+        return final
+    if i < warmup:
+        return start + (base - start) * (i / (warmup - 1) if warmup > 1 else 0.0)
+    j, c = i - warmup, total - warmup
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * j / c))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +223,7 @@ def test_ibot_patch_loss_matches_the_official_forward_masked():
     student = torch.randn(m + pad, k, generator=g)
     q = torch.softmax(torch.randn(m + pad, k, generator=g) / 0.07, dim=-1)
     weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
-    want = official_forward_masked(student, q, masks, n_masked_patches=m) * 2 * (1 / 2)
+    want = ibot_reference(student, q, masks) * 2 * (1 / 2)
     got = ibot_patch_loss(student, q, F.pad(weight, (0, pad)), 8, 0.1)
     assert got.item() == pytest.approx(want.item(), rel=LOSS_RTOL)
     # the weighting matters here: the plain mean over masked patches differs
@@ -309,7 +235,7 @@ def test_koleo_matches_the_official_value_and_gradient():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 24, generator=g, requires_grad=True)
     y = x.detach().clone().requires_grad_()
-    ours, theirs = koleo_loss(x), OfficialKoLeoLoss()(y)
+    ours, theirs = koleo_loss(x), koleo_reference(y)
     assert ours.item() == pytest.approx(theirs.item(), rel=LOSS_RTOL)
     ours.backward(), theirs.backward()
     torch.testing.assert_close(x.grad, y.grad, **ROUNDING)
@@ -322,9 +248,9 @@ def test_sinkhorn_knopp_matches_the_official_teachers():
     logits = torch.randn(12, 32, generator=g)
     temp = torch.tensor(0.07)
     got = sinkhorn_knopp(logits, temp)
-    torch.testing.assert_close(got, official_sinkhorn_knopp_teacher(logits.clone(), 0.07))
+    torch.testing.assert_close(got, sinkhorn_reference(logits, 0.07))
     n = torch.tensor([12])
-    torch.testing.assert_close(got, official_sinkhorn_knopp_teacher(logits.clone(), 0.07, B=n))
+    torch.testing.assert_close(got, sinkhorn_reference(logits, 0.07, n_samples=n))
     torch.testing.assert_close(got.sum(-1), torch.ones(12), **ROUNDING)
 
 
@@ -337,7 +263,7 @@ def test_sinkhorn_knopp_leaves_the_padding_out():
     padded = torch.cat([logits, 50 + torch.randn(5, 32, generator=g)])
     valid = torch.arange(17) < 12
     got = sinkhorn_knopp(padded, torch.tensor(0.07), valid)
-    want = official_sinkhorn_knopp_teacher(logits.clone(), 0.07, B=torch.tensor([12]))
+    want = sinkhorn_reference(logits, 0.07, n_samples=torch.tensor([12]))
     torch.testing.assert_close(got[:12], want, rtol=1e-6, atol=1e-7)
     assert torch.equal(got[12:], torch.zeros(5, 32))
     none = sinkhorn_knopp(padded, torch.tensor(0.07), torch.zeros(17, dtype=torch.bool))
@@ -350,12 +276,12 @@ def test_cls_loss_matches_the_official_crop_swapped_assembly():
     g = torch.Generator().manual_seed(0)
     b, k, n_local = 4, 32, 3
     student = torch.randn((2 + n_local) * b, k, generator=g)
-    q = official_sinkhorn_knopp_teacher(torch.randn(2 * b, k, generator=g), 0.07)
+    q = sinkhorn_reference(torch.randn(2 * b, k, generator=g), 0.07)
     t0, t1 = q.chunk(2)
     swapped = torch.cat([t1, t0]).view(2, b, k)
     terms = 2 * n_local + 2
-    local = official_dino_loss(student[2 * b :].chunk(n_local), swapped) / terms
-    global_ = official_dino_loss([student[: 2 * b]], [swapped.flatten(0, 1)]) * 2 / terms
+    local = ce_terms(student[2 * b :].chunk(n_local), swapped.unbind(0)) / terms
+    global_ = ce_terms([student[: 2 * b]], [swapped.flatten(0, 1)]) * 2 / terms
     got = cross_view_ce(student, q, 0.1)
     assert got.item() == pytest.approx((local + global_).item(), rel=LOSS_RTOL)
 
@@ -375,9 +301,9 @@ def test_training_step_loss_is_the_official_sum_of_its_terms(monkeypatch):
         out = dino.training_step({"crops": crops})
 
         teacher = dino.teacher.backbone(torch.cat(crops[:2])).tokens
-        t_cls = official_sinkhorn_knopp_teacher(dino.teacher.dino_head(teacher[:, 0]), 0.04)
+        t_cls = sinkhorn_reference(dino.teacher.dino_head(teacher[:, 0]), 0.04)
         t_patch = dino.teacher.dino_head(teacher[:, 1:].flatten(0, 1)[masks.flatten()])
-        t_patch = official_sinkhorn_knopp_teacher(t_patch, 0.04)
+        t_patch = sinkhorn_reference(t_patch, 0.04)
         # the masked input, formed by hand: patch embeddings replaced, then timm's own forward
         tm = dino.backbone.to_timm()
         tm.patch_embed.register_forward_hook(
@@ -390,10 +316,10 @@ def test_training_step_loss_is_the_official_sum_of_its_terms(monkeypatch):
         t0, t1 = t_cls.chunk(2)
         swapped = torch.cat([t1, t0]).view(2, 4, -1)
         terms = 2 * 3 + 2
-        dino_loss = official_dino_loss(s_cls[8:].chunk(3), swapped) / terms
-        dino_loss += official_dino_loss([s_cls[:8]], [swapped.flatten(0, 1)]) * 2 / terms
-        koleo = 0.1 * sum(OfficialKoLeoLoss()(p) for p in student[:, 0].chunk(2))
-        ibot = official_forward_masked(s_patch, t_patch, masks)
+        dino_loss = ce_terms(s_cls[8:].chunk(3), swapped.unbind(0)) / terms
+        dino_loss += ce_terms([s_cls[:8]], [swapped.flatten(0, 1)]) * 2 / terms
+        koleo = 0.1 * sum(koleo_reference(p) for p in student[:, 0].chunk(2))
+        ibot = ibot_reference(s_patch, t_patch, masks)
     assert out["dino_loss"].item() == pytest.approx(dino_loss.item(), rel=1e-4)
     assert out["ibot_loss"].item() == pytest.approx(ibot.item(), rel=1e-4)
     assert 0.1 * out["koleo_loss"].item() == pytest.approx(koleo.item(), rel=1e-4)
@@ -453,15 +379,13 @@ class TorchRandom:
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (14, 14), (16, 16)])
-def test_block_mask_is_the_official_generator_draw_for_draw(grid, monkeypatch):
+def test_block_mask_is_the_official_generator_draw_for_draw(grid):
     """Given the same uniforms, every mask of the official MaskingGenerator(max_num_patches =
     0.5 x patches), for every count asked."""
-    monkeypatch.setattr(sys.modules[__name__], "random", TorchRandom())
     h, w = grid
-    official = OfficialMaskingGenerator((h, w), max_num_patches=0.5 * h * w)
     for n in [0, 1, 3, *range(4, h * w // 2 + 1, max(1, h * w // 16))] * 5:
         torch.manual_seed(n)
-        want = official(n)
+        want = masking_reference((h, w), n, TorchRandom())
         torch.manual_seed(n)
         got = block_mask(h, w, n)
         assert np.array_equal(got, want), n
@@ -474,16 +398,15 @@ def test_batch_masks_statistics_match_the_official_collate():
     upperbound), blocks no larger than half the grid, and the masked shares' distribution that of
     the official collate (its own Python RNG) to sampling error."""
     n, grid = 16, (16, 16)
-    random.seed(0)
+    rng = random.Random(0)
     torch.manual_seed(0)
-    official = OfficialMaskingGenerator(grid, max_num_patches=0.5 * 256)
     ours, theirs = [], []
     for _ in range(150):
         masks = batch_masks(n, grid, (0.1, 0.5), 0.5)
         assert masks.shape == (n, 256) and masks.dtype == torch.bool
         counts = masks.sum(-1)
         assert (counts > 0).sum() <= 8 and counts.max() <= 128
-        want, upperbound = official_collate_masks(n, (0.1, 0.5), 0.5, 256, official)
+        want, upperbound = collate_reference(n, (0.1, 0.5), 0.5, grid, rng)
         assert counts.sum() <= upperbound == mask_upperbound(n, 256, (0.1, 0.5), 0.5)
         ours.append(counts.sort().values), theirs.append(want.sum(-1).sort().values)
     ours, theirs = torch.stack(ours).float(), torch.stack(theirs).float()
@@ -545,19 +468,20 @@ def test_param_groups_are_the_official_layer_decay_and_patch_embed_multiplier():
     ours = {
         id(p): (g["lr_scale"], g["wd_scale"]) for g in dino.param_groups(0.04) for p in g["params"]
     }
-    theirs = official_get_params_groups_with_decay(dino.backbone, 0.8, 0.2)
-    for head in (dino.dino_head, dino.ibot_head):
-        theirs += official_get_params_groups_with_decay(head, 0.8, 0.2)
     depth = dino.backbone.depth
-    mask = official_get_vit_lr_decay_rate("mask_token", 0.8, depth, force_is_backbone=True)
-    theirs += [{"params": dino.mask_token, "lr_multiplier": mask, "wd_multiplier": 1.0}]
+    submodels = [(dino.backbone, depth), (dino.dino_head, 0), (dino.ibot_head, 0)]
+    theirs = [
+        (name, p, multipliers_reference(name, layers, 0.8, 0.2))
+        for net, layers in submodels
+        for name, p in net.named_parameters()
+        if p.requires_grad
+    ]
+    mask = multipliers_reference("mask_token", depth, 0.8, 0.2)  # a backbone stem token there
+    theirs.append(("mask_token", dino.mask_token, mask))
     trained = [p for p in dino.parameters() if p.requires_grad]
     assert len(theirs) == len(trained) == len(ours)
-    for d in theirs:
-        name = d.get("name", "mask_token")
-        assert ours[id(d["params"])] == pytest.approx((d["lr_multiplier"], d["wd_multiplier"])), (
-            name
-        )
+    for name, p, want in theirs:
+        assert ours[id(p)] == pytest.approx(want), name
     assert {s for s, _ in ours.values()} >= {0.8**3 * 0.2, 0.8**3, 0.8**2, 0.8, 1.0}
 
 
@@ -568,13 +492,13 @@ def test_teacher_temperature_momentum_and_lr_follow_the_official_schedulers():
     total = steps_per_epoch * epochs
     dino = make(warmup_teacher_temp_epochs=2)
     dino.set_schedule(total, steps_per_epoch)
-    temps = official_cosine_scheduler(0.07, 0.07, 6, warmup_iters=6, start_warmup_value=0.04)
-    momenta = official_cosine_scheduler(0.992, 1.0, total)
-    lrs = official_cosine_scheduler(1e-3, 1e-6, total, warmup_iters=4)
     for step in range(total):
-        assert dino.teacher_temp.item() == pytest.approx(temps[min(step, 7)], rel=1e-6), step
-        assert warmup_cosine(step, total, 0, 0.992, 1.0) == pytest.approx(momenta[step])
-        assert dino.lr_at(step, total, 4, 1e-3, 1e-6) == pytest.approx(lrs[step])
+        temp = schedule_reference(min(step, 7), 0.07, 0.07, 6, warmup=6, start=0.04)
+        assert dino.teacher_temp.item() == pytest.approx(temp, rel=1e-6), step
+        momentum = schedule_reference(step, 0.992, 1.0, total)
+        assert warmup_cosine(step, total, 0, 0.992, 1.0) == pytest.approx(momentum)
+        lr = schedule_reference(step, 1e-3, 1e-6, total, warmup=4)
+        assert dino.lr_at(step, total, 4, 1e-3, 1e-6) == pytest.approx(lr)
         dino.after_optimizer_step(step, total)
 
 

@@ -25,3 +25,16 @@ def test_min_versions_pin_every_declared_lower_bound():
             pinned[name.lower()] = version
     # the rest of the file pins dependencies of these, each with its reason
     assert declared == {k: v for k, v in pinned.items() if k in declared}
+
+
+def test_the_code_is_declared_and_shipped_under_apache_2():
+    """pyproject.toml declares Apache-2.0 as an SPDX expression (which needs setuptools >= 77 to
+    build) and ships LICENSE, whose text is the Apache License 2.0 in full."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    toml = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert toml["project"].get("license") == "Apache-2.0"
+    assert toml["project"].get("license-files") == ["LICENSE"]
+    assert "setuptools>=77" in toml["build-system"]["requires"]
+    words = (ROOT / "LICENSE").read_text().split()
+    assert words[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert " ".join(words).count("END OF TERMS AND CONDITIONS") == 1 and len(words) > 1500
