@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import make_shards
@@ -18,8 +21,23 @@ from conftest import ROOT, metrics, overrides, tiny
 from safetensors.torch import load_file
 from write_images import write_image_folder
 
+from ssl_vit.train.preemption import StopRequest
+
 STOP, STEPS = 5, 12
 """Runs of 3 epochs of 4 steps (32 images, 4 per process), stopped after step 5: mid-epoch."""
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launcher(fsdp: bool = False) -> list[str]:
+    """`accelerate launch` of 2 processes on any free port."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if fsdp:  # FSDP2 over gloo: see launched_runs.fsdp_on_cpu
+        cmd += ["--config_file", str(ROOT / "configs" / "fsdp.yaml")]
+    else:  # --multi_gpu selects the torchrun launcher; without GPUs the processes use gloo
+        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
+    return cmd + ["--num_processes", "2", "--main_process_port", "0", "--mixed_precision", "no"]
 
 
 def launch(tmp_path: Path, runs: list[list[str]], fsdp: bool = False) -> str:
@@ -27,15 +45,10 @@ def launch(tmp_path: Path, runs: list[list[str]], fsdp: bool = False) -> str:
     its stderr."""
     spec = tmp_path / f"runs_{len(list(tmp_path.glob('runs_*')))}.json"
     spec.write_text(json.dumps(runs))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if fsdp:  # FSDP2 over gloo: see launched_runs.fsdp_on_cpu
-        cmd += ["--config_file", str(ROOT / "configs" / "fsdp.yaml")]
-    else:  # --multi_gpu selects the torchrun launcher; without GPUs the processes use gloo
-        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
-    cmd += ["--num_processes", "2", "--main_process_port", "0", "--mixed_precision", "no"]
-    cmd += [str(ROOT / "tests" / "launched_runs.py"), str(spec), *(["--fsdp"] if fsdp else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [*launcher(fsdp), str(ROOT / "tests" / "launched_runs.py"), str(spec)]
+    out = subprocess.run(
+        [*cmd, *(["--fsdp"] if fsdp else [])], capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stderr
 
@@ -51,7 +64,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def args(run: Path, method: str, source: Path, stream: bool, workers: int, **train) -> list[str]:
-    cfg = tiny(run, method, batch_size=4, epochs=3, **train)
+    cfg = tiny(run, method, **dict(batch_size=4, epochs=3) | train)
     cfg.data.path, cfg.data.streaming, cfg.data.num_workers = str(source), stream, workers
     if stream:
         cfg.data.shuffle_buffer = 6
@@ -118,3 +131,162 @@ def test_fsdp_sharded_checkpoint_resumes_bit_identically(tmp_path, data):
     assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [
         r["loss"] for r in metrics(tmp_path / "straight")
     ]
+
+
+# --- preemption: a signal stops every process at one step, after a complete checkpoint ---------
+
+LONG = 400
+"""Steps of a run that a signal stops long before its end."""
+
+
+def start(run: Path, source: Path, log: Path) -> subprocess.Popen:
+    """A 2-process `ssl-vit train` of LONG steps (MAE, 2 loader workers) in a session of its own,
+    so that its process group can be killed; stdout and stderr to `log`."""
+    cfg = args(run, "mae", source, False, 2, max_steps=LONG, epochs=LONG)
+    cmd = [*launcher(), "-m", "ssl_vit", "train", *cfg]
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=out, env=ENV, start_new_session=True)
+
+
+def ranks(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training processes a launcher started (its children with RANK set)."""
+    found = {}
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            rank = [v for v in env if v.startswith(b"RANK=")]
+            if rank:
+                found[int(rank[0][5:])] = int(child)
+    return found
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        rows = metrics(run) if (run / "metrics.jsonl").is_file() else []
+        if rows and rows[-1]["step"] >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run} did not reach step {step}")
+
+
+def stopped_step(run: Path) -> int:
+    """The step the run stopped after, as the log of each rank says it (the same for both)."""
+    text = (run / "train.log").read_text()
+    steps = {int(m[1]): int(m[2]) for m in re.finditer(r"\[rank (\d)\].*after step (\d+);", text)}
+    assert sorted(steps) == [0, 1] and steps[0] == steps[1], text[-2000:]
+    return steps[0]
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_checkpoint_and_resumes_exactly(
+    tmp_path, data
+):
+    """SIGTERM to rank 1 alone (as a scheduler may signal any process): both processes vote to
+    stop after the same step, save it complete and exit with the preemption status; every rank's
+    line is in train.log; resumed, the run ends bit for bit where an uninterrupted one ends."""
+    run, log = tmp_path / "resumed" / "run", tmp_path / "launch.log"
+    proc = start(run, data["folder"], log)
+    wait_for_step(run, 3, proc)
+    os.kill(ranks(proc.pid)[1], signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0  # a rank ended with 75: the launcher reports a failure
+    step = stopped_step(run)
+    assert 3 < step < LONG
+    ckpt = run / "checkpoints" / f"step_{step:07d}"
+    assert (ckpt / "complete").is_file() and not list(run.glob("checkpoints/*.tmp"))
+    assert (run / "run.lock").read_text() == ""  # released
+    printed = log.read_text()
+    assert f"stopped: SIGTERM received: the run stopped after step {step}; the complete " in printed
+    assert f"checkpoint {ckpt} holds it: resume with the same command" in printed
+    same = ("mae", data["folder"], False, 2)
+    straight = args(tmp_path / "straight", *same, max_steps=step + 4, epochs=LONG)
+    launch(tmp_path, [straight, args(run, *same, max_steps=step + 4, epochs=LONG, resume="auto")])
+    end = f"step_{step + 4:07d}"
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / end / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / end / "model.safetensors"))
+    assert differing(a, b) == []
+
+
+def test_killing_the_launchers_process_group_stops_the_ranks(tmp_path, data):
+    """torchrun starts each rank in a session of its own, beyond the launcher's process group:
+    when the launcher dies the ranks get SIGTERM from the kernel and stop at once, saved, instead
+    of training on."""
+    run = tmp_path / "run"
+    proc = start(run, data["folder"], tmp_path / "launch.log")
+    wait_for_step(run, 3, proc)
+    pids = ranks(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids.values()):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids.values()), "ranks still running"
+    step = stopped_step(run)
+    assert "the launcher is gone: the run stopped after step" in (run / "train.log").read_text()
+    assert metrics(run)[-1]["step"] == step < LONG  # nothing trained after the stop
+    assert (run / "checkpoints" / f"step_{step:07d}" / "complete").is_file()
+
+
+def test_a_second_signal_aborts_at_once_and_a_relayed_copy_does_not(monkeypatch, capfd):
+    """The first signal asks for a stop; the same notice relayed within RELAYED_WITHIN seconds
+    (launcher and scheduler both) is that notice; a later one aborts with 128 + the signal."""
+    clock = iter([100.0, 100.5, 101.5])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    request = StopRequest()
+    request.handle(signal.SIGUSR1)
+    assert request.signum == signal.SIGUSR1 and request.reason == "SIGUSR1 received"
+    request.handle(signal.SIGTERM)  # 0.5 s later: the same notice
+    assert exits == []
+    request.handle(signal.SIGTERM)  # 1.5 s after the first
+    assert exits == [128 + signal.SIGTERM]
+    err = capfd.readouterr().err.splitlines()
+    assert err[0] == (
+        "SIGUSR1 received: stopping after this step with a checkpoint; again aborts at once"
+    )
+    assert err[-1].startswith("SIGTERM received again: aborting at once")
+
+
+def test_a_killed_rank_stops_the_other_with_one_message(tmp_path, data):
+    """Rank 1 killed: rank 0's next collective fails; it stops with one line naming the newest
+    checkpoint, not gloo's traceback."""
+    run, log = tmp_path / "run", tmp_path / "launch.log"
+    proc = start(run, data["folder"], log)
+    wait_for_step(run, 3, proc)
+    os.kill(ranks(proc.pid)[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    printed = log.read_text()
+    assert "error: another process of the run is gone or not answering (" in printed
+    assert "[rank0]: Traceback" not in printed
+    logged = (run / "train.log").read_text()
+    assert "[rank 0] RunError: another process of the run is gone or not answering" in logged
+
+
+def test_slurm_script_relays_the_warning_signal_and_requeues(tmp_path):
+    """tools/slurm_train.sbatch with srun, scontrol and accelerate stood in for: SLURM's warning
+    (SIGUSR1 to the script) reaches the launcher as SIGTERM, and the job is requeued."""
+    bin_, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_.mkdir()
+    stand_ins = {  # srun runs its command here; the launcher records what reaches it
+        "srun": 'while [[ $1 == --* ]]; do shift; done; exec "$@"',
+        "scontrol": '[ "$1" = show ] && echo node0 || echo "scontrol $*" >> "$LOG"',
+        "accelerate": 'trap \'echo "TERM $*" >> "$LOG"; exit 75\' TERM; echo started >> "$LOG"; '
+        "while true; do sleep 0.05; done",
+    }
+    for name, body in stand_ins.items():
+        (bin_ / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    slurm = dict(SLURM_JOB_NODELIST="node0", SLURM_NNODES="1", SLURM_NODEID="0")
+    slurm |= dict(SLURM_JOB_ID="42", SLURM_GPUS_ON_NODE="2")
+    env = {**os.environ, **slurm, "LOG": str(log), "PATH": f"{bin_}:{os.environ['PATH']}"}
+    script = ROOT / "tools" / "slurm_train.sbatch"
+    assert "#SBATCH --signal=B:USR1@" in script.read_text()
+    proc = subprocess.Popen(["bash", str(script), "recipes/mae_vitb.py"], env=env)
+    deadline = time.time() + 30
+    while not (log.is_file() and "started" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 75
+    calls = log.read_text().splitlines()
+    assert calls[1].startswith("TERM launch --multi_gpu") and "--train.resume auto" in calls[1]
+    assert calls[2:] == ["scontrol requeue 42"]

@@ -5,7 +5,8 @@ flags that shape the command (--checkpoint, --protocol, --method) -> a config fi
 --print-config (the resolved tree as JSON, reusable as --config), or the command's action -> its
 result as one JSON line on stdout (main process only), exit status 0. Bad input: one clear
 message on stderr, exit status 2, no traceback; a run that cannot go on (it diverged, a full
-disk, a stuck loader worker, out of memory): the same, exit status 1.
+disk, a stuck loader worker, out of memory): the same, exit status 1; a run stopped by a signal
+after its checkpoint (train.preemption): a line naming it, exit status 75.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ssl_vit.config import (
     read_config,
 )
 from ssl_vit.data import DataError
+from ssl_vit.train.preemption import PREEMPTED_STATUS, Preempted
 from ssl_vit.train.state import RunError
 from ssl_vit.weights import CheckpointError
 
@@ -56,10 +58,10 @@ def message(e: BaseException) -> str:
     return text
 
 
-def report(e: BaseException) -> None:
+def report(e: BaseException, kind: str = "error") -> None:
     """Print `e` once per launch (rank 0), and leave it where torchrun's error summary shows it
     (its TORCHELASTIC_ERROR_FILE) instead of a pointer to enable tracebacks."""
-    text = f"error: {message(e)}"
+    text = f"{kind}: {message(e)}"
     if os.environ.get("RANK", "0") == "0":
         print(text, file=sys.stderr, flush=True)
     if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
@@ -147,6 +149,9 @@ def run_command(
     except USER_ERRORS as e:
         report(e)
         return 2
+    except Preempted as e:  # a signal: saved, to be resumed
+        report(e, "stopped")
+        return PREEMPTED_STATUS
     except (*RUN_FAILURES, RuntimeError) as e:
         if not isinstance(e, RUN_FAILURES) and "can't allocate memory" not in str(e):
             raise  # a bug: its traceback is what helps

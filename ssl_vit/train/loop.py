@@ -18,9 +18,12 @@ from accelerate.utils import ProjectConfiguration
 
 from ssl_vit.config import Config, validate
 from ssl_vit.registry import prepare
+from ssl_vit.train.preemption import peer_lost, stop_on_signals
 from ssl_vit.train.run import Run, build_run, local
 from ssl_vit.train.run_dir import prepare_run_dir, run_lock, run_log, write_config
+from ssl_vit.train.state import RunError
 from ssl_vit.train.step import forward_backward, optimizer_step
+from ssl_vit.weights import latest_checkpoint
 
 
 def fit(cfg: Config) -> dict[str, Any]:
@@ -45,14 +48,25 @@ def fit(cfg: Config) -> dict[str, Any]:
         ),
     )
     main = accelerator.is_main_process
-    with run_log(run_dir, main), run_lock(run_dir, main):
+    with run_log(run_dir, accelerator), run_lock(run_dir, main), stop_on_signals() as request:
         resume_from = prepare_run_dir(cfg, accelerator)
-        run = build_run(cfg, accelerator, resume_from, eval_data)
+        run = build_run(cfg, accelerator, resume_from, eval_data, request)
         if main:
             write_config(run_dir, cfg.to_json())
         try:
             return train_loop(run)
+        except RuntimeError as e:
+            if not peer_lost(e, accelerator.num_processes):
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            newest = latest_checkpoint(run_dir)
+            then = f"resume from {newest} with" if newest else "no checkpoint yet: start again,"
+            raise RunError(
+                f"another process of the run is gone or not answering ({first}): this process "
+                f"stops too; {then} --train.resume auto"
+            ) from None
         finally:
+            run.vote.close()
             run.bar.close()  # an error's message starts on a line of its own
 
 
@@ -80,6 +94,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                 run.log_step(out, update, i)
             if state.step >= plan.stop_step:
                 break
+            if run.vote.agreed():  # a preemption signal: every process stops here, saved
+                run.preempt()
             if i + 1 < plan.batches_per_epoch and run.save_due(epoch_end=False):
                 run.save()
         if state.step < plan.stop_step:  # the epoch ran to its end

@@ -40,6 +40,7 @@ from ssl_vit.eval.knn import knn_eval
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import TRAINABLE, MethodSpec, build_method
 from ssl_vit.train.checkpoint import newest_finite, resume, save_checkpoint, stream_state
+from ssl_vit.train.preemption import Preempted, StopRequest, StopVote
 from ssl_vit.train.run_dir import (
     Metrics,
     Resume,
@@ -175,6 +176,8 @@ class Run:
     window: Window
     eval_data: EvalData | None
     """The evaluation data, checked before the run (None when the run does not evaluate)."""
+    vote: StopVote
+    """Whether every process agrees to stop (a preemption signal), polled at each step."""
     first: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
     resumed: dict[str, Any] = field(default_factory=dict)
@@ -276,6 +279,17 @@ class Run:
             self.accelerator, self.run_dir, self.state, config, t.keep_last, final, stream
         )
         self.last_saved = self.state.step
+
+    def preempt(self) -> None:
+        """Stop on the signal every process agreed on: the checkpoint of this step (unless just
+        saved), then Preempted naming it."""
+        if self.last_saved != self.state.step:
+            self.save()
+        raise Preempted(
+            f"{self.vote.request.reason}: the run stopped after step {self.state.step}; the "
+            f"complete checkpoint {latest_checkpoint(self.run_dir)} holds it: resume with the "
+            "same command and --train.resume auto"
+        )
 
     def diverged(self, when: str) -> None:
         """Stop the run: a loss, gradient or weight stopped being finite (`when`)."""
@@ -436,6 +450,11 @@ def log_start(cfg: Config, accelerator: Accelerator, plan: Plan, images: int) ->
             "over GPU (or other accelerator) processes; the model is replicated, not sharded",
             accelerator.distributed_type.value,
         )
+    if accelerator.num_processes == 1 and parse_flag_from_env("ACCELERATE_USE_CPU"):
+        log.warning(
+            "1 process: `accelerate launch --cpu` starts one whatever --num_processes says; "
+            "for several CPU processes launch with --multi_gpu (gloo on a machine without GPUs)"
+        )
     log.info(
         "%d images, effective batch %d = %d per device x %d processes x %d accumulation; "
         "peak lr %.3g; %d steps (%d per epoch), stopping at %d; distributed %s, mixed "
@@ -457,10 +476,15 @@ def log_start(cfg: Config, accelerator: Accelerator, plan: Plan, images: int) ->
 
 
 def build_run(
-    cfg: Config, accelerator: Accelerator, resume_from: Resume | None, eval_data: EvalData | None
+    cfg: Config,
+    accelerator: Accelerator,
+    resume_from: Resume | None,
+    eval_data: EvalData | None,
+    request: StopRequest | None = None,
 ) -> Run:
     """The method, its data and optimizer, prepared by Accelerate; resumed from `resume_from`
-    (metrics.jsonl and TensorBoard then drop what was logged after its step)."""
+    (metrics.jsonl and TensorBoard then drop what was logged after its step); `request` is the
+    signal that asks it to stop (stop_on_signals)."""
     t, main = cfg.train, accelerator.is_main_process
     set_seed(t.seed)
     spec = TRAINABLE[cfg.method.name]
@@ -520,4 +544,5 @@ def build_run(
         last_saved=state.step if resume_from else -1,
         last_eval=evals[-1] if evals else {},
         best_eval=as_best(max(top1, key=lambda r: r["val_top1"])) if top1 else {},
+        vote=StopVote(request or StopRequest(), accelerator.num_processes),
     )

@@ -30,6 +30,7 @@ from ssl_vit.train.checkpoint import (
     clean_checkpoints,
     discard,
 )
+from ssl_vit.train.preemption import Preempted
 from ssl_vit.weights import CHECKPOINTS, complete_checkpoints, save_timm, write_text_atomic
 
 log = logging.getLogger("ssl_vit")
@@ -258,25 +259,38 @@ def write_config(run_dir: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def run_log(run_dir: Path, main: bool) -> Iterator[None]:
-    """On the main process, log INFO to the console and to run_dir/train.log for this run."""
-    if not main:
-        yield
-        return
+def run_log(run_dir: Path, accelerator: Any) -> Iterator[None]:
+    """Log this run to run_dir/train.log: the main process INFO and up (also on the console),
+    every other process its warnings and errors (also on stderr), each line prefixed with its
+    rank when there are several, so that no process's trouble is missing from the log. Python
+    warnings are logged too, and so is an error that ends the run (not a config error: the run
+    may not own the directory)."""
+    main, rank = accelerator.is_main_process, accelerator.process_index
     run_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"[rank {rank}] " if accelerator.num_processes > 1 else ""
+    log_file = logging.FileHandler(run_dir / "train.log")  # appends: lines of all processes
+    handlers = [logging.StreamHandler(), log_file]
     root = logging.getLogger()
-    handlers = [logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")]
     level = root.level
     root.setLevel(min(level, logging.INFO) if level else logging.INFO)
     quiet = logging.getLogger("accelerate")  # per-file save messages would drown the run's own
     quiet_level = quiet.level
     quiet.setLevel(logging.WARNING)
     for h in handlers:
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s"))
+        h.setLevel(logging.NOTSET if main else logging.WARNING)
         root.addHandler(h)
+    logging.captureWarnings(True)
     try:
         yield
+    except BaseException as e:
+        if not isinstance(e, ConfigError | KeyboardInterrupt | SystemExit):
+            level = logging.WARNING if isinstance(e, Preempted) else logging.ERROR
+            error = f"{type(e).__name__}: {str(e).strip()[:2000]}"
+            log_file.handle(log.makeRecord(log.name, level, "", 0, error, (), None))
+        raise
     finally:
+        logging.captureWarnings(False)
         for h in handlers:
             root.removeHandler(h)
             h.close()
