@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import math
 import os
 import pickle
@@ -19,7 +20,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import timm
 import torch
@@ -32,11 +33,19 @@ from torch import Tensor, nn
 from ssl_vit.backbone import Backbone, PosInterp, resample_pos_embed
 from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, field_errors
 
+log = logging.getLogger("ssl_vit")
+
 BACKBONE = "backbone"
 """A run directory's exported backbone: a timm pretrained directory (`save_timm`)."""
 CLASSIFIER = "classifier"
 TIMM_CONFIG, TIMM_WEIGHTS = "config.json", "model.safetensors"
 """The files of timm's pretrained layout (save_for_hf, the Hugging Face Hub)."""
+TIMM_WEIGHTS_BIN = "pytorch_model.bin"
+"""timm's other weights file (save_for_hf's default, many Hub repositories): a torch.save'd state
+dict, read with weights_only=True as timm reads it."""
+POS_INTERP = "pos_interp"
+"""The key of an export's config.json recording the position-embedding formula its weights come
+with (an official DINOv2 file's), used whenever they are loaded at another size."""
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_CONFIG = "backbone.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -45,6 +54,22 @@ CHECKPOINTS = "checkpoints"
 """A run directory's folder of training checkpoints (ssl_vit.train.checkpoint writes them)."""
 COMPLETE = "complete"
 """The marker file a checkpoint folder gets last, once every process finished writing it."""
+RUN_CONFIG, RUN_WEIGHTS, RUN_STATE = "config.json", "model.safetensors", "train_state.json"
+"""A checkpoint folder's config as run, the method's whole state dict (Accelerate's name) and where
+the loop stands."""
+EXPORTED = {
+    "mae": "backbone.",
+    "dino": "teacher.backbone.",
+    "dinov2": "teacher.backbone.",
+    "deit": "student.backbone.",
+    "linprobe": "backbone.",
+}
+"""Where the backbone a run exports (`Method.export_backbone`: DINO's teacher, DeiT's student)
+sits in its checkpoints' model state, by method.name (tests/test_contract.py holds it to every
+method's export_backbone()). Not fine-tuning: its config does not rebuild the backbone its
+classifier reshaped (global_pool)."""
+STUDENTS = {"dino": "backbone.", "dinov2": "backbone."}
+"""The student backbone of the methods that export their teacher (`which` student)."""
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -93,13 +118,16 @@ def save_timm(
     directory: str | Path,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    pos_interp: PosInterp | None = None,
 ) -> Path:
     """Write `directory` in timm's pretrained layout with timm's own `save_for_hf`: config.json
     (the architecture, its kwargs as `model_args`, the input size and normalisation) and
     model.safetensors, so `timm.create_model("local-dir:DIR", pretrained=True)` builds and loads
     it as it is, and the folder can be pushed to the Hugging Face Hub unchanged. `state` must
-    load strictly into `timm.create_model(name, **kwargs)` (CheckpointError otherwise). Written
-    as DIR.tmp and renamed into place: a crash leaves the old export or the new one."""
+    load strictly into `timm.create_model(name, **kwargs)` (CheckpointError otherwise).
+    `pos_interp`: the position-embedding formula the weights come with (an official DINOv2
+    file's), recorded in config.json (`POS_INTERP`; timm ignores it) for every later load.
+    Written as DIR.tmp and renamed into place: a crash leaves the old export or the new one."""
     directory = Path(directory)
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -120,7 +148,8 @@ def save_timm(
     }
     tmp, old = (directory.with_name(directory.name + s) for s in (".tmp", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    save_for_hf(model, str(tmp), model_args=kwargs, safe_serialization=True)
+    extra = {POS_INTERP: pos_interp} if pos_interp else None
+    save_for_hf(model, str(tmp), model_config=extra, model_args=kwargs, safe_serialization=True)
     for f in tmp.iterdir():
         shareable(f)  # safetensors writes 0600
         _fsync_file(f)
@@ -132,11 +161,14 @@ def save_timm(
     return directory
 
 
-def timm_dir(path: Path) -> bool:
-    """Whether `path` is a directory in timm's pretrained layout (config.json naming an
-    architecture, model.safetensors): our exports, a `save_for_hf` folder, a Hub download."""
+def timm_weights(path: Path) -> Path | None:
+    """The weights file of a directory in timm's pretrained layout (config.json naming an
+    architecture; model.safetensors, else pytorch_model.bin, as timm prefers): our exports, a
+    `save_for_hf` folder, a Hub download. None for any other path."""
     config = path / TIMM_CONFIG
-    return (path / TIMM_WEIGHTS).is_file() and config.is_file() and "architecture" in _json(config)
+    if not (config.is_file() and "architecture" in _json(config)):
+        return None
+    return next((f for f in (path / TIMM_WEIGHTS, path / TIMM_WEIGHTS_BIN) if f.is_file()), None)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -147,10 +179,14 @@ def _json(path: Path) -> dict[str, Any]:
     return spec if isinstance(spec, dict) else {}
 
 
-def export_backbone(backbone: Backbone, run_dir: str | Path) -> Path:
-    """run_dir/backbone/: the backbone as timm's pretrained directory (num_classes 0)."""
+def export_backbone(
+    backbone: Backbone, run_dir: str | Path, pos_interp: PosInterp | None = None
+) -> Path:
+    """run_dir/backbone/: the backbone as timm's pretrained directory (num_classes 0), with the
+    position-embedding formula its weights come with, if any (`save_timm`)."""
     kwargs = {**backbone.timm_kwargs, "num_classes": 0}
-    return save_timm(backbone.state_dict(), backbone.name, kwargs, Path(run_dir) / BACKBONE)
+    out = Path(run_dir) / BACKBONE
+    return save_timm(backbone.state_dict(), backbone.name, kwargs, out, pos_interp=pos_interp)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -229,14 +265,18 @@ def load_pretrained(
 ) -> Backbone:
     """The Backbone held by any checkpoint `--checkpoint` accepts.
 
-    checkpoint: our run directory, or a `.safetensors` with its JSON beside (`backbone.json` for
-    `backbone.safetensors`; `<stem>.json` holding {"name", "kwargs"} for an export); an official
-    MAE (pretrain, `_full`, visualize, training), DINO (`_pretrain` backbone, full training),
-    DeiT (plain or distilled) or DINOv2 (`dinov2_vit{s,b,l}14[_reg4]_pretrain.pth`, a training
-    `teacher_checkpoint.pth`) `.pth`; any timm-named ViT state dict (.pth or .safetensors).
-    `NAME=PATH` names the timm architecture of the file at PATH (e.g.
-    `vit_small_patch16_224.dino=weights.safetensors`; a tag after the dot is ignored); NAME is
-    built at its own image size unless `model` gives one. Nothing is downloaded.
+    checkpoint: our run directory (its backbone/ export; before it has one, interrupted or still
+    training, its newest complete checkpoint, logged), one of its checkpoint folders
+    (`checkpoint_backbone`: the network the run exports, built from the folder's own config.json);
+    a timm pretrained directory (model.safetensors or pytorch_model.bin); a `.safetensors` with
+    its JSON beside (`backbone.json` for `backbone.safetensors`; `<stem>.json` holding {"name",
+    "kwargs"} for an export); an official MAE (pretrain, `_full`, visualize, training), DINO
+    (`_pretrain` backbone, full training), DeiT (plain or distilled) or DINOv2
+    (`dinov2_vit{s,b,l}14[_reg4]_pretrain.pth`, a training `teacher_checkpoint.pth`) `.pth`;
+    any timm-named ViT state dict (.pth or .safetensors). `NAME=PATH` names the timm
+    architecture of the file at PATH (e.g. `vit_small_patch16_224.dino=weights.safetensors`; a
+    tag after the dot is ignored); NAME is built at its own image size unless `model` gives one.
+    Nothing is downloaded.
 
     Architecture: from the JSON for our files, from NAME when given, else inferred from the
     tensor shapes (width, depth, patch, grid, MLP ratio, qkv bias; heads from the standard ViT
@@ -244,9 +284,9 @@ def load_pretrained(
     registers timm's DINOv2 ViT). Every non-zero field of `model` but `name` (img_size,
     patch_size, embed_dim, depth, num_heads, drop_path) overrides it; the position embedding is
     resampled with `pos_interp` when the grid changes (backbone.resample_pos_embed; the returned
-    backbone resizes it the same way for inputs of another size). None: the official DINOv2
-    formula for its files (`official_interp`), else bicubic without antialiasing, as the
-    official MAE and DeiT loaders.
+    backbone resizes it the same way for inputs of another size). None: the formula an export
+    recorded with its weights, or the official DINOv2 formula for its files (`official_interp`),
+    else bicubic without antialiasing, as the official MAE and DeiT loaders.
 
     Key mapping, then strict loading: the state dict is `model` (MAE, DeiT), `teacher` or
     `student` (`which`; DINO training checkpoints) or `state_dict` of the file, else the file
@@ -265,26 +305,25 @@ def load_pretrained(
     if which not in WHICH:
         raise CheckpointError(f"which: expected one of {list(WHICH)}, got {which!r}")
     path, arch = parse_checkpoint(checkpoint)
-    path, spec_file = weights_and_spec(path)
-    obj = read_checkpoint(path)
-    state, top_keys = _select_state(obj, which, path)
-    pos_interp = pos_interp or _dinov2_interp(unwrapped(state)) or "bicubic"
-    try:
-        state = backbone_keys(state)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    if arch is not None:
-        name, kwargs = architecture(arch), {}
-    elif spec_file is not None and spec_file.is_file():
-        name, kwargs = _read_spec(spec_file)
-        name, kwargs = architecture(name), {k: v for k, v in kwargs.items() if k != "num_classes"}
+    if arch is None and (folder := training_checkpoint(path)) is not None:
+        if folder != path and path.is_dir():
+            log.warning(
+                "%s has no %s/ yet (interrupted, or still training): using its newest complete "
+                "checkpoint, %s",
+                path,
+                BACKBONE,
+                folder,
+            )
+        path = folder / RUN_WEIGHTS
+        state, name, kwargs, top_keys = checkpoint_backbone(folder, which)
+        pos_interp = pos_interp or "bicubic"
     else:
-        try:
-            name, kwargs = infer_architecture(state, model.num_heads if model else 0)
-        except CheckpointError as e:
-            raise CheckpointError(
-                f"{path}: {e}; the file's top-level keys: {top_keys[:20]}"
-            ) from None
+        path, spec_file = weights_and_spec(path)
+        obj = read_checkpoint(path)
+        state, top_keys = _select_state(obj, which, path)
+        formula = recorded_interp(spec_file) or _dinov2_interp(unwrapped(state))
+        pos_interp = pos_interp or formula or "bicubic"
+        name, kwargs, state = _file_backbone(path, arch, spec_file, state, top_keys, model)
     if model is not None:
         kwargs = _override(kwargs, model)
     try:
@@ -298,30 +337,128 @@ def load_pretrained(
     return backbone
 
 
+def _file_backbone(
+    path: Path,
+    arch: str | None,
+    spec_file: Path | None,
+    state: dict[str, Tensor],
+    top_keys: list[str],
+    model: ModelConfig | None,
+) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """(timm name, kwargs, backbone state in timm's names) of a weights file's state: the
+    architecture as given (NAME=PATH), from its JSON, else inferred from the shapes."""
+    try:
+        state = backbone_keys(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if arch is not None:
+        return architecture(arch), {}, state
+    if spec_file is not None and spec_file.is_file():
+        name, kwargs = _read_spec(spec_file)
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+        return architecture(name), kwargs, state
+    try:
+        name, kwargs = infer_architecture(state, model.num_heads if model else 0)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}; the file's top-level keys: {top_keys[:20]}") from None
+    return name, kwargs, state
+
+
+def training_checkpoint(path: Path) -> Path | None:
+    """The training checkpoint folder `path` stands for: `path` itself when it is one (a
+    `checkpoints/step_*` folder, or any holding a `complete` marker or train_state.json) or the
+    model.safetensors in one; for a run directory without an exported backbone yet (interrupted,
+    or still training), its newest complete checkpoint. None for anything else. A checkpoint
+    whose save was cut short (no marker) is refused."""
+    if path.is_file():
+        inside = path.name == RUN_WEIGHTS and (path.parent / COMPLETE).is_file()
+        return path.parent if inside else None
+    if not path.is_dir():
+        return None
+    exported = timm_weights(path) or timm_weights(path / BACKBONE)
+    if exported or (path / f"{BACKBONE}.safetensors").is_file():
+        return None
+    named = _STEP_DIR.match(path.name.removesuffix(".tmp"))
+    if named or (path / COMPLETE).is_file() or (path / RUN_STATE).is_file():
+        if not (path / COMPLETE).is_file():
+            newest = latest_checkpoint(path.parent.parent)
+            raise CheckpointError(
+                f"{path}: an incomplete checkpoint (no {COMPLETE} marker: its save was cut "
+                f"short){f'; the newest complete one is {newest}' if newest else ''}"
+            )
+        return path
+    return latest_checkpoint(path)
+
+
+def checkpoint_backbone(
+    folder: Path, which: str = "teacher"
+) -> tuple[dict[str, Tensor], str, dict[str, Any], list[str]]:
+    """(backbone state, timm name, kwargs, the state's top-level names) of a run's checkpoint
+    folder: the network the run exports (`EXPORTED`: DINO's and DINOv2's teacher, DeiT's student,
+    MAE's and the linear probe's backbone; `which` student: DINO's student), built as the run
+    built it, from the model section of the folder's own config.json, never inferred."""
+    config = _json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
+    fields = ModelConfig.__dataclass_fields__
+    try:
+        method = str(config["method"]["name"])
+        model = ModelConfig(**{k: v for k, v in config["model"].items() if k in fields})
+        kwargs = model.timm_kwargs()
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{folder / RUN_CONFIG}: no run config naming the method and the model ({e!r}): "
+            "not a checkpoint of an ssl_vit run"
+        ) from None
+    weights = folder / RUN_WEIGHTS
+    if not weights.is_file():
+        held = sorted(p.name for p in folder.iterdir())
+        raise CheckpointError(
+            f"{weights}: not found (the checkpoint holds {held}: sharded by FSDP, it has no "
+            "single model file; evaluate the run's backbone/ once it has finished)"
+        )
+    if method not in EXPORTED:
+        raise CheckpointError(
+            f"{folder}: the backbone of a {method} run is not taken from its checkpoints (known: "
+            f"{sorted(EXPORTED)}); take the run's exports once it has finished (resume it with "
+            "--train.resume auto)"
+        )
+    prefix = EXPORTED[method]
+    if which == "student":
+        if method not in STUDENTS:
+            raise CheckpointError(
+                f"{folder}: a {method} run has no student network apart from the backbone it "
+                "exports (which student: DINO and DINOv2 runs)"
+            )
+        prefix = STUDENTS[method]
+    saved = read_checkpoint(weights)
+    state = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+    return state, model.name, kwargs, sorted({k.split(".")[0] for k in saved})
+
+
 def weights_and_spec(path: Path, stem: str = BACKBONE) -> tuple[Path, Path | None]:
     """(weights file, the JSON naming its architecture, if any) of a path `--checkpoint` names:
     a timm pretrained directory; a run directory (its `stem`/ export, or an earlier version's
-    `stem`.safetensors + .json); a model.safetensors in a timm directory; a `.safetensors` with
+    `stem`.safetensors + .json); the weights file of a timm directory; a `.safetensors` with
     its `<stem>.json` beside; any other file (no JSON)."""
     if path.is_dir():
         for candidate in (path, path / stem):
-            if timm_dir(candidate):
-                return candidate / TIMM_WEIGHTS, candidate / TIMM_CONFIG
+            if (weights := timm_weights(candidate)) is not None:
+                return weights, candidate / TIMM_CONFIG
         weights = path / f"{stem}.safetensors"
         if not weights.is_file():
             raise CheckpointError(
-                f"{path}: a directory without {stem}/ (a run directory has it once training has "
-                f"finished; a timm directory holds {TIMM_CONFIG} and {TIMM_WEIGHTS})"
+                f"{path}: a directory without {stem}/ and without complete checkpoints (a run "
+                f"directory has {stem}/ once training has finished, checkpoints/step_*/ before; "
+                f"a timm directory holds {TIMM_CONFIG} and {TIMM_WEIGHTS} or {TIMM_WEIGHTS_BIN})"
             )
         if not weights.with_suffix(".json").is_file():
             raise CheckpointError(
                 f"{weights.with_suffix('.json')}: not found (written beside {weights})"
             )
         return weights, weights.with_suffix(".json")
+    if path.name in (TIMM_WEIGHTS, TIMM_WEIGHTS_BIN) and timm_weights(path.parent) is not None:
+        return path, path.parent / TIMM_CONFIG
     if path.suffix != ".safetensors":
         return path, None
-    if path.name == TIMM_WEIGHTS and timm_dir(path.parent):
-        return path, path.parent / TIMM_CONFIG
     return path, path.with_suffix(".json")
 
 
@@ -482,12 +619,29 @@ def official_interp(checkpoint: str | Path, which: str = "teacher") -> PosInterp
     official DINOv2 file, that of its model (dinov2/configs/eval/*.yaml, hub/backbones.py):
     without registers interpolate_offset 0.1, no antialiasing ('offset', DINO's); with registers
     offset 0 and antialiasing, F.interpolate(size, bicubic, antialias=True) ('antialias',
-    timm's)."""
+    timm's). For an export of such a file (`ssl-vit import` / `export`), the formula its
+    config.json recorded (`recorded_interp`)."""
     path, _ = parse_checkpoint(checkpoint)
-    if path.is_dir():
+    if training_checkpoint(path) is not None:
         return None
-    state, _ = _select_state(read_checkpoint(path), which, path)
+    weights, spec = weights_and_spec(path)
+    if spec is not None and spec.is_file():
+        return recorded_interp(spec)
+    state, _ = _select_state(read_checkpoint(weights), which, weights)
     return _dinov2_interp(unwrapped(state))
+
+
+def recorded_interp(spec: Path | None) -> PosInterp | None:
+    """The position-embedding formula an export's JSON recorded with its weights (`POS_INTERP`,
+    written by `save_timm`), or None when it names none."""
+    if spec is None or not spec.is_file():
+        return None
+    formula = _json(spec).get(POS_INTERP)
+    if formula is not None and formula not in get_args(PosInterp):
+        raise CheckpointError(
+            f"{spec}: {POS_INTERP} {formula!r} is none of {list(get_args(PosInterp))}"
+        )
+    return formula
 
 
 def _dinov2_interp(state: dict[str, Tensor]) -> PosInterp | None:
@@ -806,17 +960,19 @@ def export_checkpoint(
         raise CheckpointError(
             "the load options (image size, heads, which) apply to backbone exports only"
         )
+    formula = None
     if kind == BACKBONE:
         backbone = load_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
         state = backbone.state_dict()
         name, kwargs = backbone.name, {**backbone.timm_kwargs, "num_classes": 0}
+        formula = official_interp(checkpoint, which)  # travels with the weights
     else:
         if not run.is_dir():
             raise CheckpointError(f"{run}: exporting its {kind} needs a run directory")
         weights, spec = weights_and_spec(run, kind)
         state, _ = _select_state(read_checkpoint(weights), None, weights)
         name, kwargs = _read_spec(spec)
-    out = save_timm(state, name, kwargs, output)
+    out = save_timm(state, name, kwargs, output, pos_interp=formula)
     return {
         "exported": kind,
         "dir": str(out),
@@ -843,7 +999,7 @@ def import_checkpoint(
         raise CheckpointError(f"{out}: already holds {BACKBONE}/ (overwrite replaces it)")
     backbone = load_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
     out.mkdir(parents=True, exist_ok=True)
-    written = export_backbone(backbone, out)
+    written = export_backbone(backbone, out, official_interp(checkpoint, which))
     return {
         "imported": str(checkpoint),
         "dir": str(written),

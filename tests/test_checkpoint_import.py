@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import tiny
 from safetensors.torch import load_file, save_file
+from timm.models import save_for_hf
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main
 from ssl_vit.config import ModelConfig
+from ssl_vit.registry import prepare
 from ssl_vit.weights import (
     CheckpointError,
     export_backbone,
@@ -214,6 +217,37 @@ def test_run_directory_timm_directory_and_earlier_exports(tmp_path):
         assert loaded.name == NAME and loaded.timm_kwargs.items() >= KW.items()
         assert_features(loaded, reference)
     assert_features(load_pretrained(old / "backbone.safetensors"), reference)
+
+
+def test_timm_save_for_hf_folder_with_pytorch_model_bin(tmp_path):
+    """timm's save_for_hf writes pytorch_model.bin unless asked for safetensors, as many Hub
+    repositories hold (before: `a directory without backbone/`, rc 2, at --checkpoint and
+    --model.init): read with weights_only=True, as timm reads it. The folder, its .bin, a
+    classifier saved so and continued pretraining take it; a pickled object in it is refused
+    unrun."""
+    model = vit(13)
+    save_for_hf(model, str(tmp_path / "hf"), model_args=KW)  # width 48: heads from the JSON
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "pytorch_model.bin"
+    ]  # fmt: skip
+    for checkpoint in (tmp_path / "hf", tmp_path / "hf" / "pytorch_model.bin"):
+        loaded = load_pretrained(checkpoint)
+        assert loaded.name == NAME and loaded.timm_kwargs.items() >= KW.items()
+        assert_features(loaded, model)
+    classifier = perturbed(timm.create_model(NAME, **KW, num_classes=5), 14)
+    save_for_hf(classifier, str(tmp_path / "clf"), model_args={**KW, "num_classes": 5})
+    with torch.no_grad():
+        assert torch.equal(load_classifier(tmp_path / "clf")(images()), classifier(images()))
+    cfg = tiny(tmp_path / "run")
+    cfg.model = ModelConfig(img_size=32, init=str(tmp_path / "hf"))
+    prepare(cfg)  # continued pretraining: the architecture of the folder
+    assert (cfg.model.name, cfg.model.embed_dim, cfg.model.num_heads) == (NAME, 48, 3)
+
+    target = tmp_path / "target.txt"
+    torch.save({"w": WritesFile(target)}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: refused"):
+        load_pretrained(tmp_path / "hf")
+    assert not target.exists()
 
 
 @pytest.mark.parametrize(

@@ -10,19 +10,20 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from conftest import TINY_MODEL, tiny
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.data import build_dataset, collate
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import EVALUATORS, METHODS, TRAINABLE
 from ssl_vit.train.loop import fit
-from ssl_vit.weights import export_backbone
+from ssl_vit.weights import CheckpointError, export_backbone, load_pretrained
 
 NAMES = list(TRAINABLE)
 
@@ -109,6 +110,57 @@ def test_one_step_through_fit(name, tmp_path):
     assert (run / "classifier" / "model.safetensors").is_file() == (
         method.export_classifier() is not None
     )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_folder_gives_the_backbone_the_run_exports(name, tmp_path, caplog):
+    """A run's checkpoint folder, and the run directory before its backbone/ export (interrupted:
+    its newest complete checkpoint, logged), load exactly the network the run exports
+    (`export_backbone`: DINO's teacher, not its student), built from the folder's config.json
+    (width 32 is no standard size: nothing could infer its heads); fine-tuning's is refused."""
+    cfg, method = built(name, tmp_path)
+    run = Path(cfg.train.output_dir)
+
+    def checkpoint(step: int, complete: bool = True) -> tuple[Path, dict]:
+        with torch.no_grad():  # every tensor its own values: teacher and student apart
+            for p in method.parameters():
+                p.copy_(torch.randn_like(p))
+        folder = run / "checkpoints" / f"step_{step:07d}"
+        folder.mkdir(parents=True)
+        state = {k: v.contiguous() for k, v in method.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(cfg.to_json())
+        if complete:
+            (folder / "complete").write_text("{}")
+        return folder, {k: v.clone() for k, v in method.export_backbone().state_dict().items()}
+
+    (first, want_first), (_, want_newest) = checkpoint(4), checkpoint(8)
+    cut_short, _ = checkpoint(12, complete=False)  # a save cut short: never taken
+    if name == "finetune":  # its classifier reshaped the backbone (global_pool): not rebuilt
+        with pytest.raises(CheckpointError, match=f"the backbone of a {name} run is not taken"):
+            load_pretrained(first)
+        return
+    weights = first / "model.safetensors"  # before: its architecture inferred from the shapes
+    for source, want in ((first, want_first), (weights, want_first), (run, want_newest)):
+        loaded = load_pretrained(source)
+        assert loaded.config_dict() == {"name": cfg.model.name, "kwargs": cfg.model.timm_kwargs()}
+        got = loaded.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert f"using its newest complete checkpoint, {run / 'checkpoints' / 'step_0000008'}" in (
+        caplog.text
+    )
+    with pytest.raises(CheckpointError, match="an incomplete checkpoint"):
+        load_pretrained(cut_short)
+    if name in ("dino", "dinov2"):  # the student, asked for by name
+        student = load_pretrained(first, which="student").state_dict()
+        assert not torch.equal(student["pos_embed"], want_first["pos_embed"])
+        assert all(torch.equal(student[k], v) for k, v in checkpoint_student(first).items())
+
+
+def checkpoint_student(folder: Path) -> dict[str, torch.Tensor]:
+    """DINO's student backbone as its checkpoint holds it: the method's own `backbone.*`."""
+    state = load_file(str(folder / "model.safetensors"))
+    return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
 
 
 @pytest.mark.parametrize("name", NAMES)

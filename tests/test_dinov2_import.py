@@ -17,6 +17,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.cli import main as ssl_vit
 from ssl_vit.cli.knn import main as knn_main
 from ssl_vit.cli.visualize import main as visualize
 from ssl_vit.config import Config, ModelConfig
@@ -160,6 +161,45 @@ def test_another_resolution_follows_the_official_formula(registers, tmp_path):
     assert (
         other - official_interpolate(official["pos_embed"], 8, 8, offset, antialias)
     ).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_an_imported_file_keeps_its_formula(registers, tmp_path, capsys):
+    """`ssl-vit import` of an official file records its formula in the export's config.json, and
+    every later load at another size takes it, as the file loaded directly does (before: the
+    imported directory resized bicubically, 5.8e-2 / 5.3e-2 off on these weights, 7.4e-2 /
+    9.1e-2 on the released ones); an `export` of the import keeps it; timm still loads it."""
+    official = official_layout(dinov2(registers, img_size=84))
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(official, path)
+    imported, exported = tmp_path / "imported", tmp_path / "exported"
+    argv = ["--checkpoint", str(path), "--output.dir", str(imported), "--load.num_heads", "2"]
+    assert ssl_vit(["import", *argv]) == 0
+    assert ssl_vit(["export", "--checkpoint", str(imported), "--output.dir", str(exported)]) == 0
+    capsys.readouterr()
+    formula = "antialias" if registers else "offset"
+    for config in (imported / "backbone" / "config.json", exported / "config.json"):
+        assert json.loads(config.read_text())["pos_interp"] == formula
+    timm.create_model(f"local-dir:{exported}", pretrained=True)
+
+    size = ModelConfig(img_size=112, num_heads=2)
+    direct = load_pretrained(path, model=size)
+    offset, antialias = (0.0, True) if registers else (0.1, False)
+    want = official_interpolate(official["pos_embed"], 8, 8, offset, antialias)
+    want = want[:, 1:] if registers else want  # timm's registered layout: patch positions only
+    torch.testing.assert_close(direct.pos_embed, want, **ROUNDING)
+    x = images(70)  # and 5 x 5 patches at run time
+    for later in (imported, exported):
+        loaded = load_pretrained(later, model=size)
+        assert loaded.pos_interp == formula and torch.equal(loaded.pos_embed, direct.pos_embed)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x).tokens, direct.eval()(x).tokens)
+        assert LoadConfig().interp("bicubic", later) == formula  # knn, export, import
+    cfg = Config(
+        model=ModelConfig(img_size=112, patch_size=14, num_heads=2),
+        method=FineTuneConfig(checkpoint=str(imported)),
+    )
+    assert torch.equal(pretrained_backbone(cfg).pos_embed, direct.pos_embed)  # evaluators
 
 
 def test_auto_takes_the_files_formula_an_explicit_choice_wins(tmp_path):

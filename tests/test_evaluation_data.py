@@ -74,6 +74,51 @@ def test_knn_never_scores_training_images_as_held_out(tmp_path, backbone_dir, ca
     assert code == 0 and (result["eval_split"], result["held_out"]) == ("val", True)
 
 
+def test_the_bank_is_never_its_own_query_unless_named(tmp_path, backbone_dir, capsys):
+    """`--data.split val` with val_split auto (before: `val` scored against itself, 100 %, rc 0):
+    refused naming the keys and how to ask for it, before any feature; named, it runs and says
+    held_out false. Data with another evaluation split takes that one."""
+    synthetic = ["--data.split", "val", "--data.synthetic_size", "40"]
+    code, err = knn(capsys, backbone_dir, *synthetic)
+    assert code == 2 and "data.val_split auto: the only evaluation split of synthetic, 'val'" in err
+    assert "the training split (data.split, the k-NN bank)" in err and "k-NN bank:" not in err
+    assert "ask for this one by name: --data.val_split val (results then say held_out false)" in err
+    code, result = knn(capsys, backbone_dir, *synthetic, "--data.val_split", "val")
+    assert code == 0 and (result["eval_split"], result["held_out"]) == ("val", False)
+
+    for split in ("train", "val", "test"):
+        image_folder(tmp_path / "data" / split, split, 12)
+    code, result = knn(capsys, backbone_dir, "--data.path", str(tmp_path / "data"), "--data.split",
+                       "val")  # fmt: skip
+    assert code == 0 and (result["eval_split"], result["held_out"]) == ("test", True)
+
+
+def test_evaluations_during_training_name_their_split_everywhere(tmp_path):
+    """Each evaluation's metrics.jsonl row, log line and tracker tags name its split and whether
+    it is held out (before: {"step": 4, "epoch": 1.0, "knn_top1": ...}, tag eval/knn_top1, the
+    same for a run evaluating its training split)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for split, held_out in (("val", True), ("train", False)):
+        run = tmp_path / split
+        cfg = tiny(run, epochs=2, warmup_epochs=0, eval_every_epochs=1)
+        cfg.data.val_split = split if split == "train" else "auto"
+        result = fit(cfg)
+        rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if "knn_top1" in r and "final" not in r]
+        assert [(r["step"], r["eval_split"], r["held_out"]) for r in evals] == [
+            (4, split, held_out), (8, split, held_out)
+        ]  # fmt: skip
+        assert (result["eval_split"], result["held_out"]) == (split, held_out)
+        log = (run / "train.log").read_text()
+        assert f"'eval_split': '{split}', 'held_out': {held_out}}}" in log
+        events = EventAccumulator(str(next((run / "tb").rglob("events.out.tfevents.*")).parent))
+        events.Reload()
+        evals = sorted(t for t in events.Tags()["scalars"] if t.startswith("eval"))
+        assert evals == [f"eval/{split}/{k}" for k in ("epoch", "held_out", "knn_top1", "knn_top5")]
+        assert [e.value for e in events.Scalars(f"eval/{split}/held_out")] == [held_out] * 2
+
+
 def test_hugging_face_validation_and_test_splits_are_recognised(tmp_path, backbone_dir, capsys):
     datasets = pytest.importorskip("datasets")
 

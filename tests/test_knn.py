@@ -1,24 +1,31 @@
 """`ssl-vit knn` takes every checkpoint format `load_pretrained` reads: an official DINO training
 checkpoint (teacher or student network) and a NAME=PATH timm file give the same features and
-accuracy as our run directory of the same weights."""
+accuracy as our run directory of the same weights; an interrupted run is evaluated (and exported)
+from its checkpoints."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from conftest import tiny, train_until_killed
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_vit.backbone import Backbone
+from ssl_vit.cli import main as ssl_vit
 from ssl_vit.cli.knn import main
-from ssl_vit.config import ModelConfig
+from ssl_vit.config import Config, ModelConfig
 from ssl_vit.eval.knn import embed
-from ssl_vit.weights import export_backbone, import_checkpoint, load_pretrained
+from ssl_vit.registry import build_method, method_configs
+from ssl_vit.train.checkpoint import check_checkpoint
+from ssl_vit.weights import export_backbone, import_checkpoint, latest_checkpoint, load_pretrained
 
 from tolerances import FORWARD
 
@@ -126,3 +133,49 @@ def test_name_equals_path_and_errors(tmp_path, capsys):
     assert main([*ARGS, "--checkpoint", str(tmp_path / "odd.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "odd.safetensors: cannot infer a ViT architecture" in err
+
+
+def exported_at(folder: Path) -> Backbone:
+    """The backbone a run exports at checkpoint `folder`: its method rebuilt from the folder's
+    config, its whole saved state loaded strictly, `export_backbone()` (DINO's teacher)."""
+    cfg = Config.from_dict(json.loads((folder / "config.json").read_text()), method_configs())
+    method = build_method(cfg, init=False)
+    method.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    return method.export_backbone().eval()
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_an_interrupted_run_is_evaluated_and_exported_from_its_checkpoints(
+    method, tmp_path, capsys, caplog
+):
+    """SIGKILLed with complete checkpoints and no backbone/ (before: `a directory without
+    backbone/`, rc 2, for the run and for its checkpoint folders; the way round through the
+    model.safetensors inferred vit_base_patch8_224 for this tiny model): knn and export take the
+    run (its newest complete checkpoint, logged) and a checkpoint folder, with the features of
+    the backbone the run exports at that step; the checkpoint stays resumable (knn.json goes to
+    the run directory)."""
+    run = tmp_path / "killed"
+    first = train_until_killed(tiny(run, method, epochs=10, save_every_steps=4, keep_last=100), 8)
+    first = first.with_name("step_0000004")
+    newest = latest_checkpoint(run)
+    assert not (run / "backbone").exists() and newest.name >= "step_0000008"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for checkpoint, folder in ((run, newest), (first, first)):
+        reference = exported_at(folder)
+        export_backbone(reference, tmp_path / "reference" / folder.name)
+        want = knn(capsys, str(tmp_path / "reference" / folder.name))
+        assert metrics(knn(capsys, str(checkpoint))) == metrics(want)
+        with torch.no_grad():
+            assert torch.equal(load_pretrained(checkpoint).eval()(x).tokens, reference(x).tokens)
+            out = tmp_path / "exported" / folder.name
+            assert (
+                ssl_vit(["export", "--checkpoint", str(checkpoint), "--output.dir", str(out)]) == 0
+            )
+            assert json.loads(capsys.readouterr().out)["name"] == "vit_tiny_patch16_224"
+            model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+            torch.testing.assert_close(model.forward_features(x), reference(x).tokens, **FORWARD)
+        check_checkpoint(folder)  # nothing added to it: a resume still takes it
+        assert json.loads((run / "knn.json").read_text())["checkpoint"] == str(checkpoint)
+    assert f"{run} has no backbone/ yet (interrupted, or still training): using its newest " in (
+        caplog.text
+    )

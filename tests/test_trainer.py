@@ -338,10 +338,10 @@ def test_tensorboard_holds_image_summaries_and_training_is_unchanged(tmp_path):
     events.Reload()
     assert sorted(events.Tags()["images"]) == ["images/attention", "images/mae_reconstruction"]
     assert [e.step for e in events.Images("images/mae_reconstruction")] == [4, 8]
-    scalars = events.Tags()["scalars"]  # grouped: train/..., eval/...
-    assert {"train/loss", "train/lr", "train/img_per_s", "eval/knn_top1"} <= set(scalars)
-    assert all(t.startswith(("train/", "eval/")) for t in scalars)
-    assert [e.step for e in events.Scalars("eval/knn_top1")] == [8]
+    scalars = events.Tags()["scalars"]  # grouped: train/..., eval/<split>/...
+    assert {"train/loss", "train/lr", "train/img_per_s", "eval/val/knn_top1"} <= set(scalars)
+    assert all(t.startswith(("train/", "eval/val/")) for t in scalars)
+    assert [e.step for e in events.Scalars("eval/val/knn_top1")] == [8]
     a, b = params(plain, 8), params(pictured, 8)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the pictures never touch the training RNG
 

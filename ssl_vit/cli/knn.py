@@ -1,10 +1,12 @@
 """`ssl-vit knn --checkpoint CHECKPOINT`: weighted k-NN accuracy of any checkpoint's backbone
-(ssl_vit.eval.knn), one JSON line, also written to knn.json beside the checkpoint."""
+(ssl_vit.eval.knn), one JSON line, also written to knn.json beside the checkpoint (a checkpoint
+folder's: in its run directory)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from ssl_vit.eval.accuracy import eval_data
 from ssl_vit.eval.knn import knn_eval
 from ssl_vit.weights import (
     CHECKPOINT_HELP,
+    COMPLETE,
     CheckpointError,
     LoadConfig,
     load_pretrained,
@@ -87,11 +90,16 @@ def knn(root: KNNRoot, args: Args) -> dict[str, Any]:
     )
     result = {"checkpoint": checkpoint, "k": list(root.knn.k), **metrics, **data.result()}
     if accelerator.is_main_process:
-        path, _ = parse_checkpoint(checkpoint)
-        (path if path.is_dir() else path.parent).joinpath("knn.json").write_text(
-            json.dumps(result) + "\n"
-        )
+        result_dir(checkpoint).joinpath("knn.json").write_text(json.dumps(result) + "\n")
     return result
+
+
+def result_dir(checkpoint: str) -> Path:
+    """Where knn.json goes: the checkpoint's directory (a file's folder), or for a training
+    checkpoint folder its run directory, since a resume refuses files added to a checkpoint."""
+    path, _ = parse_checkpoint(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    return folder.parent.parent if (folder / COMPLETE).is_file() else folder
 
 
 def main(argv: list[str]) -> int:

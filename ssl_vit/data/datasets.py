@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ssl_vit.config import EVAL_SPLITS, EvalDataConfig
+from ssl_vit.config import EVAL_SPLITS, ConfigError, EvalDataConfig
 from ssl_vit.data.encoded_batch import EncodedBatch
 from ssl_vit.data.synthetic import SyntheticImages
 
@@ -343,14 +343,16 @@ def build_dataset(
 
 def eval_split(data_cfg: EvalDataConfig) -> str:
     """The split evaluations read: data_cfg.val_split as named, or for 'auto' the first of
-    EVAL_SPLITS the data has. DataError when there is none: scoring the training images against
-    themselves would measure memory, so that is done only when data.split is named."""
+    EVAL_SPLITS the data has that is not the training split (data.split, the k-NN bank).
+    Scoring the training images against themselves would measure memory, so that is done only
+    when data.val_split names data.split: ConfigError when 'auto' finds only the training split,
+    DataError when it finds no split at all."""
     if data_cfg.val_split != "auto":
         return data_cfg.val_split
     path = data_cfg.path
     if path == "synthetic":
-        return "val"
-    if path.startswith("hf:"):
+        found = ["train", "val"]
+    elif path.startswith("hf:"):
         found = _hub_split_names(path[3:])
     else:
         root = Path(path)
@@ -359,8 +361,18 @@ def eval_split(data_cfg: EvalDataConfig) -> str:
         else:  # split sub-folders beside data.split's; without it the folder is one set
             found = _subfolders(root) if (root / data_cfg.split).is_dir() else []
     for split in EVAL_SPLITS:
-        if split in found:
+        if split in found and split != data_cfg.split:
             return split
+    if data_cfg.split in EVAL_SPLITS and data_cfg.split in found:
+        raise ConfigError(
+            [
+                f"data.val_split auto: the only evaluation split of {path}, "
+                f"{data_cfg.split!r}, is the training split (data.split, the k-NN bank): it "
+                "would be scored against itself. Train on another split (--data.split), name "
+                "another evaluation split (--data.val_split NAME), or ask for this one by name: "
+                f"--data.val_split {data_cfg.split} (results then say held_out false)"
+            ]
+        )
     raise DataError(
         f"data.val_split auto: {path} has no held-out split ({', '.join(EVAL_SPLITS)}); its "
         f"splits: {found or 'none (one set of images)'}. Add one, name one with --data.val_split "

@@ -346,12 +346,14 @@ class Run:
             writer.add_image(f"images/{tag}", image, self.state.step)
 
     def evaluate(self) -> None:
-        """Evaluate, log, and keep the best classifier (classifier_best.*)."""
+        """Evaluate, log, and keep the best classifier (classifier_best.*). The row and the log
+        line name the split and whether it is held out; the trackers' tags are eval/<split>/."""
         epoch = self.state.step / self.plan.steps_per_epoch  # the epochs trained, as logged
         self.last_eval = {"step": self.state.step, "epoch": epoch}
         with gathered(self.method):
             self.last_eval |= evaluate(self.cfg, self.accelerator, self.method, self.eval_data)
-        self.metrics.log(self.last_eval, self.state.step, "eval")
+        self.last_eval |= self.eval_data.result()
+        self.metrics.log(self.last_eval, self.state.step, f"eval/{self.eval_data.split}")
         log.info("evaluation at step %d: %s", self.state.step, self.last_eval)
         if self.last_eval.get("val_top1", -1.0) > self.best_eval.get("best_val_top1", -1.0):
             self.best_eval = as_best(self.last_eval)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ssl_vit.config import EvalDataConfig
+from ssl_vit.config import ConfigError, EvalDataConfig
 from ssl_vit.data import DataError, build_dataset, eval_split, eval_view, open_image
 
 
@@ -56,7 +56,7 @@ def picture_split(data_cfg: EvalDataConfig) -> str:
     split (a picture measures nothing, so a folder of photos is fine as it is)."""
     try:
         return eval_split(data_cfg)
-    except DataError:
+    except (DataError, ConfigError):  # no held-out split
         return data_cfg.split
 
 
