@@ -100,6 +100,21 @@ def test_evaluation_commands_list_no_training_only_fields(capsys):
         assert not any(f in out for f in ("crop_scale", "hflip", "decode_on_device")), command
 
 
+def test_every_help_names_config_print_config_and_what_checkpoint_takes(capsys):
+    """Before: --config and --print-config were in no --help; knn's and export's --checkpoint
+    help said "a run directory or its backbone.safetensors" (the layout of earlier versions)."""
+    commands = [["train"], ["train", "--method", "deit"], ["knn"], ["embed"], ["linprobe"]]
+    commands += [["finetune"], ["export"], ["import"], ["visualize", "pca"]]
+    for command in commands:
+        code, out, _ = run_cli(capsys, *command, "--help")
+        assert code == 0 and "\n  --config FILE  start from FILE (JSON or YAML" in out, command
+        assert "\n  --print-config  print the resolved config as JSON" in out, command
+        assert "backbone.safetensors" not in out, command
+    for command in ("knn", "export", "linprobe"):
+        _, out, _ = run_cli(capsys, command, "--help")
+        assert "--checkpoint: a run directory (its backbone/ export) or a timm pretrained" in out
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """A folder of 3 photo-like 48 px images, and one unreadable file."""
