@@ -133,7 +133,9 @@ def mae_run(tmp_path_factory):
     return run
 
 
-def test_embed_every_checkpoint_format_same_features_with_ids(tmp_path, photos, mae_run, capsys):
+def test_embed_every_checkpoint_format_same_features_with_ids(
+    tmp_path, photos, mae_run, capsys, caplog
+):
     official = tmp_path / "mae_pretrain.pth"  # the official MAE layout of the same encoder
     torch.save({"model": load_pretrained(mae_run).state_dict()}, official)
     forms = [str(mae_run), str(mae_run / "backbone"), str(official)]
@@ -148,6 +150,10 @@ def test_embed_every_checkpoint_format_same_features_with_ids(tmp_path, photos, 
         assert code == 0, err
         result = json.loads(stdout)
         assert (result["images"], result["dim"], result["skipped_images"]) == (3, 32, 1)
+        assert result["skipped_paths"] == [str(photos / "broken.jpg")]  # before: a count alone
+        assert f"skipped unreadable image {photos / 'broken.jpg'} (left out of {out})" in [
+            r.getMessage() for r in caplog.records
+        ]
         with safe_open(str(out), "pt") as f:
             ids = json.loads(f.metadata()["ids"])
             outputs.append(f.get_tensor("embeddings"))
