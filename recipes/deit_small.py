@@ -7,7 +7,8 @@ accumulation on fewer), AdamW (0.9, 0.999), lr 5e-4 x batch/512 with 5 warmup ep
 1e-5, weight decay 0.05, drop path 0.1. Training view: RandomResizedCrop (0.08-1, bicubic), flip,
 RandAugment m9-mstd0.5-inc1, random erasing 0.25; Mixup 0.8 / CutMix 1.0 (switch 0.5) with label
 smoothing 0.1; repeated augmentation x3; model EMA 0.99996. Top-1 on data.val_split (resize 256,
-center crop 224: crop ratio 0.875) every epoch.
+center crop 224: crop ratio 0.875) every epoch. The head has as many classes as the training
+split (ImageNet-1k: 1000); pass --method.num_classes to state a count the data must match.
 """
 
 import sys
@@ -35,7 +36,7 @@ def config() -> Config:
         ),
         method=DeiTConfig(
             distillation="none",
-            num_classes=1000,
+            num_classes=0,  # the training split's (ImageNet-1k: 1000); a stated count must match
             mixup=0.8,
             cutmix=1.0,
             mixup_switch_prob=0.5,

@@ -168,12 +168,46 @@ def build_method(cfg: Config, init: bool = True) -> Method:
     return method
 
 
+def settle_classes(cfg: Config, head: Any, key: str, classes: list[str]) -> None:
+    """A classifier's class count (`head.num_classes`, set at `key`) from its training split's
+    classes: taken when 0, else it must be the same number. A stream whose metadata names no
+    classes takes the stated count (its samples carry their labels); data without labels is
+    an error."""
+    where = f"the training split {cfg.data.split!r} (data.split) of {cfg.data.path}"
+    if classes:
+        if head.num_classes and head.num_classes != len(classes):
+            named = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise ConfigError(
+                [
+                    f"{key}: {head.num_classes} classes, but {where} has {len(classes)} "
+                    f"({named}); set {key} 0 to take the data's count"
+                ]
+            )
+        head.num_classes = len(classes)
+    elif not cfg.data.streaming:
+        raise DataError(
+            f"{cfg.method.name} trains a classifier, but {where} has no labels (an image folder "
+            "needs class sub-folders; a dataset, a class column: data.label_column)"
+        )
+    elif not head.num_classes:
+        raise DataError(
+            f"{cfg.method.name} trains a classifier: the metadata of {where} names no classes "
+            f"(no ClassLabel column, no make_shards index) to count; set {key}"
+        )
+    else:
+        log.info(
+            "%s: %d, as set (the stream's metadata names no classes; its labels must be in 0..%d)",
+            key,
+            head.num_classes,
+            head.num_classes - 1,
+        )
+
+
 def prepare(cfg: Config) -> EvalData | None:
     """What the data and model.init decide of `cfg`, settled before the run directory is made
-    and any step runs: model.init's architecture (model.name and sizes: the checkpoint's), DeiT's
-    classes (num_classes 0: the training split's; more labels than num_classes is an error), and
-    with train.eval_every_epochs the evaluation data, checked (`eval_data`; data.val_split
-    resolved). Returns the evaluation data, or None."""
+    and any step runs: model.init's architecture (model.name and sizes: the checkpoint's), a
+    classifier's classes (`settle_classes`), and with train.eval_every_epochs the evaluation
+    data, checked (`eval_data`; data.val_split resolved). Returns the evaluation data, or None."""
     m, model = cfg.method, cfg.model
     head = m.deit if isinstance(m, FineTuneConfig) else m  # what holds num_classes, if anything
     classifier = isinstance(head, DeiTConfig | LinearProbeConfig)
@@ -188,17 +222,9 @@ def prepare(cfg: Config) -> EvalData | None:
         classes = stream_classes(cfg.data)  # nothing read but the stream's metadata
     elif classifier or cfg.data.path.startswith("hf:"):  # a Hub dataset: fails here if offline
         classes = build_dataset(cfg.data, lambda image: {}, image_size=model.img_size).classes
-    if classifier or cfg.data.path.startswith("hf:"):
+    if classifier:
         key = "method.deit.num_classes" if head is not m else "method.num_classes"
-        if classifier and not classes:
-            raise DataError(
-                f"{m.name} trains a classifier: the training split {cfg.data.split!r} (data.split) "
-                f"of {cfg.data.path} has no labels to count classes; set {key}"
-            )
-        if classifier and head.num_classes and head.num_classes < len(classes):
-            raise ConfigError([f"{key}: {head.num_classes} < the data's {len(classes)} classes"])
-        if classifier:
-            head.num_classes = head.num_classes or len(classes)
+        settle_classes(cfg, head, key, classes)
     if not cfg.train.eval_every_epochs:
         return None
     if cfg.data.streaming:

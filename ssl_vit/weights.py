@@ -900,9 +900,11 @@ def load_classifier(
 # ---------------------------------------------------------------------------------------------
 # Export and import of whole files (`ssl-vit export`, `ssl-vit import`).
 
-CHECKPOINT_HELP = """--checkpoint: a run directory or its backbone.safetensors; an official MAE,
-DINO or DeiT .pth; a timm-named state dict (.pth / .safetensors); or NAME=PATH to name the
-timm architecture of the file at PATH (e.g. vit_small_patch16_224.dino=weights.safetensors)."""
+CHECKPOINT_HELP = """--checkpoint: a run directory (its backbone/ export) or a timm pretrained
+directory (config.json + model.safetensors, as `ssl-vit export` and timm's save_for_hf write);
+an official MAE, DINO, DINOv2 or DeiT .pth; a timm-named state dict (.pth / .safetensors); or
+NAME=PATH to name the timm architecture of the file at PATH (e.g.
+vit_small_patch16_224.dino=weights.safetensors). Nothing is downloaded."""
 
 
 @dataclass

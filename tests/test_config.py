@@ -152,7 +152,7 @@ def test_recipe_help_and_typo_from_the_command_line():
     ok = subprocess.run([sys.executable, recipe, "--help"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     n = sum(1 for line in ok.stdout.splitlines() if line.startswith("  --"))
-    assert n == len(options(mae_config()))
+    assert n == len(options(mae_config())) + 2  # and --config FILE, --print-config
     assert "--train.effective_batch int  (default: 4096)" in ok.stdout  # the recipe's value
     bad = subprocess.run(
         [sys.executable, recipe, "--train.epoch", "1"], capture_output=True, text=True

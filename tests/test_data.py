@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -436,6 +437,8 @@ def test_unreachable_hub_fails_at_once_in_one_line_leaving_no_run_directory(
             raise ConnectionError(f"cannot resolve {url}")
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # whatever the caller's shell set
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(utils, "get_session", lambda: Offline())
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("no retries"))
     run = tmp_path / "run"
@@ -444,6 +447,34 @@ def test_unreachable_hub_fails_at_once_in_one_line_leaving_no_run_directory(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: hf:someone/pets: cannot load it from the")
     assert "ConnectionError: cannot resolve" in err[0] and "HF_HUB_OFFLINE=1" in err[0]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "offline", [("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"), ("HF_DATASETS_OFFLINE",)]
+)
+def test_offline_mode_fails_in_one_line_that_does_not_ask_for_it_again(tmp_path, offline):
+    """With offline mode set, as on many clusters, a Hub dataset not in the (empty) cache is one
+    line, exit status 2, no run directory, and no advice to set what is set (before: "... or set
+    HF_HUB_OFFLINE=1 to read the local cache"). A subprocess: `datasets` reads the variables at
+    import."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_HOME": str(tmp_path / "hf"), **dict.fromkeys(offline, "1")}
+    run = tmp_path / "run"
+    args = ["train", "--data.path", "hf:someone/pets", "--train.output_dir", str(run)]
+    done = subprocess.run(
+        [sys.executable, "-m", "ssl_vit", *args], env=env, capture_output=True, text=True
+    )
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith(
+        "error: hf:someone/pets: not in the local cache, and offline mode is set (HF_HUB_OFFLINE "
+        "/ HF_DATASETS_OFFLINE) (ConnectionError: "
+    )
+    assert err[0].endswith(
+        "Load it once where the Hub can be reached, or use a copy saved with save_to_disk "
+        "(data.path DIR)"
+    )
     assert not run.exists()
 
 

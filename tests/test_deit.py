@@ -440,3 +440,110 @@ def test_repeated_aug_sampler_is_deterministic_per_epoch():
     other_seed = RepeatedAugSampler(50, 2, 4, seed=1)
     other_seed.set_epoch(1)
     assert list(other_seed) != orders[1]
+
+
+def recipe(name: str, monkeypatch) -> Config:
+    """recipes/`name`.py's config, as the file builds it (its base recipe importable)."""
+    import importlib.util
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    monkeypatch.syspath_prepend(str(recipes))
+    spec = importlib.util.spec_from_file_location(name, recipes / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.config()
+
+
+def on(cfg: Config, path: Path, **data) -> Config:
+    """`cfg` reading `path`, without evaluations."""
+    cfg.data = DataConfig(path=str(path), num_workers=0, **data)
+    cfg.train.eval_every_epochs = 0
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["deit_small", "deit_small_distilled", "deit_base_distilled"])
+def test_deit_recipes_count_the_classes_of_the_data_and_a_stated_count_must_match(
+    name, tmp_path, monkeypatch
+):
+    """Before: the recipes' num_classes=1000 trained a 1000-way head on a 5-class folder (first
+    loss ln 1000 = 6.9) without a word; 12 classes on 10 passed too."""
+    from test_trainer import write_image_folder
+
+    from ssl_vit.registry import prepare
+
+    write_image_folder(tmp_path / "five", 10, {})  # class_0 .. class_4
+    cfg = on(recipe(name, monkeypatch), tmp_path / "five")
+    prepare(cfg)
+    assert cfg.method.num_classes == 5
+    for stated in (1000, 4):
+        cfg = on(recipe(name, monkeypatch), tmp_path / "five")
+        cfg.method.num_classes = stated
+        with pytest.raises(ConfigError) as e:
+            prepare(cfg)
+        assert str(e.value).endswith(
+            f"method.num_classes: {stated} classes, but the training split 'train' (data.split) "
+            f"of {tmp_path / 'five'} has 5 (class_0, class_1, class_2, class_3, class_4); set "
+            "method.num_classes 0 to take the data's count"
+        )
+    cfg = on(recipe(name, monkeypatch), tmp_path / "five")
+    cfg.method.num_classes = 5  # stated and right
+    prepare(cfg)
+    assert cfg.method.num_classes == 5
+
+
+def test_classes_without_labels_or_from_a_streams_metadata(tmp_path):
+    """An unlabelled folder: no labels, whatever num_classes says (before: "set
+    method.num_classes", also when set). A stream: the classes of a Parquet file's ClassLabel
+    (a Hub repository's layout, no make_shards index), else the stated count (before: refused
+    with "set method.num_classes" either way)."""
+    import datasets
+    import make_shards
+    from test_trainer import write_image_folder
+
+    from ssl_vit.data import DataError
+    from ssl_vit.registry import prepare
+
+    write_image_folder(tmp_path / "five", 10, {})
+    files = sorted((tmp_path / "five").rglob("img_*"))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in files:
+        (flat / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    for stated in (0, 8):
+        cfg = on(tiny(tmp_path / "run", "deit"), flat)
+        cfg.method.num_classes = stated
+        with pytest.raises(DataError) as e:
+            prepare(cfg)
+        assert str(e.value) == (
+            f"deit trains a classifier, but the training split 'train' (data.split) of {flat} "
+            "has no labels (an image folder needs class sub-folders; a dataset, a class column: "
+            "data.label_column)"
+        )
+
+    hub = tmp_path / "hub" / "data"  # a Hub repository's Parquet files, their ClassLabel
+    hub.mkdir(parents=True)
+    names = ["cat", "dog", "fox", "owl"]
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+    rows = {"image": [{"bytes": f.read_bytes(), "path": f.name} for f in files[:4]]}
+    rows["label"] = [0, 1, 2, 3]
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(hub / "train-00000.parquet")
+    cfg = on(tiny(tmp_path / "run", "deit"), hub.parent, streaming=True)
+    cfg.method.num_classes = 0
+    prepare(cfg)
+    assert cfg.method.num_classes == 4
+    cfg.method.num_classes = 10
+    with pytest.raises(ConfigError, match=r"num_classes: 10 classes, .* has 4 \(cat, dog, fox"):
+        prepare(cfg)
+
+    shards = tmp_path / "shards"  # WebDataset shards whose index lists no classes
+    make_shards.main([str(tmp_path / "five"), str(shards), "--format", "webdataset"])
+    index = json.loads((shards / "_index.json").read_text())
+    index["splits"]["train"]["classes"] = []
+    (shards / "_index.json").write_text(json.dumps(index))
+    cfg = on(tiny(tmp_path / "run", "deit"), shards, streaming=True)
+    cfg.method.num_classes = 0
+    with pytest.raises(DataError, match=r"names no classes .* to count; set method.num_classes$"):
+        prepare(cfg)
+    cfg.method.num_classes = 8
+    prepare(cfg)
+    assert cfg.method.num_classes == 8

@@ -36,6 +36,9 @@ def test_top1_top5_on_hand_built_logits():
     ]
     m = classification_metrics(lambda x: x, loader, OneProcess())
     assert m == {"top1": 50.0, "top5": 75.0}
+    last3 = [{"images": logits[1:], "labels": labels[1:]}]  # top-1: 1 of 3, top-5: 2 of 3
+    thirds = classification_metrics(lambda x: x, last3, OneProcess())
+    assert thirds == {"top1": 33.333, "top5": 66.667}  # before: 33.333333333333336
     with pytest.raises(DataError, match="labeled"):
         classification_metrics(
             lambda x: x, [{"images": logits, "labels": -labels - 1}], OneProcess()

@@ -126,8 +126,11 @@ def test_divergence_stops_the_run_before_a_checkpoint_holds_it(tmp_path):
     exploding = tiny(run, resume="auto", resume_changes="allow", lr=1e30, log_every=20, **SCHEDULE)
     with pytest.raises(RunError) as e:  # step 3 sends the weights to 1e30, step 4 overflows
         fit(exploding)
-    msg = str(e.value)
-    assert msg.startswith("training diverged: a loss, gradient norm or weight was not finite by ")
+    msg = str(e.value)  # before: "a loss, gradient norm or weight was not finite by step 4"
+    assert msg.startswith(
+        "training diverged: the loss was NaN, the gradient norm was NaN and weight mask_token "
+        "held NaN (and 47 more tensors) by step 4, which was not saved; no checkpoint holds it."
+    )
     assert f"The newest finite checkpoint is {ckpt(run, 2)}: resume from it" in msg
     assert [c.name for c in complete_checkpoints(run)] == ["step_0000002"]  # 4 was refused
     assert all(
@@ -136,8 +139,33 @@ def test_divergence_stops_the_run_before_a_checkpoint_holds_it(tmp_path):
     assert fit(sane)["steps"] == 4  # which resumes
 
     # found at a log step as well: weights of 1e30 after step 1 overflow step 2's loss
-    with pytest.raises(RunError, match=r"not finite at a step in 2\.\.2; .* No checkpoint"):
+    with pytest.raises(RunError, match=r": the loss was NaN and the gradient norm was NaN at a "
+                       r"step in 2\.\.2; .* No checkpoint"):  # fmt: skip
         fit(tiny(tmp_path / "logged", lr=1e30, epochs=1, warmup_epochs=0))
+
+
+def test_a_windows_flags_say_nan_or_inf_and_in_what():
+    """By hand: which of the loss and the gradient norms was NaN or inf, over a window's steps
+    (before: one flag, "a loss, gradient norm or weight was not finite")."""
+    from ssl_vit.train.state import Window, non_finite
+
+    w = Window(torch.zeros(()))
+    w.add(torch.tensor(2.0), 1, 8)
+    w.step(torch.tensor(1.0))
+    assert w.flags().tolist() == [0, 0, 0, 0] and non_finite(w.flags().tolist()) == ""
+    w.add(torch.tensor(float("inf")), 2, 8)
+    w.step(torch.tensor(float("nan")))
+    w.step(torch.tensor(3.0))  # a finite norm later does not clear it
+    assert w.flags().tolist() == [0, 1, 1, 0]
+    assert non_finite(w.flags().tolist()) == "the loss was inf and the gradient norm was NaN"
+    w.add(torch.tensor(float("-inf")), 1, 8)  # inf - inf
+    w.step(torch.tensor(float("inf")))
+    assert non_finite(w.flags().tolist(), "weight x held inf") == (
+        "the loss was NaN, the gradient norm was NaN, the gradient norm was inf and weight x "
+        "held inf"
+    )
+    w.reset()
+    assert w.flags().tolist() == [0, 0, 0, 0]
 
 
 # --- 3. one run per directory ------------------------------------------------------------------

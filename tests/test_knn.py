@@ -179,3 +179,16 @@ def test_an_interrupted_run_is_evaluated_and_exported_from_its_checkpoints(
     assert f"{run} has no backbone/ yet (interrupted, or still training): using its newest " in (
         caplog.text
     )
+
+
+def test_accuracies_are_the_counts_percentages_to_three_decimals(tmp_path, capsys):
+    """10 queries: every accuracy is a multiple of 10 % exactly (before: a float32 mean printed
+    30.000001907348633)."""
+    backbone = Backbone(NAME, **KW)
+    backbone.load_state_dict(vit(4, **KW).state_dict())
+    export_backbone(backbone, tmp_path / "run")
+    result = knn(capsys, str(tmp_path / "run"))
+    accuracies = {k: v for k, v in result.items() if k.startswith("knn_top")}
+    assert len(accuracies) == 4
+    assert all(v in [10.0 * i for i in range(11)] for v in accuracies.values()), accuracies
+    assert any(v not in (0.0, 50.0, 100.0) for v in accuracies.values())  # not float32-exact

@@ -100,6 +100,21 @@ def test_evaluation_commands_list_no_training_only_fields(capsys):
         assert not any(f in out for f in ("crop_scale", "hflip", "decode_on_device")), command
 
 
+def test_every_help_names_config_print_config_and_what_checkpoint_takes(capsys):
+    """Before: --config and --print-config were in no --help; knn's and export's --checkpoint
+    help said "a run directory or its backbone.safetensors" (the layout of earlier versions)."""
+    commands = [["train"], ["train", "--method", "deit"], ["knn"], ["embed"], ["linprobe"]]
+    commands += [["finetune"], ["export"], ["import"], ["visualize", "pca"]]
+    for command in commands:
+        code, out, _ = run_cli(capsys, *command, "--help")
+        assert code == 0 and "\n  --config FILE  start from FILE (JSON or YAML" in out, command
+        assert "\n  --print-config  print the resolved config as JSON" in out, command
+        assert "backbone.safetensors" not in out, command
+    for command in ("knn", "export", "linprobe"):
+        _, out, _ = run_cli(capsys, command, "--help")
+        assert "--checkpoint: a run directory (its backbone/ export) or a timm pretrained" in out
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """A folder of 3 photo-like 48 px images, and one unreadable file."""
@@ -118,7 +133,9 @@ def mae_run(tmp_path_factory):
     return run
 
 
-def test_embed_every_checkpoint_format_same_features_with_ids(tmp_path, photos, mae_run, capsys):
+def test_embed_every_checkpoint_format_same_features_with_ids(
+    tmp_path, photos, mae_run, capsys, caplog
+):
     official = tmp_path / "mae_pretrain.pth"  # the official MAE layout of the same encoder
     torch.save({"model": load_pretrained(mae_run).state_dict()}, official)
     forms = [str(mae_run), str(mae_run / "backbone"), str(official)]
@@ -133,6 +150,10 @@ def test_embed_every_checkpoint_format_same_features_with_ids(tmp_path, photos, 
         assert code == 0, err
         result = json.loads(stdout)
         assert (result["images"], result["dim"], result["skipped_images"]) == (3, 32, 1)
+        assert result["skipped_paths"] == [str(photos / "broken.jpg")]  # before: a count alone
+        assert f"skipped unreadable image {photos / 'broken.jpg'} (left out of {out})" in [
+            r.getMessage() for r in caplog.records
+        ]
         with safe_open(str(out), "pt") as f:
             ids = json.loads(f.metadata()["ids"])
             outputs.append(f.get_tensor("embeddings"))

@@ -176,6 +176,7 @@ def test_repeated_augmentation_on_a_stream_is_refused(folder, tmp_path):
     make_shards.main([str(folder), str(tmp_path / "shards"), "--max_count", "3"])
     cfg = tiny(tmp_path / "deit", "deit", batch_size=4, epochs=1)
     cfg.data = DataConfig(path=str(tmp_path / "shards"), streaming=True, num_workers=0)
+    cfg.method.num_classes = 0  # the index's 3
     with pytest.raises(ConfigError, match="method.repeated_aug 1"):
         fit(cfg)
     cfg.method.repeated_aug = 1

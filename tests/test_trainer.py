@@ -353,6 +353,37 @@ def test_fsdp_asked_where_accelerate_cannot_shard_is_logged(tmp_path, monkeypatc
     assert "FSDP was asked for" in log and "distributed NO" in log
 
 
+def test_an_epoch_shorter_than_an_optimizer_step_is_warned_with_its_numbers(tmp_path):
+    """32 images, batches of 8, effective batch 64 (8 micro-batches per step): each epoch makes
+    one step of 32 images at the lr of 64 (before: only "effective batch 64 = ... x 8
+    accumulation")."""
+    short = tiny(tmp_path / "short", effective_batch=64, epochs=2, warmup_epochs=0)
+    assert fit(short)["steps"] == 2  # one per epoch
+    assert (
+        "WARNING an epoch of 32 images (4 batches of 8) is shorter than one optimizer step "
+        "(effective batch 64 = 8 x 8 accumulation): each epoch makes one step of 32 images, with "
+        "the lr scaled for 64 (peak 0.0125); set --train.effective_batch 32 or less"
+    ) in (tmp_path / "short" / "train.log").read_text()
+    fits = tiny(tmp_path / "fits", effective_batch=32, epochs=1, warmup_epochs=0)
+    assert fit(fits)["steps"] == 1
+    assert "shorter than one optimizer step" not in (tmp_path / "fits" / "train.log").read_text()
+
+
+def test_first_loss_is_the_first_steps_own_and_survives_resume(tmp_path):
+    """Before: the first logged window's mean, so a 3-step run logging every 20 steps reported
+    first_loss == final_loss (the mean of steps 1-3)."""
+    every = fit(tiny(tmp_path / "every", max_steps=3))  # logs steps 1, 2, 3
+    losses = [r["loss"] for r in metrics(tmp_path / "every")]
+    assert every["first_loss"] == losses[0]
+    rare = fit(tiny(tmp_path / "rare", max_steps=3, log_every=20))  # logs step 3 alone
+    rows = metrics(tmp_path / "rare")
+    assert [r["step"] for r in rows] == [3] and rows[0]["first_loss"] == losses[0]
+    assert rare["first_loss"] == losses[0] != rare["final_loss"]
+    assert rare["final_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)  # the window's mean
+    resumed = fit(tiny(tmp_path / "rare", max_steps=5, log_every=20, resume="auto"))
+    assert resumed["steps"] == 5 and resumed["first_loss"] == losses[0]
+
+
 def test_decode_on_device_trains_deterministically_and_refuses_what_it_cannot_run(tmp_path):
     # MAE with workers reading bytes and the (here CPU) device decoding + augmenting batches
     runs = []

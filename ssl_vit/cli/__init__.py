@@ -30,8 +30,9 @@ commands:
   import  any checkpoint (official MAE/DINO/DeiT .pth, NAME=PATH) -> DIR/backbone/ (timm layout)
   visualize  attention | mae | pca | pos-embed | attention-distance pictures of a checkpoint -> PNG
 
-`ssl-vit COMMAND --help` lists every field of that command with its doc and default. The training
-step benchmark is `python tools/bench.py` (see README § Benchmark)."""
+`ssl-vit COMMAND --help` lists every field of that command with its doc and default. Every
+command (and recipe) also takes --config FILE (JSON or YAML) and --print-config (the resolved
+config as JSON). The training step benchmark is `python tools/bench.py` (see README § Benchmark)."""
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train.train_main,

@@ -4,6 +4,7 @@ folder or dataset split, with ids (the image paths) and labels, written to a .pa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,11 @@ from ssl_vit.config import (
 from ssl_vit.eval.accuracy import eval_loader
 from ssl_vit.eval.features import dataset_features, write_features
 from ssl_vit.weights import CHECKPOINT_HELP, LoadConfig, load_pretrained
+
+log = logging.getLogger("ssl_vit")
+
+NAMED = 20
+"""Unreadable images the JSON line names (stderr names every one)."""
 
 
 @dataclass
@@ -81,13 +87,16 @@ def embed(root: EmbedRoot, args: Args) -> dict[str, Any]:
     )
     if accelerator.is_main_process:
         write_features(c.output, feats, labels, ids)
+        for path in skipped:
+            log.warning("skipped unreadable image %s (left out of %s)", path, c.output)
     return {
         "checkpoint": checkpoint,
         "output": c.output,
         "images": len(ids),
         "dim": feats.shape[1],
         "labeled": bool((labels >= 0).all()),
-        "skipped_images": skipped,
+        "skipped_images": len(skipped),
+        "skipped_paths": skipped[:NAMED],
     }
 
 

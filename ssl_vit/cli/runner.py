@@ -117,6 +117,14 @@ def parse(
     return root, args, want_help
 
 
+CONFIG_HELP = """
+
+config files:
+  --config FILE  start from FILE (JSON or YAML, as --print-config writes it); the options on the
+      command line override its values
+  --print-config  print the resolved config as JSON (reusable as --config FILE) and exit"""
+"""Every command's and recipe's --help ends with the two flags the runner itself takes."""
+
 FILE_FLAGS = {"--method": "method.name", "--protocol": "method.protocol"}
 """The shaping flags a config file gives by its values, when the command line does not."""
 
@@ -140,7 +148,7 @@ def run_command(
     try:
         root, args, want_help = parse(make_root, argv, flags)
         if want_help:
-            print(help_text(root, prog) + help_extra)
+            print(help_text(root, prog) + CONFIG_HELP + help_extra)
             return 0
         if args.print_config:
             print(json.dumps(as_dict(root), indent=2))

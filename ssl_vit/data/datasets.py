@@ -415,13 +415,27 @@ def _saved_hf_dataset(root: Path, split: str, data_cfg: EvalDataConfig, field: s
 
 
 def _hub_error(name: str, e: Exception) -> DataError:
-    """One line for a Hub dataset that cannot be had (offline, unknown name, no access)."""
+    """One line for a Hub dataset that cannot be had (offline, unknown name, no access), whose
+    advice depends on whether offline mode is set already."""
     reason = " ".join(str(e).split())[:300]
+    if _offline():
+        return DataError(
+            f"hf:{name}: not in the local cache, and offline mode is set (HF_HUB_OFFLINE / "
+            f"HF_DATASETS_OFFLINE) ({type(e).__name__}: {reason}). Load it once where the Hub "
+            "can be reached, or use a copy saved with save_to_disk (data.path DIR)"
+        )
     return DataError(
         f"hf:{name}: cannot load it from the Hugging Face Hub ({type(e).__name__}: {reason}). "
         "Offline, use a copy saved with save_to_disk (data.path DIR), or set HF_HUB_OFFLINE=1 to "
         "read the local cache"
     )
+
+
+def _offline() -> bool:
+    """Whether Hugging Face's offline mode is set (the Hub client's, or `datasets`' own)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
 
 
 def _check_hub(name: str) -> None:
@@ -430,7 +444,7 @@ def _check_hub(name: str) -> None:
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+    if _offline():
         return
     try:
         get_session().head(constants.ENDPOINT, timeout=10)

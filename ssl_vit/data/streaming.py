@@ -354,7 +354,19 @@ def open_stream(data_cfg: DataConfig, split: str) -> tuple[Any, list[int] | None
     builder = "parquet" if files[0].suffix == ".parquet" else "webdataset"
     reader = Reader(builder, [str(f) for f in files], "", split, 0, 1)
     classes = read_index(root).get("splits", {}).get(split, {}).get("classes", [])
+    if not classes and builder == "parquet":  # e.g. a Hub repository's files, downloaded
+        classes = parquet_classes(files[0], data_cfg.label_column)
     return reader, shard_counts(root, files, split), classes, str(root)
+
+
+def parquet_classes(path: Path, label_column: str) -> list[str]:
+    """The class names a Parquet file's schema gives `label_column` (a `datasets` ClassLabel,
+    which to_parquet and the Hub keep in the schema's metadata); [] when it gives none."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    feature = datasets.Features.from_arrow_schema(pq.read_schema(path)).get(label_column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
 
 
 def stream_classes(data_cfg: DataConfig) -> list[str]:

@@ -96,6 +96,16 @@ def eval_loader(
     )
 
 
+DECIMALS = 3
+"""Decimals of an accuracy in % as reported (JSON lines, metrics.jsonl, logs)."""
+
+
+def percent(hits: int | Tensor, total: int) -> float:
+    """`hits` of `total` in %, from the integer counts in float64, rounded to DECIMALS: 3 of 10
+    is 30.0 (a float32 mean gave 30.000001907348633)."""
+    return round(100.0 * int(hits) / total, DECIMALS)
+
+
 @torch.no_grad()
 def classification_metrics(
     predict: Callable[[Tensor], Tensor], loader: Any, accelerator: Any
@@ -118,11 +128,11 @@ def classification_metrics(
         correct1 += (top[..., 0] == labels[:, None]).sum(dim=0)
         correct5 += (top == labels[:, None, None]).any(dim=-1).sum(dim=0)
         count += len(labels)
-    top1, top5 = (100.0 * c.double() / count for c in (correct1, correct5))
-    best = int(top1.argmax())
-    out = {"top1": float(top1[best]), "top5": float(top5[best])}
-    if len(top1) > 1:
+    best = int(correct1.argmax())  # the first on ties
+    out = {"top1": percent(correct1[best], count), "top5": percent(correct5[best], count)}
+    if len(correct1) > 1:
         out["head"] = best
-        for i in range(len(top1)):
-            out[f"top1_h{i}"], out[f"top5_h{i}"] = float(top1[i]), float(top5[i])
+        for i in range(len(correct1)):
+            out[f"top1_h{i}"] = percent(correct1[i], count)
+            out[f"top5_h{i}"] = percent(correct5[i], count)
     return out

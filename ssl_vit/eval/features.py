@@ -57,11 +57,11 @@ def dataset_features(
     pool: Pool = "cls",
     n_last: int = 1,
     normalize: bool = False,
-) -> tuple[Tensor, Tensor, list[str], int]:
+) -> tuple[Tensor, Tensor, list[str], list[str]]:
     """The features of every readable image of `loader` (an `eval_loader`, any number of
     processes) -> (features (N, D) float32 on the CPU, labels (N,), ids (N,) the images' paths,
-    the number of unreadable images left out). An unreadable image is left out, never replaced by
-    its neighbour (as training does), so every id names the image its row was computed from."""
+    the paths of the unreadable images left out). An unreadable image is left out, never replaced
+    by its neighbour (as training does), so every id names the image its row was computed from."""
     dataset = loader.dataset
     rows, labels, index, keep = [], [], [], []
     for batch in progress(loader, accelerator, "features"):
@@ -75,10 +75,10 @@ def dataset_features(
         )
         for out, part in zip((rows, labels, index, keep), gathered, strict=True):
             out.append(part.cpu())
-    keep_t = torch.cat(keep)
+    keep_t, index_all = torch.cat(keep), torch.cat(index)
     feats, labels_t, index_t = (torch.cat(t)[keep_t] for t in (rows, labels, index))
     ids = [dataset.source.path(int(i)) for i in index_t]
-    return feats, labels_t, ids, int((~keep_t).sum())
+    return feats, labels_t, ids, [dataset.source.path(int(i)) for i in index_all[~keep_t]]
 
 
 def write_features(path: str | Path, feats: Tensor, labels: Tensor, ids: list[str]) -> None:

@@ -42,8 +42,8 @@ def finetune_deit() -> DeiTConfig:
 class FineTuneConfig:
     name: ClassVar[str] = "finetune"
     checkpoint: str = ""
-    """The pretrained backbone: a run directory, a backbone.safetensors, an official MAE / DINO /
-    DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
+    """The pretrained backbone: a run directory or a timm pretrained directory, an official MAE /
+    DINO / DINOv2 / DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
     which: Literal["teacher", "student"] = "teacher"
     """Network of a DINO training checkpoint whose backbone is fine-tuned."""
     pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"

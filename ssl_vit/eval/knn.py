@@ -21,7 +21,7 @@ from torch import Tensor
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import Config
 from ssl_vit.data import DataError
-from ssl_vit.eval.accuracy import EvalData, eval_data, eval_loader
+from ssl_vit.eval.accuracy import EvalData, eval_data, eval_loader, percent
 from ssl_vit.eval.features import features, progress
 
 
@@ -98,9 +98,11 @@ def knn_eval(
             hits.append(accelerator.gather_for_metrics(h))
     finally:
         backbone.train(was_training)
-    acc = 100.0 * torch.cat(hits).float().mean(dim=0)  # (len(ks), 2)
+    all_hits = torch.cat(hits)  # (M, len(ks), 2)
+    counts, total = all_hits.sum(dim=0).tolist(), len(all_hits)
     out = {}
     for i, k in enumerate(ks):
         suffix = "" if i == 0 else f"_k{k}"
-        out[f"knn_top1{suffix}"], out[f"knn_top5{suffix}"] = acc[i].tolist()
+        out[f"knn_top1{suffix}"] = percent(counts[i][0], total)
+        out[f"knn_top5{suffix}"] = percent(counts[i][1], total)
     return out

@@ -39,8 +39,8 @@ it (ViT-B)."""
 class LinearProbeConfig:
     name: ClassVar[str] = "linprobe"
     checkpoint: str = ""
-    """The pretrained backbone: a run directory, a backbone.safetensors, an official MAE / DINO /
-    DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
+    """The pretrained backbone: a run directory or a timm pretrained directory, an official MAE /
+    DINO / DINOv2 / DeiT .pth, a timm-named state dict or NAME=PATH (`--checkpoint` sets it)."""
     which: Literal["teacher", "student"] = "teacher"
     """Network of a DINO training checkpoint whose backbone is probed."""
     pos_interp: Literal["auto", "bicubic", "offset", "antialias"] = "auto"
@@ -61,7 +61,7 @@ class LinearProbeConfig:
     head_init_std: float = 0.01
     """Std of the heads' truncated-normal weight init (biases 0)."""
     num_classes: int = 0
-    """Classes of the heads; 0 = those of the training split."""
+    """Classes of the heads; 0 = those of the training split (a stated count must equal them)."""
     lr_grid: tuple[float, ...] = (1.0,)
     """One head per value, all trained in one pass on the same features: head i's lr is value i x
     the scheduled lr (train.lr, or base_lr x batch / lr_batch_divisor)."""

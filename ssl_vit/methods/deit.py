@@ -42,7 +42,8 @@ class DeiTConfig:
     teacher_img_size: int = 0
     """Teacher input side; the (mixed) images are resized to it, bicubic. 0 = the student's."""
     num_classes: int = 0
-    """Number of classes of the heads (and of the teacher's output); 0 = the training split's."""
+    """Number of classes of the heads (and of the teacher's output); 0 = the training split's.
+    A stated count must equal the split's (a stream whose metadata names no classes needs it)."""
     mixup: float = 0.8
     """Mixup alpha, 0 = off (timm Mixup on the device; targets become soft)."""
     cutmix: float = 1.0

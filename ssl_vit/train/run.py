@@ -49,7 +49,7 @@ from ssl_vit.train.run_dir import (
     export_weights,
     first_logged,
 )
-from ssl_vit.train.state import Plan, RunError, TrainState, Window, make_plan
+from ssl_vit.train.state import Plan, RunError, TrainState, Window, make_plan, non_finite
 from ssl_vit.train.step import Stepper, compile_step, optimizer_for
 from ssl_vit.viz import dataset_images, tensorboard_images
 from ssl_vit.weights import latest_checkpoint
@@ -234,13 +234,14 @@ class Run:
 
     def log_step(self, out: dict[str, Tensor], update: dict[str, Any], i: int) -> None:
         """Metrics of the window since the last log step: the one host sync of the window, which
-        also reads whether it diverged."""
-        state, w = self.state, self.window
-        both = self.accelerator.reduce(torch.stack([w.loss, w.diverged()]), "sum")
-        loss_sum, diverged = both.tolist()
-        if diverged:
-            self.diverged(f"at a step in {state.step - w.steps + 1}..{state.step}")
-        mean_loss = loss_sum / self.accelerator.num_processes / w.steps
+        also reads whether it diverged (and the run's first step's loss, at its first log)."""
+        state, w, n = self.state, self.window, self.accelerator.num_processes
+        first = [] if w.first is None else [w.first[None]]
+        values = self.accelerator.reduce(torch.cat([w.loss[None], w.flags(), *first]), "sum")
+        loss_sum, *flags = values.tolist()
+        if what := non_finite(flags[:4]):
+            self.diverged(f"{what} at a step in {state.step - w.steps + 1}..{state.step}")
+        mean_loss = loss_sum / n / w.steps
         self.last = {
             "step": state.step,
             "epoch": state.epoch + (i + 1) / self.plan.batches_per_epoch,
@@ -252,6 +253,8 @@ class Run:
             "skipped_images": self.skips.total,
         }
         self.last |= {k: float(v) for k, v in out.items() if k != "loss"}
+        if first:  # optimizer step 1's own loss, over all processes (kept in metrics.jsonl)
+            self.last["first_loss"], w.first = flags[4] / n, None
         self.first = self.first or self.last
         self.metrics.log(self.last, state.step, "train")
         if self.main:
@@ -266,12 +269,17 @@ class Run:
     def save(self, final: bool = False) -> None:
         """A complete checkpoint of the whole training state (every process), unless a loss or
         gradient since the last log step or a weight is not finite (one host read)."""
-        tensors = itertools.chain(self.method.parameters(), self.method.buffers())
-        floats = [local(t).detach() for t in tensors if t.is_floating_point()]
-        bad = torch.stack([~torch.isfinite(t).all() for t in floats]).any().float()
-        bad = self.accelerator.reduce(bad + self.window.diverged(), "sum")
-        if bad.item():
-            self.diverged(f"by step {self.state.step}, which was not saved")
+        named = itertools.chain(self.method.named_parameters(), self.method.named_buffers())
+        floats = {k: local(t).detach() for k, t in named if t.is_floating_point()}
+        nan_inf = [torch.stack((t.isnan().any(), t.isinf().any())) for t in floats.values()]
+        flags = torch.cat([self.window.flags(), torch.cat(nan_inf).float()])
+        flags = self.accelerator.reduce(flags, "sum").tolist()
+        held = zip(floats, flags[4::2], flags[5::2], strict=True)
+        bad = [(name, "NaN" if nan else "inf") for name, nan, inf in held if nan or inf]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        weight = [f"weight {bad[0][0]} held {bad[0][1]}{more}"] if bad else []  # the first
+        if what := non_finite(flags[:4], *weight):
+            self.diverged(f"{what} by step {self.state.step}, which was not saved")
         t = self.cfg.train
         config = self.cfg.to_json()
         stream = self.loader.state_dict() if isinstance(self.loader, StreamLoader) else None
@@ -291,8 +299,8 @@ class Run:
             "same command and --train.resume auto"
         )
 
-    def diverged(self, when: str) -> None:
-        """Stop the run: a loss, gradient or weight stopped being finite (`when`)."""
+    def diverged(self, what: str) -> None:
+        """Stop the run: a loss, gradient or weight stopped being finite (`what` was, and when)."""
         good = newest_finite(self.run_dir)
         fix = "a lower --train.base_lr (or --train.lr), or --train.clip_grad"
         then = (
@@ -301,10 +309,7 @@ class Run:
             if good
             else f"No checkpoint was saved before: start again with {fix}"
         )
-        raise RunError(
-            f"training diverged: a loss, gradient norm or weight was not finite {when}; no "
-            f"checkpoint holds it. {then}"
-        )
+        raise RunError(f"training diverged: {what}; no checkpoint holds it. {then}")
 
     def save_due(self, epoch_end: bool) -> bool:
         """Whether to save now: every train.save_every_steps, and every train.save_every_epochs
@@ -386,7 +391,7 @@ class Run:
         result = {
             "run_dir": str(self.run_dir),
             "steps": state.step,
-            "first_loss": self.first.get("loss"),
+            "first_loss": self.first.get("first_loss", self.first.get("loss")),
             "final_loss": self.last.get("loss"),
             "skipped_images": self.skips.total,
             "peak_lr": self.plan.peak_lr,
@@ -443,7 +448,7 @@ def build_data(cfg: Config, spec: MethodSpec, accelerator: Accelerator) -> tuple
 
 def log_start(cfg: Config, accelerator: Accelerator, plan: Plan, images: int) -> None:
     """The run's arithmetic in one line of train.log; a warning when FSDP was asked for where
-    Accelerate cannot shard."""
+    Accelerate cannot shard, and one when an epoch is shorter than an optimizer step."""
     t = cfg.train
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and not fsdp:
@@ -475,6 +480,24 @@ def log_start(cfg: Config, accelerator: Accelerator, plan: Plan, images: int) ->
         ", compiled" if t.compile else "",
         ", activation checkpointing" if cfg.model.grad_checkpointing else "",
     )
+    if plan.batches_per_epoch < plan.accum:  # the epoch's end cuts every window short
+        per_step = t.batch_size * accelerator.num_processes
+        seen = plan.batches_per_epoch * per_step
+        log.warning(
+            "an epoch of %d images (%d batches of %d) is shorter than one optimizer step "
+            "(effective batch %d = %d x %d accumulation): each epoch makes one step of %d images, "
+            "with the lr scaled for %d (peak %.3g); set --train.effective_batch %d or less",
+            seen,
+            plan.batches_per_epoch,
+            per_step,
+            plan.effective_batch,
+            per_step,
+            plan.accum,
+            seen,
+            plan.effective_batch,
+            plan.peak_lr,
+            seen,
+        )
 
 
 def build_run(
@@ -539,7 +562,7 @@ def build_run(
         bar=bar,
         viz_images=viz_images,
         skips=SkipCounter(cfg.data.max_bad_fraction),
-        window=Window(torch.zeros((), device=accelerator.device)),
+        window=Window(torch.zeros((), device=accelerator.device), keep_first=state.step == 0),
         eval_data=eval_data,
         first=first_logged(run_dir) if resume_from else {},
         resumed=resume_from.state if resume_from else {},

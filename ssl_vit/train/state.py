@@ -83,20 +83,44 @@ def make_plan(cfg: Config, num_processes: int, batches_per_epoch: int) -> Plan:
     )
 
 
+NON_FINITE = (
+    "the loss was NaN",
+    "the loss was inf",
+    "the gradient norm was NaN",
+    "the gradient norm was inf",
+)
+"""What each of `Window.flags` says, in order."""
+
+
+def non_finite(flags: list[float], *more: str) -> str:
+    """`Window.flags` (summed over processes, read on the host) and `more` such clauses in
+    words, e.g. "the loss was inf and the gradient norm was NaN"; "" when all is finite."""
+    clauses = [words for words, flag in zip(NON_FINITE, flags, strict=True) if flag]
+    *head, last = [*clauses, *more] or [""]
+    return f"{', '.join(head)} and {last}" if head else last
+
+
 @dataclass
 class Window:
-    """What happened since the last log step: the summed loss and the finiteness of every
-    gradient norm stay device tensors (no host sync per step); images and steps are counted on
-    the host. A non-finite loss stays in the sum, so `diverged` covers both."""
+    """What happened since the last log step: the summed loss and whether a gradient norm was NaN
+    or inf stay device tensors (no host sync per step); images and steps are counted on the
+    host. A non-finite loss stays in the sum, so `flags` covers both. The loss of the run's first
+    optimizer step is kept on the device too (with `keep_first`), for the first log step."""
 
     loss: torch.Tensor
     images: int = 0
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
-    norms_finite: torch.Tensor = field(init=False)
+    keep_first: bool = False
+    """Whether the next optimizer step is the run's first (a fresh run): `step` keeps its loss."""
+    first: torch.Tensor | None = None
+    """This process's loss of the run's first optimizer step, until the first log step reads it
+    (and sets it back to None)."""
+    bad_norms: torch.Tensor = field(init=False)
+    """(a gradient norm was NaN, one was inf), bool."""
 
     def __post_init__(self) -> None:
-        self.norms_finite = torch.ones((), dtype=torch.bool, device=self.loss.device)
+        self.bad_norms = torch.zeros(2, dtype=torch.bool, device=self.loss.device)
 
     def add(self, loss: torch.Tensor, window: int, images: int) -> None:
         """One micro-batch's detached loss, weighted as its share of its accumulation window."""
@@ -105,20 +129,24 @@ class Window:
 
     def step(self, grad_norm: torch.Tensor) -> None:
         """An optimizer step whose gradients had norm `grad_norm` (a device tensor)."""
-        self.norms_finite &= torch.isfinite(grad_norm)
+        if self.keep_first:  # the window holds the first step's loss alone
+            self.first, self.keep_first = self.loss.clone(), False
+        self.bad_norms |= torch.stack((grad_norm.isnan(), grad_norm.isinf()))
         self.steps += 1
 
-    def diverged(self) -> torch.Tensor:
-        """1.0 when a loss or gradient norm of the window was not finite, else 0.0 (a device
-        tensor: read it where the host reads anyway, at log and save steps)."""
-        return (~(torch.isfinite(self.loss) & self.norms_finite)).float()
+    def flags(self) -> torch.Tensor:
+        """(loss NaN, loss inf, a gradient norm NaN, one inf) of the window as a float device
+        tensor of 4, summed over processes where the host reads anyway (log and save steps);
+        `non_finite` puts it in words."""
+        loss = torch.stack((self.loss.isnan(), self.loss.isinf()))
+        return torch.cat((loss, self.bad_norms)).float()
 
     def elapsed(self) -> float:
         """Seconds since the window started."""
         return time.perf_counter() - self.start
 
     def reset(self) -> None:
-        """A new window; the divergence flag is read first (log_step)."""
+        """A new window; its flags are read first (log_step)."""
         self.loss.zero_()
-        self.norms_finite.fill_(True)
+        self.bad_norms.fill_(False)
         self.images, self.steps, self.start = 0, 0, time.perf_counter()
