@@ -266,7 +266,9 @@ def resume(
     other shapes is refused listing them first."""
     weights = checkpoint / "model.safetensors"
     if weights.is_file():  # FSDP checkpoints hold shards instead
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # as Accelerate saves
+        # as Accelerate saves them: the unwrapped model's keys (DDP's are `module.`-prefixed)
+        unwrapped = accelerator.unwrap_model(model)
+        want = {k: tuple(v.shape) for k, v in unwrapped.state_dict().items()}
         with safe_open(weights, "pt") as f:
             have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         if mismatch := sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k)):
