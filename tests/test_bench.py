@@ -80,6 +80,7 @@ def test_bench_help_lists_every_section(capsys):
     out = capsys.readouterr().out
     keys = ("--bench.batch_size", "--bench.baseline", "--bench.modes", "--bench.loader_views",
             "--bench.peak_tflops", "--data.num_workers", "--data.path", "--train.compile",
+            "--train.compile_backend", "--train.clip_grad", "--train.clip_mode",
             "--model.name", "--method.mask_ratio")  # fmt: skip
     for key in keys:
         assert key in out
@@ -95,6 +96,45 @@ def test_bench_rejects_unknown_and_invalid_options_by_name(capsys):
     assert "model.img_size: 30 is not divisible by the patch size 16" in err
     assert main(["--method", "nope"]) == 2
     assert "--method: unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_the_train_settings_of_the_timed_step_reach_the_trainer_config():
+    """--train.clip_grad / clip_mode / compile_backend are the trainer's fields of the same names
+    (DINO's recipes clip each parameter's gradient at 3, as the official step the GPU suite
+    compares with); the metrics name them."""
+    from bench import BenchConfig, BenchRoot, PhaseResult, configure, run_config, summarize
+
+    from ssl_vit.methods.mae import MAEConfig
+
+    flags = ["--train.clip_grad", "3", "--train.clip_mode", "param", "--train.compile", "true"]
+    root = configure([*TINY, *flags, "--train.compile_backend", "eager"])
+    t = run_config(root).train
+    assert (t.clip_grad, t.clip_mode, t.compile, t.compile_backend) == (3.0, "param", True, "eager")
+    assert (t.batch_size, run_config(configure(TINY)).train.clip_grad) == (4, 0.0)
+    result = PhaseResult([0.1], 1.0, 1.0, "cpu", 1)
+    m = summarize(root, "cpu", "fp32", {"method": result})
+    assert (m["clip_grad"], m["clip_mode"], m["compile_backend"]) == (3.0, "param", "eager")
+    m = summarize(BenchRoot(BenchConfig(), method=MAEConfig()), "cpu", "fp32", {"method": result})
+    assert m["compile_backend"] is None  # not compiled
+
+
+def test_time_steps_runs_the_warmup_untimed_then_times_each_step():
+    """The one timing loop of bench.py and the GPU suite (ours and the official steps alike):
+    steps 0..warmup-1 untimed, then `steps` steps each timed to its end; the last step's value."""
+    import time
+
+    from bench import time_steps
+
+    calls = []
+
+    def step(i: int) -> torch.Tensor:
+        calls.append(i)
+        time.sleep(0.02 if i >= 2 else 0.2)  # a slow warmup must not count
+        return torch.tensor(float(i))
+
+    times, last = time_steps(step, 2, 3, torch.device("cpu"))
+    assert calls == [0, 1, 2, 3, 4] and last.item() == 4.0
+    assert len(times) == 3 and all(0.02 <= t < 0.15 for t in times)
 
 
 def test_summary_of_method_only_run_has_no_baseline_metrics():

@@ -124,6 +124,13 @@ class BenchTrainConfig:
     compile: bool = False
     """Compile the step's module with torch.compile, as train.compile does (compilation falls in
     the warmup steps)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of train.compile, as in training (aot_eager / eager compile in
+    seconds: for rehearsals on a CPU)."""
+    clip_grad: float = 0.0
+    """Clip gradients to this norm, as train.clip_grad (DINO's recipes clip at 3); 0 = none."""
+    clip_mode: Literal["global", "param"] = "global"
+    """global: the norm of all gradients together; param: each parameter's own (DINO's)."""
 
 
 @dataclass
@@ -141,7 +148,14 @@ class BenchRoot:
 
 def run_config(root: BenchRoot, method: Any = None) -> Config:
     """The training Config the bench stands for (views, samplers and validation read it)."""
-    train = TrainConfig(batch_size=root.bench.batch_size, compile=root.train.compile)
+    t = root.train
+    train = TrainConfig(
+        batch_size=root.bench.batch_size,
+        compile=t.compile,
+        compile_backend=t.compile_backend,
+        clip_grad=t.clip_grad,
+        clip_mode=t.clip_mode,
+    )
     return Config(model=root.model, data=root.data, train=train, method=method or root.method)
 
 
@@ -423,7 +437,8 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         batch = synthetic_batch(root, dev, module.backbone.patch_embed.proj.in_channels)
         batches = (batch for _ in range(total))
     module.set_schedule(total, 1)
-    forward = compile_step(model) if root.train.compile else model  # as the trainer compiles
+    # as the trainer compiles
+    forward = compile_step(model, train.compile_backend) if train.compile else model
     stepper = Stepper(accelerator, model, module, optimizer, train, plan, forward)
 
     def step(i: int) -> Tensor:
@@ -431,15 +446,7 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         optimizer_step(stepper, i)
         return out["loss"].detach()
 
-    for i in range(root.bench.warmup):
-        step(i)
-    synchronize(dev)
-    times = []
-    for i in range(root.bench.warmup, total):
-        start = time.perf_counter()
-        loss = step(i)
-        synchronize(dev)
-        times.append(time.perf_counter() - start)
+    times, loss = time_steps(step, root.bench.warmup, root.bench.steps, dev)
     return PhaseResult(
         times,
         float(loss),
@@ -448,6 +455,25 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         torch.get_num_threads(),
         step_flops,
     )
+
+
+def time_steps(
+    step: Callable[[int], Tensor], warmup: int, steps: int, device: torch.device
+) -> tuple[list[float], Tensor]:
+    """Call step(0) ... step(warmup - 1) untimed, then time step(warmup) ... each to its
+    device-synchronised end; (the timed steps' wall times, the last step's return value). The
+    one timing loop of every step benched here and in tools/gpu_suite.py (the official code's
+    steps too), so that both sides are timed alike."""
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    times, out = [], None
+    for i in range(warmup, warmup + steps):
+        start = time.perf_counter()
+        out = step(i)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, out
 
 
 @dataclass
@@ -590,6 +616,9 @@ def summarize(
         "modes": list(b.modes),
         "precision": precision,
         "compile": root.train.compile,
+        "compile_backend": root.train.compile_backend if root.train.compile else None,
+        "clip_grad": root.train.clip_grad,
+        "clip_mode": root.train.clip_mode,
         "device": device,
         "device_name": name or None,
         "threads": first.threads if first else torch.get_num_threads(),
