@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,7 @@ def test_an_interrupted_run_is_evaluated_and_exported_from_its_checkpoints(
     run (its newest complete checkpoint, logged) and a checkpoint folder, with the features of
     the backbone the run exports at that step; the checkpoint stays resumable (knn.json goes to
     the run directory)."""
+    caplog.set_level(logging.WARNING, logger="ssl_vit")  # whatever level earlier tests left
     run = tmp_path / "killed"
     first = train_until_killed(tiny(run, method, epochs=10, save_every_steps=4, keep_last=100), 8)
     first = first.with_name("step_0000004")

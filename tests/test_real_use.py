@@ -6,6 +6,7 @@ fields; `visualize mae --image`; `ssl-vit embed` and `visualize pca` on every ch
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import timm
@@ -136,6 +137,7 @@ def mae_run(tmp_path_factory):
 def test_embed_every_checkpoint_format_same_features_with_ids(
     tmp_path, photos, mae_run, capsys, caplog
 ):
+    caplog.set_level(logging.WARNING, logger="ssl_vit")  # whatever level earlier tests left
     official = tmp_path / "mae_pretrain.pth"  # the official MAE layout of the same encoder
     torch.save({"model": load_pretrained(mae_run).state_dict()}, official)
     forms = [str(mae_run), str(mae_run / "backbone"), str(official)]

@@ -163,7 +163,9 @@ def main() -> None:
     parser.add_argument("--dir", default="", help="work folder (default: a temporary one)")
     parser.add_argument("--processes", type=int, default=1, help="> 1: under accelerate launch")
     parser.add_argument("--signal", choices=["KILL", "TERM"], default="KILL")
+    parser.add_argument("--epochs", type=int, default=TRAIN["epochs"], help="of 4 or 8 steps")
     args = parser.parse_args()
+    TRAIN["epochs"] = args.epochs
     work = Path(args.dir or tempfile.mkdtemp(prefix="kill_soak_"))
     straight, killed = work / f"{args.method}_straight", work / f"{args.method}_killed"
     for d in (straight, killed):

@@ -112,9 +112,10 @@ class StopVote:
         self.pending: tuple[Any, torch.Tensor] | None = None
 
     def agreed(self) -> bool:
-        flag = torch.tensor([int(self.request.signum is not None)])
+        asked = self.request.signum is not None
         if self.group is None:
-            return bool(flag.item())
+            return asked
+        flag = torch.tensor([int(asked)])
         stop = False
         if self.pending is not None:
             work, voted = self.pending
