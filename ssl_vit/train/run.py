@@ -233,8 +233,10 @@ class Run:
         """Metrics of the window since the last log step: the one host sync of the window, which
         also reads whether it diverged."""
         state, w = self.state, self.window
-        both = self.accelerator.reduce(torch.stack([w.loss, w.diverged()]), "sum")
-        loss_sum, diverged = both.tolist()
+        repeated = self.loader.repeated if isinstance(self.loader, StreamLoader) else 0
+        counts = torch.tensor([self.skips.total, repeated], device=w.loss.device)  # all processes'
+        both = torch.cat([torch.stack([w.loss, w.diverged()]), counts.to(w.loss.dtype)])
+        loss_sum, diverged, skipped, repeated = self.accelerator.reduce(both, "sum").tolist()
         if diverged:
             self.diverged(f"at a step in {state.step - w.steps + 1}..{state.step}")
         mean_loss = loss_sum / self.accelerator.num_processes / w.steps
@@ -246,8 +248,10 @@ class Run:
             "weight_decay": update["weight_decay"],
             "grad_norm": float(update["grad_norm"]),
             "img_per_s": w.images / w.elapsed(),
-            "skipped_images": self.skips.total,
+            "skipped_images": int(skipped),
         }
+        if isinstance(self.loader, StreamLoader):  # samples a stream read twice (data/streaming.py)
+            self.last["repeated_samples"] = int(repeated)
         self.last |= {k: float(v) for k, v in out.items() if k != "loss"}
         self.first = self.first or self.last
         self.metrics.log(self.last, state.step, "train")
@@ -372,9 +376,11 @@ class Run:
             "steps": state.step,
             "first_loss": self.first.get("loss"),
             "final_loss": self.last.get("loss"),
-            "skipped_images": self.skips.total,
+            "skipped_images": self.last.get("skipped_images", self.skips.total),
             "peak_lr": self.plan.peak_lr,
         } | {k: v for k, v in self.last_eval.items() if k not in ("step", "epoch")}
+        if "repeated_samples" in self.last:
+            result["repeated_samples"] = self.last["repeated_samples"]
         result |= self.best_eval
         if self.eval_data is not None:
             result |= self.eval_data.result()
