@@ -184,13 +184,14 @@ class DataConfig(EvalDataConfig):
     streaming: bool = False
     """Read data.path as a stream instead of a map-style dataset: a folder of WebDataset .tar or
     Parquet shards (tools/make_shards.py; also a Hugging Face dataset repository on disk), or
-    'hf:NAME' streamed from the Hub. Shards are split across processes and loader workers."""
+    'hf:NAME' streamed from the Hub. Each epoch's samples are dealt to the processes and their
+    loader workers in runs of whole batches; what is left over is counted (README § Streaming)."""
     shuffle_buffer: int = 1000
     """A stream's loader workers shuffle their samples within consecutive windows of this many
     (0: shard order only). A resume re-reads the window it stopped in: nothing lost or repeated."""
     samples_per_epoch: int = 0
     """Samples an epoch of a stream takes over all processes (0: the whole dataset, counted from
-    its shards); the schedule counts epochs of this size."""
+    its shards), rounded down to whole global batches; the schedule counts epochs of this size."""
 
     def errors(self) -> list[str]:
         e = super().errors()

@@ -11,17 +11,22 @@ A Parquet row is (image {"bytes", "path"}, label int64, id int64); a WebDataset 
 KEY.EXT (the image file's own bytes, never re-encoded), KEY.cls (label) and KEY.json ({"id",
 "path"}). `id` is the image's index in the source (its sorted order), so a stream's ids can be
 checked against the dataset: disjoint across processes, none lost, none repeated.
+
+Read back by position (`ShardCursor`): a reader starts at any sample of a shard, passing over
+the ones before by their tar headers or Parquet row groups; a shard that fails or ends early gives
+`Lost` samples naming it instead of stopping the run.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -168,13 +173,128 @@ def read_index(root: Path) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def tar_samples(path: Path) -> Iterator[str]:
-    """The sample keys of a WebDataset tar, in order, read from its headers (no data read)."""
-    last = None
+class Lost(NamedTuple):
+    """A sample a damaged shard could not give (the shard, from which sample, and why): skipped
+    and counted like an unreadable image."""
+
+    where: str
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset member name -> (sample key, extension): the key is the path up to the first dot
+    of the file name ("d/000000005.seg.png" -> ("d/000000005", "seg.png"))."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return f"{folder}/{stem}" if folder else stem, ext.lower()
+
+
+DECODE = {"json": json.loads, "cls": int, "cls2": int, "index": int, "inx": int, "id": int}
+"""WebDataset fields decoded from their text, as `datasets`' webdataset builder does; images and
+every other field stay bytes."""
+
+
+def tar_ends_whole(path: Path) -> bool:
+    """Whether a tar ends as a written one does (whole 512-byte blocks, the last two zero): one
+    small read; a truncated tar does not."""
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
+
+
+def tar_complete_samples(path: Path) -> int:
+    """Samples of a WebDataset tar whose every member lies inside the file, read from the headers
+    (no data read): all of a whole tar's, the readable ones of a truncated tar's (its last sample
+    left out when it lacks a field of the first)."""
+    size, keys = path.stat().st_size, []
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = split_key(member.name)
+                    if member.offset_data + member.size > size:
+                        break
+                    if not keys or keys[-1][0] != key:
+                        keys.append((key, set()))
+                    keys[-1][1].add(ext)
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # a truncated header: the samples before it
+    if keys and keys[-1][1] != keys[0][1]:
+        keys.pop()
+    return len(keys)
+
+
+def _tar_from(path: str, start: int) -> Iterator[dict[str, Any]]:
+    """The WebDataset samples of a tar from its sample `start` on ({"__key__", "__url__",
+    field: value}); the samples before are passed over by their headers."""
     with tarfile.open(path) as tar:
+        sample: dict[str, Any] = {}
+        n = -1
         for member in tar:
-            if member.isfile():
-                key = member.name.split("/")[-1].split(".")[0]
-                if key != last:
-                    yield key
-                    last = key
+            if not member.isfile():
+                continue
+            key, ext = split_key(member.name)
+            if key != sample.get("__key__"):
+                if sample and n >= start:
+                    yield sample
+                sample, n = {"__key__": key, "__url__": path}, n + 1
+            if n >= start:
+                data = tar.extractfile(member).read()
+                sample[ext] = DECODE[ext](data) if ext in DECODE else data
+        if sample and n >= start:
+            yield sample
+
+
+def _parquet_from(path: str, start: int) -> Iterator[dict[str, Any]]:
+    """The rows of a Parquet file from row `start` on; the row groups before are not read."""
+    import pyarrow.parquet as pq
+
+    shard, first = pq.ParquetFile(path), 0
+    for g in range(shard.num_row_groups):
+        rows = shard.metadata.row_group(g).num_rows
+        if first + rows > start:
+            yield from shard.read_row_group(g).slice(max(0, start - first)).to_pylist()
+        first += rows
+
+
+def shard_samples(path: str, start: int) -> Iterator[dict[str, Any] | Lost]:
+    """The samples of a shard from sample `start` on, then `Lost` ones without end: a shard that
+    fails while read (truncated, damaged) or ends before the sample asked for names itself in
+    them instead of stopping the run."""
+    import pyarrow as pa
+
+    n, why = start, "it has no more samples"
+    read = _parquet_from if path.endswith(FORMATS["parquet"]) else _tar_from
+    samples = read(path, start)
+    while True:
+        try:  # not around the yield: closing the generator must not pass through it
+            sample = next(samples)
+        except StopIteration:
+            break
+        except (tarfile.TarError, OSError, EOFError, pa.ArrowException) as e:
+            why = f"{type(e).__name__}: {e}"
+            break
+        yield sample
+        n += 1
+    lost = Lost(f"{path}: damaged shard, its samples from #{n} on are unreadable ({why})")
+    while True:
+        yield lost
+
+
+class ShardCursor:
+    """Reads samples of shards by position, front to back: a read that starts where the last one
+    stopped goes on in the open file; any other re-opens the shard and passes over what is
+    before (tar headers, Parquet row groups)."""
+
+    def __init__(self) -> None:
+        self.path, self.at = "", -1
+        self.samples: Iterator[dict[str, Any] | Lost] = iter(())
+
+    def take(self, path: str, start: int, count: int) -> list[dict[str, Any] | Lost]:
+        """Samples start..start+count-1 of shard `path` (`Lost` ones where it fails)."""
+        if (path, start) != (self.path, self.at):
+            self.samples = shard_samples(path, start)
+        self.path, self.at = path, start + count
+        return list(itertools.islice(self.samples, count))

@@ -1,23 +1,42 @@
-"""Streams: a dataset read sequentially from shards (data.streaming), on Hugging Face `datasets`'
-`IterableDataset` (its webdataset and parquet streaming builders, `split_dataset_by_node`, the
-shuffle buffer, `state_dict()` / `load_state_dict()`), which the project depends on already.
+"""Streams: a dataset read sequentially from shards (data.streaming): make_shards' WebDataset
+`.tar` or Parquet files, a Hugging Face dataset repository on disk, or `hf:NAME` from the Hub.
 
-What this module adds to it, for the training loop:
+What this module gives the training loop:
 
-* epochs of a fixed number of batches on every process (`StreamLoader`): the fewest samples any
-  process can be given (shards are dealt whole, in a per-epoch shuffled order, round-robin to
-  the processes); a process whose stream still runs dry (workers' dropped partial batches,
-  unreadable images) makes up the count from the epoch's start, so none waits forever;
-* the same item contract as `ImageDataset`: the method's view, "labels", "index" (the sample's
-  id: make_shards' source index), "skipped" (an unreadable image is skipped and reported by the
-  next readable item); the augmentation is a function of (seed, epoch, id); with
-  data.decode_on_device the item holds the image's bytes ("encoded") for the device view;
-* shuffling within windows of data.shuffle_buffer samples (on top of the shard order, shuffled
-  per epoch) rather than through a sliding buffer: a position in a window is cheap to save;
-* resume: every item carries its loader worker's position after it, so the training process
-  knows each worker's position at the last batch it consumed (`StreamLoader.state_dict`, JSON);
-  a resumed worker re-reads the one window it was in and continues: no sample repeats or is lost
-  (with the same data.num_workers; another count restarts the epoch).
+* **an epoch dealt by samples, not only by shards** (`Deal`): the shards in an order drawn from
+  (seed, epoch), rotated by a drawn offset, make one sequence of the epoch's T samples. Process
+  p reads the N at p × N, N the most whole global batches that fit (T // (P × B) × B, or
+  data.samples_per_epoch's share), and its loader workers split them into consecutive runs of
+  whole batches: every process yields the same number of batches, no sample twice. The
+  T − P × N after them (fewer than a global batch P × B, unless data.samples_per_epoch asks for
+  fewer) are the epoch's remainder, counted in its summary; another epoch leaves others over;
+* **made-up samples**: the remainder is dealt too, as the workers' reserves. An unreadable image
+  or a damaged shard's sample is skipped (named, counted) and made up from the worker's reserve;
+  only a worker whose reserve is spent repeats samples of its own run, counted ("repeated" in the
+  epoch summary and the run's metrics);
+* **damaged shards**: a tar that does not end as a tar does is counted from its headers when the
+  stream is built (its readable samples are dealt; the others, named, count as skipped images in
+  every epoch); a shard that fails while read loses the rest of its samples the same way; a
+  Parquet file whose footer cannot be read is an error naming it;
+* the item contract of `ImageDataset`: the method's view, "labels", "index" (the sample's id:
+  make_shards' source index), "skipped" (unreadable samples reported by the next readable item);
+  the augmentation is a function of (seed, epoch, id); with data.decode_on_device the item holds
+  the image's bytes ("encoded") for the device view;
+* **shuffling** within windows of data.shuffle_buffer samples of a worker's run (on top of the
+  shard order): a position in a window is cheap to save;
+* **resume**: every item carries its loader worker's position after it (its window's start and
+  size, how many of the window it took, its items so far): a function of the deal, so a
+  checkpoint holds these and the settings the deal is drawn from (`StreamLoader.state_dict`,
+  JSON). A resumed worker re-reads its one window and goes on: no sample repeats or is lost, also
+  with another data.shuffle_buffer (the window is finished at its saved size, the next ones take
+  the new one). Resumed with other deal settings (data.num_workers, train.batch_size,
+  train.seed, data.samples_per_epoch, the processes, the shards), the epoch's order restarts
+  from its beginning, logged.
+
+Local shards are read here (tarfile, pyarrow): `datasets`' IterableDataset deals whole shards to
+loader workers and cannot start one mid-shard. `hf:NAME` is read through it (its streaming
+builder, `split_dataset_by_node`, `state_dict()`), whole shards per process and worker; a process
+whose Hub stream runs dry first repeats samples from the epoch's start, counted.
 """
 
 from __future__ import annotations
@@ -37,12 +56,22 @@ from ssl_vit.config import DataConfig
 from ssl_vit.data.datasets import MAX_TRIES, DataError, collate, open_image, seeded
 from ssl_vit.data.device.encoded import bytes_tensor
 from ssl_vit.data.encoded_batch import Encoded
-from ssl_vit.data.shards import FORMATS, read_index, tar_samples
+from ssl_vit.data.shards import (
+    FORMATS,
+    Lost,
+    ShardCursor,
+    read_index,
+    tar_complete_samples,
+    tar_ends_whole,
+)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
 """WebDataset extensions of an image (a sample's first one present is its image)."""
+START = {"at": 0, "size": 0, "taken": 0, "given": 0}
+"""A loader worker's position at its epoch's start: where its window starts in its sequence, the
+window's size (0: none yet), the samples of it taken, the items given."""
 
 
 def shard_files(root: Path, split: str) -> list[Path]:
@@ -67,31 +96,46 @@ def shard_files(root: Path, split: str) -> list[Path]:
     return found
 
 
-def shard_counts(root: Path, files: list[Path], split: str) -> list[int]:
-    """Samples per shard: from make_shards' _index.json, Parquet footers, or tar headers."""
+def check_shards(
+    root: Path, files: list[Path], split: str
+) -> tuple[list[int], list[tuple[str, int]]]:
+    """(readable samples per shard, [(where, samples lost)] of damaged ones). Counts come from
+    make_shards' _index.json, else tar headers; a Parquet footer is read (an unreadable one is a
+    DataError naming the file); a tar that does not end as a tar does (truncated) is counted from
+    its headers, and what it lost against the index is named, to be counted as skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     listed = read_index(root).get("splits", {}).get(split, {}).get("files", {})
-    counts = []
+    counts, lost = [], []
     for f in files:
-        if f.name in listed and f.parent == root:
-            counts.append(int(listed[f.name]))
-        elif f.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            counts.append(pq.ParquetFile(f).metadata.num_rows)
+        declared = int(listed[f.name]) if f.name in listed and f.parent == root else None
+        if f.suffix == FORMATS["parquet"]:
+            try:
+                n = pq.read_metadata(f).num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(
+                    f"data.path {root}: shard {f.name} is not a readable Parquet file "
+                    f"({type(e).__name__}: {e}); write it again (tools/make_shards.py) or move it "
+                    "out of data.path"
+                ) from None
+        elif tar_ends_whole(f):
+            n = declared if declared is not None else tar_complete_samples(f)
         else:
-            counts.append(sum(1 for _ in tar_samples(f)))
-    return counts
-
-
-def samples_per_process(counts: list[int] | None, processes: int) -> int | None:
-    """The fewest samples a process can be given in an epoch: shards dealt round-robin from a
-    shuffled order when their count divides by the processes (then the sum of the smallest
-    len / processes), else every processes-th sample of every shard. None when unknown."""
-    if counts is None:
-        return None
-    if len(counts) % processes == 0:
-        return sum(sorted(counts)[: len(counts) // processes])
-    return sum(counts) // processes
+            n = tar_complete_samples(f)
+            logger.warning(
+                "%s: truncated or damaged shard (it does not end as a tar does): %d of its %s "
+                "samples are readable%s",
+                f,
+                n,
+                declared if declared is not None else "?",
+                "; the others count as skipped images in every epoch" if declared else "",
+            )
+        if declared is not None and n < declared:
+            why = f"{declared - n} of its {declared} samples unreadable"
+            lost.append((f"{f}: damaged shard, {why}", declared - n))
+        counts.append(n)
+    return counts, lost
 
 
 def _id(example: dict[str, Any], image: Any) -> int:
@@ -117,63 +161,179 @@ def _where(example: dict[str, Any], image: Any) -> str:
     return f"id {_id(example, image)}"
 
 
-class Reader:
-    """The Hugging Face `IterableDataset` this process reads in an epoch (picklable, so loader
-    workers can be handed it): the shard files in an order shuffled by (seed, epoch), their
-    images left encoded, split across processes by `split_dataset_by_node` (whole shards when
-    their count divides by the processes, else every processes-th sample). A Hub dataset
-    (`hub`) is read in its own shard order."""
+class Deal:
+    """Which samples of an epoch each process and loader worker reads, as positions in the
+    epoch's sequence: the shards in an order drawn from (seed, epoch), rotated by an offset drawn
+    with it. Process p reads the `per_process` at p × per_process, its workers consecutive runs
+    of whole batches of them; the remainder after the processes' samples is dealt as the
+    workers' reserves."""
 
     def __init__(
-        self, builder: str, files: list[str], hub: str, split: str, rank: int, processes: int
+        self,
+        files: list[str],
+        counts: list[int],
+        *,
+        processes: int,
+        batch_size: int,
+        per_process: int,
+        seed: int,
     ):
-        self.builder, self.files, self.hub, self.split = builder, files, hub, split
-        self.rank, self.processes = rank, processes
+        self.files, self.counts, self.seed = files, counts, seed
+        self.processes, self.batch_size, self.per_process = processes, batch_size, per_process
+        self.total = sum(counts)
+        self.remainder = self.total - processes * per_process
 
-    def __call__(self, seed: int, epoch: int) -> Any:
+    def layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(shard order, the first position of each shard in it and the total, rotation)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.files))
+        starts = np.concatenate([[0], np.cumsum(np.asarray(self.counts)[order])])
+        return order, starts, int(rng.integers(self.total))
+
+    def share(self, rank: int, worker: int, workers: int) -> tuple[int, int, int, int]:
+        """(first position, samples) of the worker's run of whole batches, and of its reserve."""
+        b, batches = self.batch_size, self.per_process // self.batch_size
+        each, extra = divmod(batches, workers)
+        start = rank * self.per_process + (worker * each + min(worker, extra)) * b
+        slots, slot = self.processes * workers, rank * workers + worker
+        lo, hi = (self.remainder * s // slots for s in (slot, slot + 1))
+        return start, (each + (worker < extra)) * b, self.total - self.remainder + lo, hi - lo
+
+    def pieces(self, epoch: int, position: int, count: int) -> Iterator[tuple[str, int, int]]:
+        """(shard file, its first sample, samples) of `count` positions from `position` on."""
+        order, starts, rotation = self.layout(epoch)
+        at = (position + rotation) % self.total
+        while count:
+            s = int(np.searchsorted(starts, at, "right")) - 1
+            n = min(count, int(starts[s + 1]) - at)
+            yield self.files[order[s]], at - int(starts[s]), n
+            count, at = count - n, (at + n) % self.total
+
+
+class ShardSource:
+    """Local shards, as one process's loader workers read them: each its share of the `Deal`."""
+
+    def __init__(self, deal: Deal, rank: int, buffer: int, seed: int):
+        self.deal, self.rank, self.buffer, self.seed = deal, rank, buffer, seed
+
+    def quota(self, worker: int, workers: int) -> int | None:
+        """The items the worker gives in an epoch: its run."""
+        return self.deal.share(self.rank, worker, workers)[1]
+
+    def span(self, worker: int, workers: int) -> int:
+        """The samples the worker may read before it repeats one: its run and its reserve."""
+        _, run, _, spares = self.deal.share(self.rank, worker, workers)
+        return run + spares
+
+    def unread(self, workers: int, positions: dict[int, dict[str, Any]]) -> int:
+        """The samples of this process's reserves left unread, its workers at `positions`."""
+        left = 0
+        for w in range(workers):
+            _, run, _, spares = self.deal.share(self.rank, w, workers)
+            at = positions.get(w, START)
+            left += spares - max(0, min(spares, at["at"] - run + at["taken"]))
+        return left
+
+    def samples(
+        self, epoch: int, worker: int, workers: int, saved: dict[str, Any]
+    ) -> Iterator[tuple[dict[str, Any] | Lost, dict[str, Any], str]]:
+        """(sample, the worker's position after it, "run" | "spare" | "repeat") from position
+        `saved` on: its run in windows of `buffer` samples, each shuffled by a generator of
+        (seed, epoch, rank, worker, the window's start); then one at a time its reserve's
+        samples, then its run's again (repeats), for as long as the worker asks (it stops at its
+        quota). A saved window is finished at its saved size, so a resume with another buffer
+        goes on exactly."""
+        start, run, spare_at, spares = self.deal.share(self.rank, worker, workers)
+        if not run:
+            return
+        cursor = ShardCursor()
+        at, size, taken = saved["at"], saved["size"], saved["taken"]
+        while True:
+            if not size:
+                size = min(max(1, self.buffer), run - at) if at < run else 1
+            if at < run:
+                position, kind = start + at, "run"
+            elif at - run < spares:
+                position, kind = spare_at + at - run, "spare"
+            else:
+                position, kind = start + (at - run - spares) % run, "repeat"
+            pieces = self.deal.pieces(epoch, position, size)
+            block = [s for f, i, c in pieces for s in cursor.take(f, i, c)]
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, at])
+            order = rng.permutation(size)
+            for j in range(taken, size):
+                yield block[order[j]], {"at": at, "size": size, "taken": j + 1}, kind
+            at, size, taken = at + size, 0, 0
+
+
+class HubSource:
+    """A Hub dataset (hf:NAME) through `datasets`' streaming IterableDataset, split across the
+    processes by `split_dataset_by_node` and across a process's loader workers by `datasets`
+    (whole shards), in windows of `buffer` samples; a position holds the reader's state at its
+    window's start."""
+
+    def __init__(self, name: str, split: str, rank: int, processes: int, buffer: int, seed: int):
+        self.name, self.split, self.rank, self.processes = name, split, rank, processes
+        self.buffer, self.seed = buffer, seed
+
+    def quota(self, worker: int, workers: int) -> int | None:
+        return None  # the samples datasets deals a worker are not known ahead
+
+    def span(self, worker: int, workers: int) -> int:
+        return 0
+
+    def unread(self, workers: int, positions: dict[int, dict[str, Any]]) -> int | None:
+        return None
+
+    def samples(
+        self, epoch: int, worker: int, workers: int, saved: dict[str, Any]
+    ) -> Iterator[tuple[dict[str, Any], dict[str, Any], str]]:
+        """As `ShardSource.samples`, without a reserve: a worker reads what `datasets` deals it."""
         import datasets
         from datasets.distributed import split_dataset_by_node
 
-        if self.hub:
-            ds = datasets.load_dataset(self.hub, split=self.split, streaming=True)
-        else:
-            order = np.random.default_rng([seed, epoch]).permutation(len(self.files))
-            files = [self.files[i] for i in order]
-            ds = datasets.load_dataset(
-                self.builder, data_files=files, split="train", streaming=True
-            )
+        ds = datasets.load_dataset(self.name, split=self.split, streaming=True)
         for column, feature in (ds.features or {}).items():  # decoded by ImageStream
             if isinstance(feature, datasets.Image):
                 ds = ds.cast_column(column, datasets.Image(decode=False))
-        return split_dataset_by_node(ds, rank=self.rank, world_size=self.processes)
+        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.processes)
+        reader, at, size, taken = saved.get("reader"), saved["at"], saved["size"], saved["taken"]
+        if reader is not None:
+            ds.load_state_dict(reader)
+        examples = iter(ds)
+        while block := list(itertools.islice(examples, size or max(1, self.buffer))):
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, at])
+            order = rng.permutation(len(block))
+            for j in range(taken, len(block)):
+                position = {"reader": reader, "at": at, "size": len(block), "taken": j + 1}
+                yield block[order[j]], position, "run"
+            reader, at, size, taken = ds.state_dict(), at + len(block), 0, 0
 
 
 class ImageStream(IterableDataset):
     """This process's part of a stream through a `view`: items as `ImageDataset`'s ({view
-    fields..., "labels", "index", "skipped"}) plus "stream": (loader worker id, the worker's
-    reader state after this item).
+    fields..., "labels", "index", "skipped"}) plus "stream": (loader worker id, its position
+    after this item), "repeat" and "spare" (whether it repeats a sample of the epoch, or makes
+    up for a skipped one from the remainder).
 
-    Each loader worker reads its share of the process's shards (`datasets` deals them), shuffled
-    within windows of `buffer` samples. `states` ({worker id: position}, from
-    `StreamLoader.load_state_dict`) restart each worker just after the item of it the training
-    process last consumed.
+    Each loader worker reads its share of the `source` and stops at its quota; `states`
+    ({worker id: position}, from `StreamLoader.load_state_dict`) restart each worker just after
+    the item of it the training process last consumed.
     """
 
     def __init__(
         self,
-        reader: Reader,
+        source: ShardSource | HubSource,
         view: Callable[[Any], dict[str, Any]],
         *,
         seed: int,
-        buffer: int,
         image_column: str,
         label_column: str,
         classes: list[str],
         size: int | None,
         encoded: bool = False,
     ):
-        self.reader, self.view, self.seed, self.buffer = reader, view, seed, buffer
-        self.encoded = encoded
+        self.source, self.view, self.seed, self.encoded = source, view, seed, encoded
         self.image_column, self.label_column = image_column, label_column
         self.classes, self.size = classes, size
         self.epoch = 0
@@ -184,7 +344,7 @@ class ImageStream(IterableDataset):
         return self.size or 0
 
     def set_epoch(self, epoch: int) -> None:
-        """The shard order, shuffle buffer and augmentation of `epoch`."""
+        """The shard order, shuffle and augmentation of `epoch`."""
         self.epoch = epoch
 
     def _image(self, example: dict[str, Any]) -> Any:
@@ -197,30 +357,27 @@ class ImageStream(IterableDataset):
         label = example.get("cls") if label is None else label
         return -1 if label is None else int(label)
 
-    def _shuffled(self, worker: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        """(example, this worker's position after it): the worker's examples shuffled within
-        consecutive windows of `buffer` samples, each by a generator of (seed, epoch, rank,
-        worker, window). A position is the reader's state at its window's start, the window's
-        number and how many of it were taken: a resume re-reads that one window (encoded, not
-        decoded) and skips what was taken, so it neither repeats nor loses a sample."""
-        ds = self.reader(self.seed, self.epoch)
-        saved = self.states.get(worker, {"reader": None, "window": 0, "taken": 0})
-        at, window, taken = saved["reader"], saved["window"], saved["taken"]
-        if at is not None:
-            ds.load_state_dict(at)
-        examples = iter(ds)
-        while block := list(itertools.islice(examples, max(1, self.buffer))):
-            rng = np.random.default_rng([self.seed, self.epoch, self.reader.rank, worker, window])
-            order = rng.permutation(len(block))
-            for j in range(taken, len(block)):
-                yield block[order[j]], {"reader": at, "window": window, "taken": j + 1}
-            at, window, taken = ds.state_dict(), window + 1, 0
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        quota = self.source.quota(worker, workers)
+        at = self.states.get(worker, START)
+        given = at["given"]
+        # a worker that reads its run and reserve without one readable sample would go on forever
+        limit = self.source.span(worker, workers) + MAX_TRIES
         failed: list[str] = []
-        for example, state in self._shuffled(worker):
+        bad = 0  # consecutive images that did not decode
+        if quota is not None and given >= quota:
+            return
+        for example, position, kind in self.source.samples(self.epoch, worker, workers, at):
+            if isinstance(example, Lost):  # a damaged shard's: skipped, counted, made up
+                failed.append(example.where)
+                if quota is not None and len(failed) >= limit:
+                    raise DataError(
+                        f"no sample of loader worker {worker} of process {self.source.rank} can "
+                        f"be read, {failed[0]} to {failed[-1]}; check data.path"
+                    )
+                continue
             image = self._image(example)
             try:
                 decoded = bytes_tensor(image) if self.encoded else open_image(image)
@@ -228,9 +385,10 @@ class ImageStream(IterableDataset):
                     raise DataError("empty")
             except Exception:  # PIL's many error types, as in ImageDataset.__getitem__
                 failed.append(_where(example, image))
-                if len(failed) >= MAX_TRIES:
+                bad += 1
+                if bad >= MAX_TRIES:
                     raise DataError(
-                        f"{len(failed)} consecutive images could not be read, {failed[0]} to "
+                        f"{bad} consecutive images could not be read, {failed[-bad]} to "
                         f"{failed[-1]}: part of the dataset is damaged; check data.path"
                     ) from None
                 continue
@@ -240,41 +398,80 @@ class ImageStream(IterableDataset):
             else:
                 with seeded(self.seed, self.epoch, index & 0xFFFFFFFF):
                     out = self.view(decoded)
-            label, stream = self._label(example), (worker, state)
-            yield {**out, "labels": label, "index": index, "skipped": failed, "stream": stream}
-            failed = []
+            given += 1
+            stream = (worker, {**position, "given": given})
+            yield {
+                **out,
+                "labels": self._label(example),
+                "index": index,
+                "skipped": failed,
+                "stream": stream,
+                "repeat": kind == "repeat",
+                "spare": kind == "spare",
+            }
+            failed, bad = [], 0
+            if quota is not None and given >= quota:
+                return
 
 
 def stream_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`collate`, plus "stream": the (worker, state) after the batch's last item (a batch comes
-    from one loader worker)."""
+    """`collate`, plus "stream": the (worker, position) after the batch's last item (a batch
+    comes from one loader worker), "repeated" and "spares": its items that repeat a sample or
+    make up for a skipped one."""
     streams = [it.pop("stream") for it in items]
+    repeats = sum(it.pop("repeat") for it in items)
+    spares = sum(it.pop("spare") for it in items)
     batch = collate(items)
-    batch["stream"] = streams[-1]
+    batch["stream"], batch["repeated"], batch["spares"] = streams[-1], repeats, spares
     return batch
+
+
+COUNTS = ("skipped", "spares", "repeated")
+"""What an epoch summary counts: samples skipped (unreadable), made up from the remainder, and
+read a second time."""
 
 
 class StreamLoader:
     """The loader of a stream on one process: epochs of `batches` batches (the same count on
-    every process), its position saved and restored as JSON.
+    every process), its position saved and restored as JSON, each epoch's counts summarised in
+    the log at its end.
 
     Not passed to `accelerator.prepare`, which would read the stream on one process and send
-    batches to the others: every process reads its own shards (split_dataset_by_node), and the
-    caller moves batches to the device.
+    batches to the others: every process reads its own share, and the caller moves batches to
+    the device.
     """
 
-    def __init__(self, dataset: ImageStream, loader: DataLoader, batches: int):
+    def __init__(
+        self,
+        dataset: ImageStream,
+        loader: DataLoader,
+        batches: int,
+        settings: dict[str, Any],
+        lost: list[str],
+        buffer: int,
+    ):
         self.dataset, self.loader, self.batches = dataset, loader, batches
+        self.settings = settings
+        """What the deal is drawn from: a resume with another of these restarts the epoch."""
+        self.buffer = buffer
+        """data.shuffle_buffer: a resume with another goes on exactly (logged)."""
+        self.lost = lost
+        """One entry per sample of a damaged shard, reported as skipped by each epoch's first
+        batch (on process 0 only: each is counted once)."""
         self.epoch = 0
         self.positions: dict[int, dict[str, Any]] = {}
-        """{loader worker: its stream state after the last batch consumed}, this epoch."""
+        """{loader worker: its stream position after the last batch consumed}, this epoch."""
+        self.counts = dict.fromkeys(COUNTS, 0)
+        """This epoch's counts so far."""
+        self.repeated = 0
+        """Samples repeated since the loader was built (the run's metrics)."""
 
     def __len__(self) -> int:
         return self.batches
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.positions = {}
+            self.positions, self.counts = {}, dict.fromkeys(COUNTS, 0)
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
@@ -282,81 +479,127 @@ class StreamLoader:
         """Batches start..batches-1 of the epoch; from the saved positions when start > 0."""
         self.dataset.states = dict(self.positions) if start else {}
         if not start:
-            self.positions = {}
-        for batch in itertools.islice(self._passes(start), self.batches - start):
+            self.positions, self.counts = {}, dict.fromkeys(COUNTS, 0)
+        batches = itertools.islice(self._passes(start), self.batches - start)
+        for n, batch in enumerate(batches, start=start + 1):
             worker, state = batch.pop("stream")
             self.positions[worker] = state
+            if n == 1 and self.lost:
+                batch["skipped"] = [*self.lost, *batch["skipped"]]
+            self.counts["skipped"] += len(batch["skipped"])
+            self.counts["spares"] += batch.pop("spares")
+            self.counts["repeated"] += batch["repeated"]
+            self.repeated += batch.pop("repeated")
+            if n == self.batches:  # before the last batch: a run may stop at it
+                self.summarise()
             yield batch
 
     def _passes(self, start: int) -> Iterator[dict[str, Any]]:
         """The loader's batches; should this process's stream run dry before the epoch's batch
-        count (workers' partial last batches dropped, unreadable images), the epoch's stream
-        again from its start, so that every process takes the same number of batches (a process
-        that stopped early would leave the others waiting)."""
-        n = start
+        count (a Hub stream: workers' dropped partial batches; shards never do), the epoch's
+        stream again from its start, so that every process takes the same number of batches (a
+        process that stopped early would leave the others waiting), its samples counted as
+        repeated."""
+        n, repeat = start, False
         while True:
             before = n
             for batch in self.loader:
                 n += 1
+                if repeat:
+                    batch["repeated"] = len(batch["index"])
                 yield batch
             if n == before:
                 raise DataError(f"the stream of epoch {self.epoch} yields no batch")
             logger.warning(
                 "the stream ran dry after %d of its %d batches in epoch %d: the rest of the "
-                "epoch repeats samples from its start",
+                "epoch repeats samples from its start (counted in repeated_samples)",
                 n,
                 self.batches,
                 self.epoch,
             )
-            self.dataset.states = {}
+            self.dataset.states, repeat = {}, True
+
+    def unread(self) -> int | None:
+        """Samples of this process's share of the epoch's remainder left unread (None: not
+        known, a Hub stream)."""
+        return self.dataset.source.unread(max(1, self.loader.num_workers), self.positions)
+
+    def summarise(self) -> None:
+        """The epoch's summary in the log: a warning when a sample was repeated."""
+        c, unread = self.counts, self.unread()
+        (logger.warning if c["repeated"] else logger.info)(
+            "stream epoch %d, process %d: %d batches; %d samples skipped (unreadable), %d made "
+            "up from the epoch's remainder, %d repeated; %s of its share of the remainder unread",
+            self.epoch,
+            self.dataset.source.rank,
+            self.batches,
+            c["skipped"],
+            c["spares"],
+            c["repeated"],
+            "?" if unread is None else unread,
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-ready: the epoch, and each worker's stream state ({} at an epoch's start)."""
+        """JSON-ready: the epoch, each worker's stream position ({} at an epoch's start), the
+        epoch's counts so far, and the settings the deal is drawn from."""
         workers = {str(w): s for w, s in self.positions.items()}
-        return {"epoch": self.epoch, "num_workers": self.loader.num_workers, "workers": workers}
+        return {
+            "epoch": self.epoch,
+            "num_workers": self.loader.num_workers,
+            "workers": workers,
+            "counts": dict(self.counts),
+            "settings": dict(self.settings),
+            "shuffle_buffer": self.buffer,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["num_workers"] != self.loader.num_workers:
+        """Resume at `state`; saved with other settings, the epoch's order restarts (logged)."""
+        saved = state.get("settings")
+        changed = (
+            [f"{k}: {saved.get(k)} -> {v}" for k, v in self.settings.items() if saved.get(k) != v]
+            if saved is not None
+            else ["saved by an earlier version"]
+        )
+        self.epoch = state["epoch"]
+        if changed:
             logger.warning(  # allowed by train.resume_changes (run_dir.check_config)
-                "the stream was saved with %d loader workers, now %d: its epoch %d restarts from "
-                "its beginning (its samples seen so far repeat)",
-                state["num_workers"],
-                self.loader.num_workers,
-                state["epoch"],
+                "the stream's position was saved with other settings (%s): epoch %d's order "
+                "restarts from its beginning, its samples read so far may repeat and others "
+                "be left unread",
+                "; ".join(changed),
+                self.epoch,
             )
-            self.positions = {}
+            self.positions, self.counts = {}, dict.fromkeys(COUNTS, 0)
         else:
             self.positions = {int(w): s for w, s in state["workers"].items()}
-        self.epoch = state["epoch"]
+            self.counts = {k: int(state["counts"].get(k, 0)) for k in COUNTS}
+            if state["shuffle_buffer"] != self.buffer:
+                logger.info(
+                    "data.shuffle_buffer: %d -> %d: each loader worker finishes the window it is "
+                    "in at its saved size, its next windows take %d (nothing repeats or is lost)",
+                    state["shuffle_buffer"],
+                    self.buffer,
+                    self.buffer,
+                )
         self.dataset.set_epoch(self.epoch)
 
 
-def open_stream(data_cfg: DataConfig, split: str) -> tuple[Any, list[int] | None, list[str], str]:
-    """(its Reader for process 0 of 1, samples per shard or None, class names, where) of
-    data.path as a stream."""
+def hub_split(data_cfg: DataConfig, split: str) -> tuple[int | None, list[str]]:
+    """(samples, class names) of split `split` of a Hub dataset (data.path hf:NAME), from the
+    Hub's metadata."""
     import datasets
 
     path = data_cfg.path
-    if path.startswith("hf:"):
-        try:
-            builder = datasets.load_dataset_builder(path[3:])
-        except Exception as e:  # offline, unknown, gated: many error types
-            raise DataError(f"{path}: cannot stream it ({type(e).__name__}: {e})") from None
-        splits = builder.info.splits or {}
-        if split not in splits:
-            raise DataError(f"{path}: no split {split!r}; its splits: {list(splits)}")
-        n = splits[split].num_examples
-        feature = (builder.info.features or {}).get(data_cfg.label_column)
-        classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
-        return Reader("", [], path[3:], split, 0, 1), [n] if n else None, classes, path
-    root = Path(path)
-    files = shard_files(root, split)
-    builder = "parquet" if files[0].suffix == ".parquet" else "webdataset"
-    reader = Reader(builder, [str(f) for f in files], "", split, 0, 1)
-    classes = read_index(root).get("splits", {}).get(split, {}).get("classes", [])
-    if not classes and builder == "parquet":  # e.g. a Hub repository's files, downloaded
-        classes = parquet_classes(files[0], data_cfg.label_column)
-    return reader, shard_counts(root, files, split), classes, str(root)
+    try:
+        builder = datasets.load_dataset_builder(path[3:])
+    except Exception as e:  # offline, unknown, gated: many error types
+        raise DataError(f"{path}: cannot stream it ({type(e).__name__}: {e})") from None
+    splits = builder.info.splits or {}
+    if split not in splits:
+        raise DataError(f"{path}: no split {split!r}; its splits: {list(splits)}")
+    feature = (builder.info.features or {}).get(data_cfg.label_column)
+    classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
+    return splits[split].num_examples or None, classes
 
 
 def parquet_classes(path: Path, label_column: str) -> list[str]:
@@ -371,7 +614,20 @@ def parquet_classes(path: Path, label_column: str) -> list[str]:
 
 def stream_classes(data_cfg: DataConfig) -> list[str]:
     """The class names of a stream's training split, from its metadata ([] when unlabeled)."""
-    return open_stream(data_cfg, data_cfg.split)[2]
+    if data_cfg.path.startswith("hf:"):
+        return hub_split(data_cfg, data_cfg.split)[1]
+    root = Path(data_cfg.path)
+    split = data_cfg.split
+    return shard_classes(root, shard_files(root, split), split, data_cfg.label_column)
+
+
+def shard_classes(root: Path, files: list[Path], split: str, label_column: str) -> list[str]:
+    """The class names of a shard folder's split: its index's, else (Parquet without an index,
+    e.g. a Hub repository's files, downloaded) those its first file's schema gives."""
+    classes = read_index(root).get("splits", {}).get(split, {}).get("classes", [])
+    if not classes and files[0].suffix == ".parquet":
+        classes = parquet_classes(files[0], label_column)
+    return classes
 
 
 def build_stream(
@@ -384,34 +640,49 @@ def build_stream(
     processes: int,
     split: str | None = None,
 ) -> StreamLoader:
-    """This process's stream of data.path through `view`: its shards, shuffled by
-    data.shuffle_buffer, in epochs of the same number of batches on every process
-    (data.samples_per_epoch, or the fewest samples a process is dealt)."""
+    """This process's stream of data.path through `view`: its share of the epoch's samples,
+    shuffled by data.shuffle_buffer, in epochs of the same number of batches on every process
+    (the whole global batches data.samples_per_epoch, or the whole dataset, holds)."""
     split = split or data_cfg.split
-    reader, counts, classes, where = open_stream(data_cfg, split)
-    reader.rank, reader.processes = rank, processes
-    per_process = samples_per_process(counts, processes)
-    if data_cfg.samples_per_epoch:
-        wanted = data_cfg.samples_per_epoch // processes
-        per_process = min(wanted, per_process) if per_process is not None else wanted
-    if per_process is None:
-        raise DataError(
-            f"data.path {where}: the stream's size is unknown; set data.samples_per_epoch"
+    path, wanted = data_cfg.path, data_cfg.samples_per_epoch
+    lost: list[tuple[str, int]] = []
+    if path.startswith("hf:"):
+        size, classes = hub_split(data_cfg, split)
+        if size is None and not wanted:
+            raise DataError(
+                f"data.path {path}: the stream's size is unknown; set data.samples_per_epoch"
+            )
+        shards = 0
+        per_process = min(wanted or size, size or wanted) // processes
+        source: ShardSource | HubSource = HubSource(
+            path[3:], split, rank, processes, data_cfg.shuffle_buffer, seed
         )
-    n_shards = len(counts) if counts and not reader.hub else 0
-    shards_here = n_shards // processes if n_shards % processes == 0 else n_shards
-    if n_shards and data_cfg.num_workers > shards_here:
-        raise DataError(
-            f"data.num_workers {data_cfg.num_workers}: more loader workers than the "
-            f"{shards_here} shards each of the {processes} process(es) reads; lower it or write "
-            "more shards (tools/make_shards.py --max_count)"
+    else:
+        root = Path(path)
+        files = shard_files(root, split)
+        counts, lost = check_shards(root, files, split)
+        size, shards = sum(counts), len(files)
+        classes = shard_classes(root, files, split, data_cfg.label_column)
+        per_process = min(wanted or size, size) // (processes * batch_size) * batch_size
+        deal = Deal(
+            [str(f) for f in files],
+            counts,
+            processes=processes,
+            batch_size=batch_size,
+            per_process=per_process,
+            seed=seed,
         )
-    size = sum(counts) if counts else None
+        source = ShardSource(deal, rank, data_cfg.shuffle_buffer, seed)
+    if per_process < batch_size:
+        asked = f" (data.samples_per_epoch {wanted})" if wanted else ""
+        raise DataError(
+            f"data.path {path}: {size} samples{asked} give no whole batch of {batch_size} to "
+            f"each of the {processes} process(es); lower train.batch_size"
+        )
     dataset = ImageStream(
-        reader,
+        source,
         view,
         seed=seed,
-        buffer=data_cfg.shuffle_buffer,
         image_column=data_cfg.image_column,
         label_column=data_cfg.label_column,
         classes=classes,
@@ -428,12 +699,27 @@ def build_stream(
         persistent_workers=False,
         timeout=data_cfg.timeout if data_cfg.num_workers else 0,
     )
+    batches = per_process // batch_size
+    left = (size or 0) - processes * batches * batch_size
     logger.info(
-        "streaming %s: %s samples in %s shards; %d per process and epoch (%d processes)",
-        where,
+        "streaming %s: %s samples in %s shards; %d batches of %d per process and epoch (%d "
+        "processes), %s left over per epoch",
+        path,
         size if size is not None else "?",
-        n_shards or "?",
-        per_process,
+        shards or "?",
+        batches,
+        batch_size,
         processes,
+        left if size is not None else "?",
     )
-    return StreamLoader(dataset, loader, per_process // batch_size)
+    settings = {
+        "processes": processes,
+        "data.num_workers": data_cfg.num_workers,
+        "train.batch_size": batch_size,
+        "train.seed": seed,
+        "data.samples_per_epoch": wanted,
+        "samples": size,
+        "shards": shards,
+    }
+    reported = [where for where, n in lost for _ in range(n)] if rank == 0 else []
+    return StreamLoader(dataset, loader, batches, settings, reported, data_cfg.shuffle_buffer)

@@ -234,13 +234,17 @@ class Run:
 
     def log_step(self, out: dict[str, Tensor], update: dict[str, Any], i: int) -> None:
         """Metrics of the window since the last log step: the one host sync of the window, which
-        also reads whether it diverged (and the run's first step's loss, at its first log)."""
+        also reads whether it diverged, the skipped and repeated samples of every process (and
+        the run's first step's loss, at its first log)."""
         state, w, n = self.state, self.window, self.accelerator.num_processes
         first = [] if w.first is None else [w.first[None]]
-        values = self.accelerator.reduce(torch.cat([w.loss[None], w.flags(), *first]), "sum")
-        loss_sum, *flags = values.tolist()
+        repeated = self.loader.repeated if isinstance(self.loader, StreamLoader) else 0
+        counts = torch.tensor([self.skips.total, repeated], device=w.loss.device)
+        values = torch.cat([w.loss[None], w.flags(), counts.to(w.loss.dtype), *first])
+        loss_sum, *flags = self.accelerator.reduce(values, "sum").tolist()
         if what := non_finite(flags[:4]):
             self.diverged(f"{what} at a step in {state.step - w.steps + 1}..{state.step}")
+        skipped, repeated = flags[4:6]
         mean_loss = loss_sum / n / w.steps
         self.last = {
             "step": state.step,
@@ -250,11 +254,13 @@ class Run:
             "weight_decay": update["weight_decay"],
             "grad_norm": float(update["grad_norm"]),
             "img_per_s": w.images / w.elapsed(),
-            "skipped_images": self.skips.total,
+            "skipped_images": int(skipped),
         }
+        if isinstance(self.loader, StreamLoader):  # samples a stream read twice (data/streaming.py)
+            self.last["repeated_samples"] = int(repeated)
         self.last |= {k: float(v) for k, v in out.items() if k != "loss"}
         if first:  # optimizer step 1's own loss, over all processes (kept in metrics.jsonl)
-            self.last["first_loss"], w.first = flags[4] / n, None
+            self.last["first_loss"], w.first = flags[6] / n, None
         self.first = self.first or self.last
         self.metrics.log(self.last, state.step, "train")
         if self.main:
@@ -393,9 +399,11 @@ class Run:
             "steps": state.step,
             "first_loss": self.first.get("first_loss", self.first.get("loss")),
             "final_loss": self.last.get("loss"),
-            "skipped_images": self.skips.total,
+            "skipped_images": self.last.get("skipped_images", self.skips.total),
             "peak_lr": self.plan.peak_lr,
         } | {k: v for k, v in self.last_eval.items() if k not in ("step", "epoch")}
+        if "repeated_samples" in self.last:
+            result["repeated_samples"] = self.last["repeated_samples"]
         result |= self.best_eval
         if self.eval_data is not None:
             result |= self.eval_data.result()
