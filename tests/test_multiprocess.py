@@ -89,6 +89,7 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 
 CASES = {  # name: (method, data source, stream, loader workers)
     "mae_folder": ("mae", "folder", False, 0),
+    "mae_stream_workers": ("mae", "stream", True, 2),
     "dino_folder_workers": ("dino", "folder", False, 2),
     "dino_stream": ("dino", "stream", True, 0),
 }
@@ -256,7 +257,7 @@ def test_a_killed_rank_stops_the_other_with_one_message(tmp_path, data):
     os.kill(ranks(proc.pid)[1], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
     printed = log.read_text()
-    assert "error: another process of the run is gone or not answering (" in printed
+    assert "error: another process of the run is gone or not answering (" in printed, printed
     assert "[rank0]: Traceback" not in printed
     logged = (run / "train.log").read_text()
     assert "[rank 0] RunError: another process of the run is gone or not answering" in logged

@@ -338,6 +338,10 @@ class ImageStream(IterableDataset):
         self.classes, self.size = classes, size
         self.epoch = 0
         self.states: dict[int, dict[str, Any]] = {}
+        self.rotate = 0
+        """Which worker's share the loader's worker 0 reads: a loader starts its round-robin at
+        worker 0, so a resume at batch n rotates the shares by n (mod workers) for its batches
+        to come in the order the uninterrupted run read them."""
 
     def __len__(self) -> int:
         """Samples of the whole dataset (every process's), when counted; else 0."""
@@ -360,6 +364,7 @@ class ImageStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (worker + self.rotate) % workers  # the loader's first worker reads the next batch
         quota = self.source.quota(worker, workers)
         at = self.states.get(worker, START)
         given = at["given"]
@@ -478,6 +483,7 @@ class StreamLoader:
     def iterate(self, start: int) -> Iterator[dict[str, Any]]:
         """Batches start..batches-1 of the epoch; from the saved positions when start > 0."""
         self.dataset.states = dict(self.positions) if start else {}
+        self.dataset.rotate = start % max(1, self.loader.num_workers)
         if not start:
             self.positions, self.counts = {}, dict.fromkeys(COUNTS, 0)
         batches = itertools.islice(self._passes(start), self.batches - start)
@@ -517,7 +523,7 @@ class StreamLoader:
                 self.batches,
                 self.epoch,
             )
-            self.dataset.states, repeat = {}, True
+            self.dataset.states, self.dataset.rotate, repeat = {}, 0, True
 
     def unread(self) -> int | None:
         """Samples of this process's share of the epoch's remainder left unread (None: not

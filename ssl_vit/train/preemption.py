@@ -125,9 +125,11 @@ class StopVote:
         return stop
 
     def close(self) -> None:
-        """Wait for the last vote (every process cast it) before the process group goes."""
+        """Wait for the last vote before the process group goes; a run ending on an error
+        (a peer gone) reports that error, not the vote's."""
         if self.pending is not None:
-            self.pending[0].wait()
+            with contextlib.suppress(RuntimeError):
+                self.pending[0].wait()
             self.pending = None
 
 
