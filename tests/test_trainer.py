@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -408,3 +409,19 @@ def test_decode_on_device_trains_deterministically_and_refuses_what_it_cannot_ru
     deit.data.decode_on_device = True
     with pytest.raises(ConfigError, match="method.auto_augment 'original'.* RandAugment"):
         fit(deit)
+
+
+def test_an_allowed_change_of_the_data_order_restarts_the_epoch_logged(tmp_path, caplog):
+    """Stopped after 2 of epoch 0's 4 batches of 8, resumed with batches of 4 (allowed): the
+    epoch's order is dealt anew, so it restarts from its first batch, logged, and runs its 8
+    batches of 4 (before: 2 batches of the new deal skipped, other samples than trained)."""
+    caplog.set_level(logging.WARNING, logger="ssl_vit")
+    run = tmp_path / "run"
+    fit(tiny(run, epochs=2, warmup_epochs=0, max_steps=2))
+    fit(tiny(run, epochs=2, warmup_epochs=0, batch_size=4, resume="auto", resume_changes="allow"))
+    assert "the data order changed (train.batch_size): epoch 0 restarts from its first " in (
+        caplog.text
+    )
+    epochs = {r["step"]: r["epoch"] for r in metrics(run)}
+    # 16 steps of 8 batches planned: epoch 0 takes steps 3-10, epoch 1 the 6 left (before: 3-8)
+    assert epochs[10] == 1.0 and epochs[16] == 1.75

@@ -533,7 +533,17 @@ def build_run(
         resume(accelerator, model, resume_from.path, state, resume_from.state)
         saved = stream_state(resume_from.path, accelerator.process_index)
         if isinstance(loader, StreamLoader) and saved is not None:
-            loader.load_state_dict(saved)
+            loader.load_state_dict(saved)  # a stream restarts its epoch itself when it must
+        elif state.batch_in_epoch and (moved := resume_from.moves_data_order()):
+            if main:
+                log.warning(
+                    "the data order changed (%s): epoch %d restarts from its first batch, its "
+                    "%d batches trained before the resume read again",
+                    ", ".join(moved),
+                    state.epoch,
+                    state.batch_in_epoch,
+                )
+            state.batch_in_epoch = 0
     plan = make_plan(cfg, accelerator.num_processes, len(loader))
     if main:
         log_start(cfg, accelerator, plan, len(dataset))

@@ -15,7 +15,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ OPERATIONAL |= {"data.val_split", "model.grad_checkpointing"}
 evaluates, and how fast it runs; none changes a trained weight. Any other change alters the
 schedule or the data order and needs train.resume_changes allow (so does data.num_workers on a
 stream, whose loader workers each read their own shards)."""
+
+
+DATA_ORDER = {"processes", "train.batch_size", "train.seed", "method.repeated_aug"}
+DATA_ORDER |= {"method.repeated_aug_trim"}
+"""Besides data.*, the config keys that deal an epoch's samples to its batches."""
 
 
 @contextlib.contextmanager
@@ -116,6 +121,13 @@ class Resume:
 
     path: Path
     state: dict[str, Any]
+    changed: list[str] = field(default_factory=list)
+    """The config keys a resume with train.resume_changes allow changed."""
+
+    def moves_data_order(self) -> list[str]:
+        """The changed keys that deal the samples otherwise (the batch size, the processes, the
+        seed, the data): a map-style epoch resumed mid-way then restarts from its first batch."""
+        return [k for k in self.changed if k in DATA_ORDER or k.startswith("data.")]
 
 
 def prepare_run_dir(cfg: Config, accelerator: Any) -> Resume | None:
@@ -136,7 +148,7 @@ def prepare_run_dir(cfg: Config, accelerator: Any) -> Resume | None:
         source, damaged = find_resume(run_dir, t.resume, main)
         newer = []
         if source is not None:
-            check_config(cfg, source, accelerator.num_processes, main)
+            source.changed = check_config(cfg, source, accelerator.num_processes, main)
             newer = [
                 c
                 for c in complete_checkpoints(run_dir)
@@ -210,7 +222,7 @@ def find_resume(run_dir: Path, resume: str, main: bool) -> tuple[Resume | None, 
     return None, []
 
 
-def check_config(cfg: Config, source: Resume, num_processes: int, main: bool) -> None:
+def check_config(cfg: Config, source: Resume, num_processes: int, main: bool) -> list[str]:
     """Compare `cfg` with the config the checkpoint was trained with: architecture or method
     changes are refused, schedule or data-order ones need train.resume_changes allow (and are
     logged); each listed as key: old -> new."""
@@ -242,6 +254,7 @@ def check_config(cfg: Config, source: Resume, num_processes: int, main: bool) ->
         )
     if changes and main:
         log.warning("resuming %s with changed settings: %s", source.path, "; ".join(changes))
+    return keys
 
 
 def write_config(run_dir: Path, text: str) -> None:
