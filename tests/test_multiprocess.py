@@ -291,3 +291,19 @@ def test_slurm_script_relays_the_warning_signal_and_requeues(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[1].startswith("TERM launch --multi_gpu") and "--train.resume auto" in calls[1]
     assert calls[2:] == ["scontrol requeue 42"]
+
+
+def test_a_cpu_launch_of_two_processes_says_it_got_one(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (Accelerate's rule): the
+    run says so, with the launch that gives two, instead of training on one in silence."""
+    cfg = tiny(tmp_path / "run", max_steps=1, epochs=1, warmup_epochs=0)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out = subprocess.run(
+        [*cmd, "-m", "ssl_vit", "train", *overrides(cfg)], capture_output=True, text=True, env=ENV
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "x 1 processes" in log
+    assert "WARNING 1 process: `accelerate launch --cpu` starts one whatever" in log
+    assert "launch with --multi_gpu" in log
