@@ -207,6 +207,21 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_checkpoint_and_resume
     assert differing(a, b) == []
 
 
+def test_sigterm_to_the_launcher_stops_every_rank_saved_its_loader_workers_too(tmp_path, data):
+    """torchrun relays SIGTERM to each rank's whole process group, its loader workers included:
+    they ignore it (before: a worker died of it and the rank stopped on `DataLoader worker ...
+    is killed by signal: Terminated`, unsaved) and the ranks stop after one step, saved."""
+    run = tmp_path / "run"
+    proc = start(run, data["folder"], tmp_path / "launch.log")
+    wait_for_step(run, 3, proc)
+    time.sleep(0.5)  # mid-epoch, the workers busy
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    step = stopped_step(run)
+    assert (run / "checkpoints" / f"step_{step:07d}" / "complete").is_file()
+    assert " ERROR " not in (run / "train.log").read_text()
+
+
 def test_killing_the_launchers_process_group_stops_the_ranks(tmp_path, data):
     """torchrun starts each rank in a session of its own, beyond the launcher's process group:
     when the launcher dies the ranks get SIGTERM from the kernel and stop at once, saved, instead

@@ -13,7 +13,8 @@ first logged step; then one last attempt runs to the end. The run uses 2 loader 
 saves every 2 steps. With `--processes N` it runs under `accelerate launch --multi_gpu` (gloo on
 CPU) and a kill takes the launcher and every rank with its loader workers at once. With
 `--signal TERM` each attempt is sent SIGTERM instead (to the launcher, or to one rank chosen at
-random), which must stop it with a complete checkpoint of the last step it logged: nothing lost.
+random), which must stop it with a complete checkpoint of the last step it logged and the log
+line of that stop (`saved_at_stop` counts them): nothing lost.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def attempt(cmd: list[str], run_dir: Path, rng: random.Random, sig: str) -> Outc
         status = proc.wait()
         newest = sorted((run_dir / "checkpoints").glob("step_*[0-9]"))
         complete = bool(newest) and (newest[-1] / "complete").is_file()
-        saved = complete and int(newest[-1].name[5:]) == max(logged_steps(run_dir))
+        last = max(logged_steps(run_dir))
+        stopped = f"the run stopped after step {last};" in (run_dir / "train.log").read_text()
+        saved = complete and stopped and int(newest[-1].name[5:]) == last
         return Outcome(status != 0, during, saved)
 
     while proc.poll() is None:

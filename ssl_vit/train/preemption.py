@@ -64,9 +64,9 @@ class StopRequest:
 
     @property
     def reason(self) -> str:
-        """What asked the run to stop ("" while nothing has)."""
+        """What asked the run to stop: this process's signal, else another process's."""
         if self.signum is None:
-            return ""
+            return "another process of the run was asked to stop"
         if self.launcher and os.getppid() != self.launcher:
             return "the launcher is gone"
         return f"{signal.Signals(self.signum).name} received"
@@ -98,6 +98,22 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def deferred_stop_signals() -> Iterator[None]:
+    """Hold STOP_SIGNALS back for the body; they are handled when it ends. Loader workers forked
+    in it are born with them blocked (and stay so): a relay to the whole process group (torchrun
+    signals each rank's group, a terminal its foreground group) then leaves them working, and the
+    training process stops them itself after its checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class StopVote:

@@ -40,7 +40,7 @@ from ssl_vit.eval.knn import knn_eval
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import TRAINABLE, MethodSpec, build_method
 from ssl_vit.train.checkpoint import newest_finite, resume, save_checkpoint, stream_state
-from ssl_vit.train.preemption import Preempted, StopRequest, StopVote
+from ssl_vit.train.preemption import Preempted, StopRequest, StopVote, deferred_stop_signals
 from ssl_vit.train.run_dir import (
     Metrics,
     Resume,
@@ -68,7 +68,9 @@ def batches(loader: Any, run_dir: Path, timeout: float) -> Iterator[dict]:
     outlives its epoch (stopped, so deaf to the loader's SIGTERM) is killed, or the run would hang
     at exit."""
     before = {p.pid for p in multiprocessing.active_children()}
-    it = iter(loader)
+    with deferred_stop_signals():  # the workers, forked here or at the first batch
+        it = iter(loader)
+    first = True
     while True:
         fired = threading.Event()
         watchdog = threading.Timer(timeout + 5, kill_workers, (before, fired))
@@ -76,8 +78,10 @@ def batches(loader: Any, run_dir: Path, timeout: float) -> Iterator[dict]:
         if timeout:
             watchdog.start()
         try:
-            with torch.random.fork_rng(devices=[]):
+            held = deferred_stop_signals() if first else contextlib.nullcontext()
+            with torch.random.fork_rng(devices=[]), held:  # a stream forks its workers here
                 batch = next(it, None)
+            first = False
         except (RuntimeError, OSError, EOFError) as e:
             if not (fired.is_set() or "DataLoader timed out" in str(e)):
                 raise
@@ -361,7 +365,7 @@ class Run:
         line name the split and whether it is held out; the trackers' tags are eval/<split>/."""
         epoch = self.state.step / self.plan.steps_per_epoch  # the epochs trained, as logged
         self.last_eval = {"step": self.state.step, "epoch": epoch}
-        with gathered(self.method):
+        with gathered(self.method), deferred_stop_signals():  # its loader workers too
             self.last_eval |= evaluate(self.cfg, self.accelerator, self.method, self.eval_data)
         self.last_eval |= self.eval_data.result()
         self.metrics.log(self.last_eval, self.state.step, f"eval/{self.eval_data.split}")
