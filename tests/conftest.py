@@ -4,6 +4,7 @@ read a run back (metrics, saved weights) or run one in a subprocess."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,6 +39,17 @@ TINY_METHODS: dict[str, dict[str, Any]] = {
 """Each method's (and evaluator's) tiny settings: MAE's decoder; DINO's and DINOv2's head and 3
 local 16 px crops (DINOv2: a 1-epoch temperature warmup); the classes of DeiT and the evaluators
 (the synthetic dataset's 10). An evaluator's method.checkpoint is the caller's."""
+
+
+@pytest.fixture(autouse=True)
+def root_log_level():
+    """Each test starts at logging's default root level (WARNING), whatever an earlier test or a
+    library it ran left there (the suite once left ERROR: later tests saw no warning)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    yield
+    root.setLevel(level)
 
 
 def tiny(

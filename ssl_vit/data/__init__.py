@@ -1,6 +1,7 @@
 """Data: image folders, Hugging Face and synthetic datasets, per-method views, loaders."""
 
 from ssl_vit.data.datasets import (
+    STOP_SIGNALS,
     DataError,
     ImageDataset,
     SkipCounter,
@@ -29,6 +30,7 @@ from ssl_vit.data.synthetic import SyntheticImages
 from ssl_vit.data.transforms import Crop, View, eval_view, multi_crop, single_view
 
 __all__ = [
+    "STOP_SIGNALS",
     "Crop",
     "SYNTHETIC_CLASSES",
     "DataError",

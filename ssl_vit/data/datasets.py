@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -219,6 +220,24 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""The signals that ask a run to stop after a checkpoint (train.preemption)."""
+
+
+def own_process_group(worker_id: int = 0) -> None:
+    """A loader worker's start: it leaves its training process's process group, so that a signal
+    relayed to that group (torchrun's SIGTERM to each rank's, a terminal's Ctrl-C) asks the
+    training process to stop and does not kill the worker mid-epoch. The worker is forked with
+    STOP_SIGNALS blocked (train.preemption.deferred_stop_signals); a copy that arrived since is
+    dropped, and the worker then takes signals as usual (its loader's SIGTERM ends it)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)  # discards a pending copy
+    os.setpgid(0, 0)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def build_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -251,6 +270,7 @@ def build_loader(
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
         timeout=timeout if num_workers else 0,
+        worker_init_fn=own_process_group,
     )
 
 

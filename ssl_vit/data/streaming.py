@@ -53,7 +53,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_vit.config import DataConfig
-from ssl_vit.data.datasets import MAX_TRIES, DataError, collate, open_image, seeded
+from ssl_vit.data.datasets import (
+    MAX_TRIES,
+    DataError,
+    collate,
+    open_image,
+    own_process_group,
+    seeded,
+)
 from ssl_vit.data.device.encoded import bytes_tensor
 from ssl_vit.data.encoded_batch import Encoded
 from ssl_vit.data.shards import (
@@ -704,6 +711,7 @@ def build_stream(
         collate_fn=stream_collate,
         persistent_workers=False,
         timeout=data_cfg.timeout if data_cfg.num_workers else 0,
+        worker_init_fn=own_process_group,
     )
     batches = per_process // batch_size
     left = (size or 0) - processes * batches * batch_size

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ssl_vit.data import STOP_SIGNALS
 from ssl_vit.train.state import RunError
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PREEMPTED_STATUS = 75
 """The exit status of a run stopped by a signal after its checkpoint (sysexits' EX_TEMPFAIL:
 resume later). Under `accelerate launch` the launcher reports its own status (1)."""
@@ -103,9 +103,9 @@ def stop_on_signals() -> Iterator[StopRequest]:
 @contextlib.contextmanager
 def deferred_stop_signals() -> Iterator[None]:
     """Hold STOP_SIGNALS back for the body; they are handled when it ends. Loader workers forked
-    in it are born with them blocked (and stay so): a relay to the whole process group (torchrun
-    signals each rank's group, a terminal its foreground group) then leaves them working, and the
-    training process stops them itself after its checkpoint."""
+    in it are born with them blocked until they have left this process's group
+    (data.own_process_group), so that a relay to the group (torchrun signals each rank's, a
+    terminal its foreground one) never kills them mid-epoch."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
