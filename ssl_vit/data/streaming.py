@@ -490,7 +490,8 @@ class StreamLoader:
     def iterate(self, start: int) -> Iterator[dict[str, Any]]:
         """Batches start..batches-1 of the epoch; from the saved positions when start > 0."""
         self.dataset.states = dict(self.positions) if start else {}
-        self.dataset.rotate = start % max(1, self.loader.num_workers)
+        # from saved positions (not an epoch restarted under another deal): rotate the shares
+        self.dataset.rotate = start % max(1, self.loader.num_workers) if self.dataset.states else 0
         if not start:
             self.positions, self.counts = {}, dict.fromkeys(COUNTS, 0)
         batches = itertools.islice(self._passes(start), self.batches - start)
