@@ -141,7 +141,8 @@ def child(conn: Any, name: str, args: tuple, env: dict[str, str]) -> None:
     """Run gpu_suite_work.<name>(*args) in this fresh process; send back (True, its result) or
     (False, the error in one line)."""
     os.environ.update(env)
-    sys.stdout = sys.stderr  # stdout holds the suite's one JSON line only
+    os.dup2(2, 1)  # stdout holds the suite's one JSON line only: what this process prints,
+    sys.stdout = sys.stderr  # gloo's C++ connection lines (torch 2.10) included, goes to stderr
     mp.set_start_method(None, force=True)  # its loader workers start as in training (not from
     # a server of their own, which would import everything again)
     try:
