@@ -28,7 +28,12 @@ from ssl_vit.cli.runner import run_command
 from ssl_vit.config import ConfigError
 from ssl_vit.data import SyntheticImages
 from ssl_vit.train import checkpoint
-from ssl_vit.train.checkpoint import DamagedCheckpointError, check_file, write_failed
+from ssl_vit.train.checkpoint import (
+    DamagedCheckpointError,
+    check_checkpoint,
+    check_file,
+    write_failed,
+)
 from ssl_vit.train.loop import fit
 from ssl_vit.train.run_dir import run_lock
 from ssl_vit.train.state import RunError
@@ -272,6 +277,76 @@ def test_a_checkpoint_missing_a_file_is_an_error_naming_it(base, tmp_path):
         with pytest.raises(DamagedCheckpointError, match=f"{missing}: missing"):
             fit(tiny(run, resume=str(ckpt(run, 8)), **SCHEDULE))
         missing.write_bytes(data)
+
+
+def unlist(checkpoint: Path, name: str) -> None:
+    """Delete a file of a checkpoint and its line in the `complete` marker, as if never saved."""
+    (checkpoint / name).unlink()
+    marker = json.loads((checkpoint / "complete").read_text())
+    del marker["files"][name]
+    (checkpoint / "complete").write_text(json.dumps(marker))
+
+
+def relist(checkpoint: Path, name: str, text: str) -> None:
+    """Rewrite a file of a checkpoint and its size in the marker (a consistent checkpoint)."""
+    (checkpoint / name).write_text(text)
+    marker = json.loads((checkpoint / "complete").read_text())
+    marker["files"][name] = len(text.encode())
+    (checkpoint / "complete").write_text(json.dumps(marker))
+
+
+def test_what_a_checkpoint_must_hold_comes_from_the_code_not_its_marker(base, tmp_path):
+    """A file every checkpoint holds, deleted with its line in the marker, is missing: before,
+    the marker alone said what to hold, and a resume without random_states_0.pkl ran on (rc 0,
+    no warning) and ended elsewhere than the uninterrupted run."""
+    run = copy(base, tmp_path)
+    shutil.rmtree(run / "backbone")
+    for name in ("random_states_0.pkl", "optimizer.bin", "model.safetensors", "config.json"):
+        trial = tmp_path / name / "step_0000008"
+        shutil.copytree(ckpt(run, 8), trial)
+        unlist(trial, name)
+        with pytest.raises(DamagedCheckpointError, match=f"^{trial / name}: missing from the c"):
+            check_checkpoint(trial)
+    # each process's RNG states, and a stream's positions: by train_state.json and config.json
+    trial = tmp_path / "more" / "step_0000008"
+    shutil.copytree(ckpt(run, 8), trial)
+    state = json.loads((trial / "train_state.json").read_text())
+    relist(trial, "train_state.json", json.dumps(state | {"num_processes": 2}))
+    with pytest.raises(DamagedCheckpointError, match=f"^{trial}/random_states_1.pkl: missing"):
+        check_checkpoint(trial)
+    relist(trial, "train_state.json", json.dumps(state))
+    config = json.loads((trial / "config.json").read_text())
+    config["data"]["streaming"] = True
+    relist(trial, "config.json", json.dumps(config))
+    with pytest.raises(DamagedCheckpointError, match=f"^{trial}/stream_0.json: missing"):
+        check_checkpoint(trial)
+
+    # FSDP's sharded model: every shard its .metadata names
+    import torch.distributed.checkpoint as dcp
+
+    trial = tmp_path / "fsdp" / "step_0000008"
+    shutil.copytree(ckpt(run, 8), trial)
+    unlist(trial, "model.safetensors")
+    shards = trial / "pytorch_model_fsdp_0"
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=shards, no_dist=True)
+    marker = json.loads((trial / "complete").read_text())
+    marker["files"] |= {str(f.relative_to(trial)): f.stat().st_size for f in shards.iterdir()}
+    (trial / "complete").write_text(json.dumps(marker))
+    assert check_checkpoint(trial)["step"] == 8  # whole
+    unlist(trial, "pytorch_model_fsdp_0/__0_0.distcp")
+    with pytest.raises(DamagedCheckpointError, match=f"^{shards}/__0_0.distcp: missing"):
+        check_checkpoint(trial)
+
+    # `auto` passes a checkpoint lacking a file, and resumes exactly from the one before
+    unlist(ckpt(run, 8), "random_states_0.pkl")
+    assert fit(tiny(run, resume="auto", **SCHEDULE))["steps"] == 8
+    log = (run / "train.log").read_text()
+    assert f"{ckpt(run, 8)}/random_states_0.pkl: missing from the checkpoint" in log
+    assert "resumed from" in log and "step_0000006 at step 6" in log
+    resumed = load_file(str(ckpt(run, 8) / "model.safetensors"))
+    straight = load_file(str(ckpt(base, 8) / "model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    assert [k for k in straight if not resumed[k].equal(straight[k])] == []  # bit for bit
 
 
 # --- 6. one value per step after a crash and resume --------------------------------------------

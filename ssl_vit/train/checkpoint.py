@@ -7,7 +7,8 @@ main process make each file readable per the umask, fsync it and write the `comp
 step and every file with its size. Then the folder is renamed into place and the ones beyond
 keep_last are deleted (renamed `.deleting` first, so a half-deleted folder never looks complete).
 
-Resume checks every file before loading any: present with its recorded size, and plain data —
+Resume checks every file before loading any: each file a run saves listed (what the code knows a
+checkpoint holds, not what its marker says), present with its recorded size, and plain data —
 torch files load with weights_only=True allowing only numpy's RNG types, FSDP's metadata through
 an allow-listed unpickler — so a tampered file is refused naming it and the offending global, and
 a damaged one is named (`--train.resume auto` then falls back to the checkpoint before).
@@ -181,9 +182,10 @@ def clean_checkpoints(run_dir: Path) -> None:
 
 def check_checkpoint(path: Path) -> dict[str, Any]:
     """The train state of checkpoint `path` once every file it lists is there with its size and
-    holds plain data, and no other file is; DamagedCheckpointError naming the first missing,
-    truncated or unreadable file, UnsafeCheckpointError naming a file that pickles anything
-    else, CheckpointError naming a file added later (Accelerate would read some)."""
+    holds plain data, every file a checkpoint must hold (`required_files`) is listed, and no
+    other file is there; DamagedCheckpointError naming the first missing, truncated or
+    unreadable file, UnsafeCheckpointError naming a file that pickles anything else,
+    CheckpointError naming a file added later (Accelerate would read some)."""
     try:
         files = json.loads((path / COMPLETE).read_text())["files"]
     except FileNotFoundError:
@@ -193,12 +195,6 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
             f"{path / COMPLETE}: no list of the checkpoint's files: written by an earlier "
             "ssl_vit, whose checkpoints this one does not resume"
         ) from None
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        if str(f.relative_to(path)) not in files and f.name != COMPLETE:
-            raise CheckpointError(
-                f"{f}: not part of the checkpoint (not in its {COMPLETE} list of files); it was "
-                "put there later: remove it"
-            )
     for name, size in files.items():
         f = path / name
         if not f.is_file():
@@ -208,9 +204,60 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
             raise DamagedCheckpointError(
                 f"{f}: {f.stat().st_size} bytes, {size} when written: the file is damaged"
             )
-    if TRAIN_STATE not in files:
-        raise CheckpointError(f"{path}: no {TRAIN_STATE} (where the loop stands) in the checkpoint")
+    for name in required_files(path, files):
+        if name not in files:
+            raise DamagedCheckpointError(
+                f"{path / name}: missing from the checkpoint (every checkpoint holds it; its "
+                f"{COMPLETE} list of files does not name it)"
+            )
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if str(f.relative_to(path)) not in files and f.name != COMPLETE:
+            raise CheckpointError(
+                f"{f}: not part of the checkpoint (not in its {COMPLETE} list of files); it was "
+                "put there later: remove it"
+            )
     return json.loads((path / TRAIN_STATE).read_text())
+
+
+MODEL_FILES = ("model.safetensors", "pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0.bin")
+OPTIMIZER_FILES = ("optimizer.bin", "optimizer_0/.metadata", "optimizer_0.bin")
+"""What Accelerate's save_state writes for the model and the optimizer: whole, or under FSDP
+sharded (a torch.distributed.checkpoint folder: its .metadata names the shards) or gathered."""
+
+
+def required_files(path: Path, files: dict[str, int]) -> list[str]:
+    """The files checkpoint `path` must hold, known from what a run saves, not from its marker
+    (`files`, checked already): train_state.json and config.json; the model and the optimizer
+    (with every shard of FSDP's folders); each process's RNG states, and on a stream
+    (data.streaming) each process's stream position."""
+    need = [TRAIN_STATE, "config.json"]
+    if not set(need) <= files.keys():
+        return need
+    processes = json.loads((path / TRAIN_STATE).read_text()).get("num_processes")
+    if not isinstance(processes, int) or processes < 1:
+        raise DamagedCheckpointError(f"{path / TRAIN_STATE}: no number of processes in it")
+    data = json.loads((path / "config.json").read_text()).get("data", {})
+    for kinds in (MODEL_FILES, OPTIMIZER_FILES):
+        saved = next((name for name in kinds if name in files), kinds[0])
+        need.append(saved)
+        if saved.endswith("/.metadata") and saved in files:
+            need += shard_files(path, saved)
+    need += [f"random_states_{rank}.pkl" for rank in range(processes)]
+    if data.get("streaming"):
+        need += [stream_file(rank) for rank in range(processes)]
+    return need
+
+
+def shard_files(path: Path, metadata: str) -> list[str]:
+    """The shards that the .metadata of a torch.distributed.checkpoint folder in `path` names."""
+    f = path / metadata
+    with open(f, "rb") as fh:
+        index = PlainUnpickler(fh, f).load()
+    try:
+        names = {info.relative_path for info in index.storage_data.values()}
+    except AttributeError:
+        raise DamagedCheckpointError(f"{f}: not the metadata of a sharded checkpoint") from None
+    return sorted(str(Path(metadata).parent / name) for name in names)
 
 
 def check_file(f: Path) -> None:
