@@ -261,6 +261,43 @@ def test_resume_refuses_config_changes_before_writing_anything(base, tmp_path):
     assert "with changed settings: method.mask_ratio: 0.75 -> 0.5; train.epochs: 2 -> 3" in log
 
 
+def test_a_metrics_file_that_is_not_json_lines_is_refused_naming_its_line(base, tmp_path):
+    """Before: JSONDecodeError's traceback. A line cut short at the end (a crash mid-write) is
+    left out with a warning; any other bad line is the run's history damaged: refused, kept."""
+    run = copy(base, tmp_path)
+    metrics_file = run / "metrics.jsonl"
+    rows = metrics_file.read_text()
+    assert rows.count("\n") == 9  # steps 1..8 and the final result
+    metrics_file.write_text(rows + "not json\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=rf"train.resume: {metrics_file}:10 is not a JSON object"):
+        fit(tiny(run, resume="auto", **SCHEDULE))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    shutil.rmtree(ckpt(run, 8))
+    metrics_file.write_text(rows + '{"step": 9, "lo')  # cut short
+    assert fit(tiny(run, resume="auto", **SCHEDULE))["steps"] == 8
+    assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+    log = (run / "train.log").read_text()
+    assert log.count(f"{metrics_file}:10: leaving out a last line cut short") == 1
+
+
+def test_a_folder_that_holds_no_run_is_refused_resumed_or_not(tmp_path):
+    """Before: `--train.resume auto` started in it and wrote its files beside the user's."""
+    folder = tmp_path / "folder"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "photos" / "cat.jpg").write_bytes(b"a photo")
+    (folder / "notes.txt").write_text("mine")
+    message = rf"train.output_dir: {folder} holds files of no run \(notes.txt, photos/\)"
+    for resume in ("auto", ""):
+        with pytest.raises(ConfigError, match=message):
+            fit(tiny(folder, resume=resume, max_steps=1))
+    assert sorted(p.name for p in folder.rglob("*")) == ["cat.jpg", "notes.txt", "photos"]
+    (tmp_path / "empty").mkdir()
+    for fresh in ("empty", "missing"):  # `auto` starts afresh there
+        assert fit(tiny(tmp_path / fresh, resume="auto", max_steps=1))["steps"] == 1
+
+
 # --- 5. every piece of state is required -------------------------------------------------------
 
 

@@ -20,7 +20,13 @@ from ssl_vit.config import Config, validate
 from ssl_vit.registry import prepare
 from ssl_vit.train.preemption import peer_lost, stop_on_signals
 from ssl_vit.train.run import Run, build_run, local
-from ssl_vit.train.run_dir import prepare_run_dir, run_lock, run_log, write_config
+from ssl_vit.train.run_dir import (
+    prepare_run_dir,
+    refuse_foreign,
+    run_lock,
+    run_log,
+    write_config,
+)
 from ssl_vit.train.state import RunError
 from ssl_vit.train.step import forward_backward, optimizer_step
 from ssl_vit.weights import latest_checkpoint
@@ -48,6 +54,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         ),
     )
     main = accelerator.is_main_process
+    refuse_foreign(run_dir)
     with run_log(run_dir, accelerator), run_lock(run_dir, main), stop_on_signals() as request:
         resume_from = prepare_run_dir(cfg, accelerator)
         run = build_run(cfg, accelerator, resume_from, eval_data, request)
