@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -506,6 +507,47 @@ def test_a_stuck_loader_worker_stops_the_run(tmp_path, monkeypatch):
     assert time.time() - start < 60
     time.sleep(0.5)
     assert not multiprocessing.active_children()  # killed, not left stopped (a hang at exit)
+
+
+@pytest.mark.parametrize("death", ["exit", "kill", "exit_at_once"])
+def test_a_loader_worker_that_dies_is_one_message_with_the_resume_command(
+    tmp_path, monkeypatch, capsys, death
+):
+    """A forked worker ends itself in item 20 of the second epoch (after checkpoint 4): with
+    os._exit(3), as by SIGKILL (the OOM killer), or in its first item at once, which torch may
+    not have registered yet. Before: one or two chained tracebacks, no resume hint (and the last
+    could wait out data.timeout)."""
+    run = tmp_path / "run"
+    getitem = SyntheticImages.__getitem__
+
+    def dies(self, i):
+        if death == "exit_at_once" or (i == 20 and ckpt(run, 4).is_dir()):
+            if death == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(3)
+        return getitem(self, i)
+
+    monkeypatch.setattr(SyntheticImages, "__getitem__", dies)
+    cfg = tiny(run, **SCHEDULE)
+    cfg.data.num_workers = 2
+    start = time.time()
+    assert main(["train", *overrides(cfg)]) == 1
+    assert time.time() - start < 60
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    how = (
+        "was killed by SIGKILL (Killed): out of memory?"
+        if death == "kill"
+        else "exited with code 3"
+    )
+    assert re.fullmatch(rf"error: a loader worker \(pid \d+\) {re.escape(how)}.*", last), last
+    resume = (
+        "Start again"
+        if death == "exit_at_once"
+        else f"The newest checkpoint is {ckpt(run, 4)}: resume"
+    )
+    assert last.endswith(f". {resume} with the same command and --train.resume auto"), last
 
 
 def test_a_run_of_bad_files_is_the_data_error_alone(tmp_path, capsys):

@@ -17,6 +17,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
 
 from ssl_vit.config import Config, validate
+from ssl_vit.data import stop_watching, worker_death
 from ssl_vit.registry import prepare
 from ssl_vit.train.preemption import peer_lost, stop_on_signals
 from ssl_vit.train.run import Run, build_run, local
@@ -63,11 +64,19 @@ def fit(cfg: Config) -> dict[str, Any]:
         try:
             return train_loop(run)
         except RuntimeError as e:
+            if isinstance(e, RunError):
+                raise
+            newest = latest_checkpoint(run_dir)
+            then = f"resume from {newest} with" if newest else "no checkpoint yet: start again,"
+            if died := worker_death(e):  # torch's error, raised wherever its SIGCHLD handler ran
+                stop_watching()
+                resume = f"The newest checkpoint is {newest}: resume" if newest else "Start again"
+                raise RunError(
+                    f"{died}. {resume} with the same command and --train.resume auto"
+                ) from None
             if not peer_lost(e, accelerator.num_processes):
                 raise
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            newest = latest_checkpoint(run_dir)
-            then = f"resume from {newest} with" if newest else "no checkpoint yet: start again,"
             raise RunError(
                 f"another process of the run is gone or not answering ({first}): this process "
                 f"stops too; {then} --train.resume auto"
