@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, overrides, tiny
+from conftest import ROOT, metrics, overrides, tiny
 from safetensors.torch import load_file
 from test_trainer import write_image_folder
 
@@ -445,6 +445,86 @@ def test_full_disk_names_the_path_and_free_space_and_cleans_up(tmp_path, monkeyp
     )
     err = write_failed(RuntimeError("unexpected pos 8448 vs 8342"), tmp, tmp_path / "other")
     assert isinstance(err, RunError) and "0.0 MiB free" in str(err) and not tmp.exists()
+
+
+def test_any_failed_save_removes_its_partial_checkpoint_and_names_the_file(
+    tmp_path, monkeypatch, capsys
+):
+    """Before: an error other than OSError/RuntimeError (here torch's pickler meeting a lambda
+    in optimizer.bin) left step_0000004.tmp and a raw traceback."""
+    import accelerate.checkpointing
+
+    save = accelerate.checkpointing.save
+
+    def unpicklable(obj, f, *args, **kwargs):  # model.safetensors is written by then
+        if str(f).endswith("step_0000004.tmp/optimizer.bin"):
+            obj = {"state": lambda: 0}
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", unpicklable)
+    run = tmp_path / "run"
+    assert main(["train", *overrides(tiny(run, **SCHEDULE))]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: saving the checkpoint {ckpt(run, 4)}.tmp failed in optimizer.bin "
+        "(AttributeError: Can't pickle local object 'test_any_failed_save_removes_its_partial_"
+        "checkpoint_and_names_the_file.<locals>.unpicklable.<locals>.<lambda>'); the partial "
+        f"checkpoint was removed. The newest complete one is {ckpt(run, 2)}: resume with "
+        "--train.resume auto once the cause is fixed"
+    )
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from ssl_vit.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+limit, argv = int(sys.argv[1]), sys.argv[2:]
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize(
+    "limit, fails_in", [(100_000, "model.safetensors"), (300_000, "optimizer.bin")]
+)
+def test_a_file_size_limit_in_any_file_of_a_save_is_the_message(tmp_path, limit, fails_in):
+    """A real limit (RLIMIT_FSIZE, as `ulimit -f`) on the 216 kB model.safetensors (safetensors
+    says "os error 27") or the 454 kB optimizer.bin (torch's zip writer: "unexpected pos"). Before:
+    a traceback of 12 and 15 frames, and the first left step_0000002.tmp behind."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-c",
+        FILE_SIZE_LIMIT,
+        str(limit),
+        "train",
+        *overrides(tiny(run, **SCHEDULE)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: file too large: writing the checkpoint {ckpt(run, 2)}.tmp failed in {fails_in}, "
+        f"which reached the file-size limit, {limit / 2**20:.1f} MiB (ulimit -f); the partial "
+        "checkpoint was removed. None was saved before: raise the limit or save elsewhere, and "
+        "resume with --train.resume auto"
+    )
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_a_full_disk_reported_in_an_error_message_is_a_full_disk(tmp_path):
+    """safetensors reports ENOSPC only in its message (seen on a 1.5 MB tmpfs): before, that
+    SafetensorError went through as a traceback and left the .tmp folder."""
+    from safetensors import SafetensorError
+
+    tmp = tmp_path / "checkpoints" / "step_0000002.tmp"
+    tmp.mkdir(parents=True)
+    e = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    err = write_failed(e, tmp, tmp_path)
+    assert isinstance(err, RunError) and not tmp.exists()
+    assert str(err).startswith(f"no space left on the device: writing the checkpoint {tmp} failed")
 
 
 # --- 8. a damaged newest checkpoint, leftovers of a crash ----------------------------------------
