@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, overrides, tiny
+from conftest import ROOT, metrics, overrides, tiny
 from safetensors.torch import load_file
 from test_trainer import write_image_folder
 
@@ -28,7 +29,12 @@ from ssl_vit.cli.runner import run_command
 from ssl_vit.config import ConfigError
 from ssl_vit.data import SyntheticImages
 from ssl_vit.train import checkpoint
-from ssl_vit.train.checkpoint import DamagedCheckpointError, check_file, write_failed
+from ssl_vit.train.checkpoint import (
+    DamagedCheckpointError,
+    check_checkpoint,
+    check_file,
+    write_failed,
+)
 from ssl_vit.train.loop import fit
 from ssl_vit.train.run_dir import run_lock
 from ssl_vit.train.state import RunError
@@ -256,6 +262,43 @@ def test_resume_refuses_config_changes_before_writing_anything(base, tmp_path):
     assert "with changed settings: method.mask_ratio: 0.75 -> 0.5; train.epochs: 2 -> 3" in log
 
 
+def test_a_metrics_file_that_is_not_json_lines_is_refused_naming_its_line(base, tmp_path):
+    """Before: JSONDecodeError's traceback. A line cut short at the end (a crash mid-write) is
+    left out with a warning; any other bad line is the run's history damaged: refused, kept."""
+    run = copy(base, tmp_path)
+    metrics_file = run / "metrics.jsonl"
+    rows = metrics_file.read_text()
+    assert rows.count("\n") == 9  # steps 1..8 and the final result
+    metrics_file.write_text(rows + "not json\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=rf"train.resume: {metrics_file}:10 is not a JSON object"):
+        fit(tiny(run, resume="auto", **SCHEDULE))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    shutil.rmtree(ckpt(run, 8))
+    metrics_file.write_text(rows + '{"step": 9, "lo')  # cut short
+    assert fit(tiny(run, resume="auto", **SCHEDULE))["steps"] == 8
+    assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+    log = (run / "train.log").read_text()
+    assert log.count(f"{metrics_file}:10: leaving out a last line cut short") == 1
+
+
+def test_a_folder_that_holds_no_run_is_refused_resumed_or_not(tmp_path):
+    """Before: `--train.resume auto` started in it and wrote its files beside the user's."""
+    folder = tmp_path / "folder"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "photos" / "cat.jpg").write_bytes(b"a photo")
+    (folder / "notes.txt").write_text("mine")
+    message = rf"train.output_dir: {folder} holds files of no run \(notes.txt, photos/\)"
+    for resume in ("auto", ""):
+        with pytest.raises(ConfigError, match=message):
+            fit(tiny(folder, resume=resume, max_steps=1))
+    assert sorted(p.name for p in folder.rglob("*")) == ["cat.jpg", "notes.txt", "photos"]
+    (tmp_path / "empty").mkdir()
+    for fresh in ("empty", "missing"):  # `auto` starts afresh there
+        assert fit(tiny(tmp_path / fresh, resume="auto", max_steps=1))["steps"] == 1
+
+
 # --- 5. every piece of state is required -------------------------------------------------------
 
 
@@ -272,6 +315,76 @@ def test_a_checkpoint_missing_a_file_is_an_error_naming_it(base, tmp_path):
         with pytest.raises(DamagedCheckpointError, match=f"{missing}: missing"):
             fit(tiny(run, resume=str(ckpt(run, 8)), **SCHEDULE))
         missing.write_bytes(data)
+
+
+def unlist(checkpoint: Path, name: str) -> None:
+    """Delete a file of a checkpoint and its line in the `complete` marker, as if never saved."""
+    (checkpoint / name).unlink()
+    marker = json.loads((checkpoint / "complete").read_text())
+    del marker["files"][name]
+    (checkpoint / "complete").write_text(json.dumps(marker))
+
+
+def relist(checkpoint: Path, name: str, text: str) -> None:
+    """Rewrite a file of a checkpoint and its size in the marker (a consistent checkpoint)."""
+    (checkpoint / name).write_text(text)
+    marker = json.loads((checkpoint / "complete").read_text())
+    marker["files"][name] = len(text.encode())
+    (checkpoint / "complete").write_text(json.dumps(marker))
+
+
+def test_what_a_checkpoint_must_hold_comes_from_the_code_not_its_marker(base, tmp_path):
+    """A file every checkpoint holds, deleted with its line in the marker, is missing: before,
+    the marker alone said what to hold, and a resume without random_states_0.pkl ran on (rc 0,
+    no warning) and ended elsewhere than the uninterrupted run."""
+    run = copy(base, tmp_path)
+    shutil.rmtree(run / "backbone")
+    for name in ("random_states_0.pkl", "optimizer.bin", "model.safetensors", "config.json"):
+        trial = tmp_path / name / "step_0000008"
+        shutil.copytree(ckpt(run, 8), trial)
+        unlist(trial, name)
+        with pytest.raises(DamagedCheckpointError, match=f"^{trial / name}: missing from the c"):
+            check_checkpoint(trial)
+    # each process's RNG states, and a stream's positions: by train_state.json and config.json
+    trial = tmp_path / "more" / "step_0000008"
+    shutil.copytree(ckpt(run, 8), trial)
+    state = json.loads((trial / "train_state.json").read_text())
+    relist(trial, "train_state.json", json.dumps(state | {"num_processes": 2}))
+    with pytest.raises(DamagedCheckpointError, match=f"^{trial}/random_states_1.pkl: missing"):
+        check_checkpoint(trial)
+    relist(trial, "train_state.json", json.dumps(state))
+    config = json.loads((trial / "config.json").read_text())
+    config["data"]["streaming"] = True
+    relist(trial, "config.json", json.dumps(config))
+    with pytest.raises(DamagedCheckpointError, match=f"^{trial}/stream_0.json: missing"):
+        check_checkpoint(trial)
+
+    # FSDP's sharded model: every shard its .metadata names
+    import torch.distributed.checkpoint as dcp
+
+    trial = tmp_path / "fsdp" / "step_0000008"
+    shutil.copytree(ckpt(run, 8), trial)
+    unlist(trial, "model.safetensors")
+    shards = trial / "pytorch_model_fsdp_0"
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=shards, no_dist=True)
+    marker = json.loads((trial / "complete").read_text())
+    marker["files"] |= {str(f.relative_to(trial)): f.stat().st_size for f in shards.iterdir()}
+    (trial / "complete").write_text(json.dumps(marker))
+    assert check_checkpoint(trial)["step"] == 8  # whole
+    unlist(trial, "pytorch_model_fsdp_0/__0_0.distcp")
+    with pytest.raises(DamagedCheckpointError, match=f"^{shards}/__0_0.distcp: missing"):
+        check_checkpoint(trial)
+
+    # `auto` passes a checkpoint lacking a file, and resumes exactly from the one before
+    unlist(ckpt(run, 8), "random_states_0.pkl")
+    assert fit(tiny(run, resume="auto", **SCHEDULE))["steps"] == 8
+    log = (run / "train.log").read_text()
+    assert f"{ckpt(run, 8)}/random_states_0.pkl: missing from the checkpoint" in log
+    assert "resumed from" in log and "step_0000006 at step 6" in log
+    resumed = load_file(str(ckpt(run, 8) / "model.safetensors"))
+    straight = load_file(str(ckpt(base, 8) / "model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    assert [k for k in straight if not resumed[k].equal(straight[k])] == []  # bit for bit
 
 
 # --- 6. one value per step after a crash and resume --------------------------------------------
@@ -334,6 +447,86 @@ def test_full_disk_names_the_path_and_free_space_and_cleans_up(tmp_path, monkeyp
     assert isinstance(err, RunError) and "0.0 MiB free" in str(err) and not tmp.exists()
 
 
+def test_any_failed_save_removes_its_partial_checkpoint_and_names_the_file(
+    tmp_path, monkeypatch, capsys
+):
+    """Before: an error other than OSError/RuntimeError (here torch's pickler meeting a lambda
+    in optimizer.bin) left step_0000004.tmp and a raw traceback."""
+    import accelerate.checkpointing
+
+    save = accelerate.checkpointing.save
+
+    def unpicklable(obj, f, *args, **kwargs):  # model.safetensors is written by then
+        if str(f).endswith("step_0000004.tmp/optimizer.bin"):
+            obj = {"state": lambda: 0}
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", unpicklable)
+    run = tmp_path / "run"
+    assert main(["train", *overrides(tiny(run, **SCHEDULE))]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: saving the checkpoint {ckpt(run, 4)}.tmp failed in optimizer.bin "
+        "(AttributeError: Can't pickle local object 'test_any_failed_save_removes_its_partial_"
+        "checkpoint_and_names_the_file.<locals>.unpicklable.<locals>.<lambda>'); the partial "
+        f"checkpoint was removed. The newest complete one is {ckpt(run, 2)}: resume with "
+        "--train.resume auto once the cause is fixed"
+    )
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from ssl_vit.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+limit, argv = int(sys.argv[1]), sys.argv[2:]
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize(
+    "limit, fails_in", [(100_000, "model.safetensors"), (300_000, "optimizer.bin")]
+)
+def test_a_file_size_limit_in_any_file_of_a_save_is_the_message(tmp_path, limit, fails_in):
+    """A real limit (RLIMIT_FSIZE, as `ulimit -f`) on the 216 kB model.safetensors (safetensors
+    says "os error 27") or the 454 kB optimizer.bin (torch's zip writer: "unexpected pos"). Before:
+    a traceback of 12 and 15 frames, and the first left step_0000002.tmp behind."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-c",
+        FILE_SIZE_LIMIT,
+        str(limit),
+        "train",
+        *overrides(tiny(run, **SCHEDULE)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: file too large: writing the checkpoint {ckpt(run, 2)}.tmp failed in {fails_in}, "
+        f"which reached the file-size limit, {limit / 2**20:.1f} MiB (ulimit -f); the partial "
+        "checkpoint was removed. None was saved before: raise the limit or save elsewhere, and "
+        "resume with --train.resume auto"
+    )
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_a_full_disk_reported_in_an_error_message_is_a_full_disk(tmp_path):
+    """safetensors reports ENOSPC only in its message (seen on a 1.5 MB tmpfs): before, that
+    SafetensorError went through as a traceback and left the .tmp folder."""
+    from safetensors import SafetensorError
+
+    tmp = tmp_path / "checkpoints" / "step_0000002.tmp"
+    tmp.mkdir(parents=True)
+    e = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    err = write_failed(e, tmp, tmp_path)
+    assert isinstance(err, RunError) and not tmp.exists()
+    assert str(err).startswith(f"no space left on the device: writing the checkpoint {tmp} failed")
+
+
 # --- 8. a damaged newest checkpoint, leftovers of a crash ----------------------------------------
 
 
@@ -394,6 +587,46 @@ def test_a_stuck_loader_worker_stops_the_run(tmp_path, monkeypatch):
     assert time.time() - start < 60
     time.sleep(0.5)
     assert not multiprocessing.active_children()  # killed, not left stopped (a hang at exit)
+
+
+@pytest.mark.parametrize("death", ["exit", "kill", "exit_at_once"])
+def test_a_loader_worker_that_dies_is_one_message_with_the_resume_command(
+    tmp_path, monkeypatch, capsys, death
+):
+    """A forked worker ends itself in item 20 of the second epoch (after checkpoint 4): with
+    os._exit(3), as by SIGKILL (the OOM killer), or in its first item at once, which torch may
+    not have registered yet. Before: one or two chained tracebacks, no resume hint (and the last
+    could wait out data.timeout)."""
+    run = tmp_path / "run"
+    getitem = SyntheticImages.__getitem__
+
+    def dies(self, i):
+        if death == "exit_at_once" or (i == 20 and ckpt(run, 4).is_dir()):
+            if death == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(3)
+        return getitem(self, i)
+
+    monkeypatch.setattr(SyntheticImages, "__getitem__", dies)
+    cfg = tiny(run, **SCHEDULE)
+    cfg.data.num_workers = 2
+    start = time.time()
+    assert main(["train", *overrides(cfg)]) == 1
+    assert time.time() - start < 60
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    how = (
+        "was killed by SIGKILL (Killed): out of memory?"
+        if death == "kill"
+        else "exited with code 3"
+    )
+    assert re.fullmatch(rf"error: a loader worker \(pid \d+\) {re.escape(how)}.*", last), last
+    saved = complete_checkpoints(run)  # 4, or 6 when batches fetched before the death last
+    assert saved[-1:] in ([], [ckpt(run, 4)], [ckpt(run, 6)])
+    resume = f"The newest checkpoint is {saved[-1]}: resume" if saved else "Start again"
+    assert (death == "exit_at_once") == (not saved)
+    assert last.endswith(f". {resume} with the same command and --train.resume auto"), last
 
 
 def test_a_run_of_bad_files_is_the_data_error_alone(tmp_path, capsys):

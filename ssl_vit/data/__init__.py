@@ -28,6 +28,7 @@ from ssl_vit.data.streaming import ImageStream, StreamLoader, build_stream
 from ssl_vit.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from ssl_vit.data.synthetic import SyntheticImages
 from ssl_vit.data.transforms import Crop, View, eval_view, multi_crop, single_view
+from ssl_vit.data.workers import check_workers, stop_watching, watch_workers, worker_death
 
 __all__ = [
     "STOP_SIGNALS",
@@ -60,4 +61,8 @@ __all__ = [
     "seeded",
     "multi_crop",
     "single_view",
+    "check_workers",
+    "stop_watching",
+    "watch_workers",
+    "worker_death",
 ]

@@ -7,7 +7,8 @@ main process make each file readable per the umask, fsync it and write the `comp
 step and every file with its size. Then the folder is renamed into place and the ones beyond
 keep_last are deleted (renamed `.deleting` first, so a half-deleted folder never looks complete).
 
-Resume checks every file before loading any: present with its recorded size, and plain data —
+Resume checks every file before loading any: each file a run saves listed (what the code knows a
+checkpoint holds, not what its marker says), present with its recorded size, and plain data —
 torch files load with weights_only=True allowing only numpy's RNG types, FSDP's metadata through
 an allow-listed unpickler — so a tampered file is refused naming it and the offending global, and
 a damaged one is named (`--train.resume auto` then falls back to the checkpoint before).
@@ -21,7 +22,10 @@ import json
 import logging
 import os
 import pickle
+import re
+import resource
 import shutil
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ssl_vit.data import worker_death
+from ssl_vit.train.preemption import peer_lost
 from ssl_vit.train.state import RunError, TrainState
 from ssl_vit.weights import (
     CHECKPOINTS,
@@ -72,8 +78,9 @@ def save_checkpoint(
     `at_end`: saved by the run's end, after its last pictures. `stream`: this process's stream
     position (data.streaming), written as stream_<process>.json.
 
-    Called on every process (Accelerate writes per-process RNG states). A failed write (a full
-    disk) removes the partial checkpoint and says how much space there is.
+    Called on every process (Accelerate writes per-process RNG states). Any failure of a write
+    removes the partial checkpoint (the main process does) and is a RunError naming the file and
+    the newest complete checkpoint, with the free space when the disk is full (`write_failed`).
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{state.step:07d}"
@@ -95,10 +102,12 @@ def save_checkpoint(
             write_atomic(tmp / "config.json", config.encode())
             files = seal(tmp)
             write_atomic(tmp / COMPLETE, json.dumps({"step": state.step, "files": files}).encode())
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports ENOSPC as a RuntimeError
-        if main:
-            raise write_failed(e, tmp, run_dir) from None
-        raise
+    except Exception as e:
+        if isinstance(e, RunError) or worker_death(e) or peer_lost(e, accelerator.num_processes):
+            if main:  # not the save's fault: the run stops for its own reason
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        raise write_failed(e, tmp, run_dir, remove=main) from None
     if main:
         if final.exists():  # a resumed run saving the step it resumed from
             discard(final)
@@ -140,25 +149,66 @@ def discard(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def write_failed(e: Exception, tmp: Path, run_dir: str | Path) -> Exception:
-    """Remove the partial checkpoint `tmp`; a RunError naming the path and the free space when
-    the disk is full, else `e`."""
+def write_failed(e: Exception, tmp: Path, run_dir: str | Path, remove: bool = True) -> RunError:
+    """What a failed save raises, once the partial checkpoint `tmp` is removed (by the main
+    process: `remove`): a RunError naming the file being written and the newest complete
+    checkpoint; for a full disk, a quota or a file-size limit (also when torch's zip writer or
+    safetensors say so only in their message), with the space there is."""
     written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
+    failed = file_written(e, tmp)
+    reached = failed.stat().st_size if failed is not None and failed.is_file() else 0
     free = shutil.disk_usage(tmp.parent).free
-    shutil.rmtree(tmp, ignore_errors=True)
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
     newest = complete_checkpoints(run_dir)[-1:]
     size = sum(f.stat().st_size for f in newest[0].rglob("*") if f.is_file()) if newest else 0
-    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < max(size, 2**20)
-    if not full:
-        return e
+    code = getattr(e, "errno", None) or int((re.findall(r"os error (\d+)", str(e)) or [0])[-1])
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limited = limit != resource.RLIM_INFINITY
+    if code not in (*FULL, errno.EFBIG):  # as torch's zip writer, which says "unexpected pos"
+        if limited and reached >= limit:
+            code = errno.EFBIG
+        elif free < max(size, 2**20):
+            code = errno.ENOSPC
+    where = f"{tmp} failed" + (f" in {failed.relative_to(tmp)}" if failed else "")
     mib = 2**20
+    newest_text = f"The newest complete one is {newest[0]}" if newest else "None was saved before"
+    then = f"the partial checkpoint was removed. {newest_text}"
+    if code == errno.EFBIG:
+        cap = f"the file-size limit, {limit / mib:.1f} MiB (ulimit -f)" if limited else ""
+        return RunError(
+            f"file too large: writing the checkpoint {where}, which reached "
+            f"{cap or 'the largest file its file system allows'}; {then}: raise the limit or "
+            "save elsewhere, and resume with --train.resume auto"
+        )
+    if code in FULL:
+        return RunError(
+            f"{FULL[code]}: writing the checkpoint {where} after {written / mib:.1f} MiB with "
+            f"{free / mib:.1f} MiB free on {tmp.parent} (a checkpoint takes about "
+            f"{size / mib:.1f} MiB); {then}: free some space and resume with --train.resume auto"
+        )
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     return RunError(
-        f"no space left on the device: writing the checkpoint {tmp} failed after "
-        f"{written / mib:.1f} MiB with {free / mib:.1f} MiB free on {tmp.parent} (a "
-        f"checkpoint takes about {size / mib:.1f} MiB); the partial checkpoint was removed. "
-        f"The newest complete one is {newest[0] if newest else 'none'}: free some space and "
-        "resume with --train.resume auto"
+        f"saving the checkpoint {where} ({type(e).__name__}: {first}); {then}: resume with "
+        "--train.resume auto once the cause is fixed"
     )
+
+
+FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+"""A save's errors that say the disk is full (os error 28, 122); EFBIG (27) is a file too large."""
+
+
+def file_written(e: BaseException, tmp: Path) -> Path | None:
+    """The file of `tmp` that was being written when `e` was raised: the error's own file name,
+    else the path in `tmp` held by the innermost call that has one (the writer's argument)."""
+    named = getattr(e, "filename", None)
+    if named and Path(named).is_relative_to(tmp):
+        return Path(named)
+    found = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):  # the outermost call first
+        paths = [Path(v) for v in frame.f_locals.values() if isinstance(v, str | os.PathLike)]
+        found = next((p for p in paths if p != tmp and p.is_relative_to(tmp)), found)
+    return found
 
 
 def clean_checkpoints(run_dir: Path) -> None:
@@ -181,9 +231,10 @@ def clean_checkpoints(run_dir: Path) -> None:
 
 def check_checkpoint(path: Path) -> dict[str, Any]:
     """The train state of checkpoint `path` once every file it lists is there with its size and
-    holds plain data, and no other file is; DamagedCheckpointError naming the first missing,
-    truncated or unreadable file, UnsafeCheckpointError naming a file that pickles anything
-    else, CheckpointError naming a file added later (Accelerate would read some)."""
+    holds plain data, every file a checkpoint must hold (`required_files`) is listed, and no
+    other file is there; DamagedCheckpointError naming the first missing, truncated or
+    unreadable file, UnsafeCheckpointError naming a file that pickles anything else,
+    CheckpointError naming a file added later (Accelerate would read some)."""
     try:
         files = json.loads((path / COMPLETE).read_text())["files"]
     except FileNotFoundError:
@@ -193,12 +244,6 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
             f"{path / COMPLETE}: no list of the checkpoint's files: written by an earlier "
             "ssl_vit, whose checkpoints this one does not resume"
         ) from None
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        if str(f.relative_to(path)) not in files and f.name != COMPLETE:
-            raise CheckpointError(
-                f"{f}: not part of the checkpoint (not in its {COMPLETE} list of files); it was "
-                "put there later: remove it"
-            )
     for name, size in files.items():
         f = path / name
         if not f.is_file():
@@ -208,9 +253,60 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
             raise DamagedCheckpointError(
                 f"{f}: {f.stat().st_size} bytes, {size} when written: the file is damaged"
             )
-    if TRAIN_STATE not in files:
-        raise CheckpointError(f"{path}: no {TRAIN_STATE} (where the loop stands) in the checkpoint")
+    for name in required_files(path, files):
+        if name not in files:
+            raise DamagedCheckpointError(
+                f"{path / name}: missing from the checkpoint (every checkpoint holds it; its "
+                f"{COMPLETE} list of files does not name it)"
+            )
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if str(f.relative_to(path)) not in files and f.name != COMPLETE:
+            raise CheckpointError(
+                f"{f}: not part of the checkpoint (not in its {COMPLETE} list of files); it was "
+                "put there later: remove it"
+            )
     return json.loads((path / TRAIN_STATE).read_text())
+
+
+MODEL_FILES = ("model.safetensors", "pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0.bin")
+OPTIMIZER_FILES = ("optimizer.bin", "optimizer_0/.metadata", "optimizer_0.bin")
+"""What Accelerate's save_state writes for the model and the optimizer: whole, or under FSDP
+sharded (a torch.distributed.checkpoint folder: its .metadata names the shards) or gathered."""
+
+
+def required_files(path: Path, files: dict[str, int]) -> list[str]:
+    """The files checkpoint `path` must hold, known from what a run saves, not from its marker
+    (`files`, checked already): train_state.json and config.json; the model and the optimizer
+    (with every shard of FSDP's folders); each process's RNG states, and on a stream
+    (data.streaming) each process's stream position."""
+    need = [TRAIN_STATE, "config.json"]
+    if not set(need) <= files.keys():
+        return need
+    processes = json.loads((path / TRAIN_STATE).read_text()).get("num_processes")
+    if not isinstance(processes, int) or processes < 1:
+        raise DamagedCheckpointError(f"{path / TRAIN_STATE}: no number of processes in it")
+    data = json.loads((path / "config.json").read_text()).get("data", {})
+    for kinds in (MODEL_FILES, OPTIMIZER_FILES):
+        saved = next((name for name in kinds if name in files), kinds[0])
+        need.append(saved)
+        if saved.endswith("/.metadata") and saved in files:
+            need += shard_files(path, saved)
+    need += [f"random_states_{rank}.pkl" for rank in range(processes)]
+    if data.get("streaming"):
+        need += [stream_file(rank) for rank in range(processes)]
+    return need
+
+
+def shard_files(path: Path, metadata: str) -> list[str]:
+    """The shards that the .metadata of a torch.distributed.checkpoint folder in `path` names."""
+    f = path / metadata
+    with open(f, "rb") as fh:
+        index = PlainUnpickler(fh, f).load()
+    try:
+        names = {info.relative_path for info in index.storage_data.values()}
+    except AttributeError:
+        raise DamagedCheckpointError(f"{f}: not the metadata of a sharded checkpoint") from None
+    return sorted(str(Path(metadata).parent / name) for name in names)
 
 
 def check_file(f: Path) -> None:

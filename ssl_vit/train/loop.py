@@ -17,10 +17,17 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
 
 from ssl_vit.config import Config, validate
+from ssl_vit.data import stop_watching, worker_death
 from ssl_vit.registry import prepare
 from ssl_vit.train.preemption import peer_lost, stop_on_signals
 from ssl_vit.train.run import Run, build_run, local
-from ssl_vit.train.run_dir import prepare_run_dir, run_lock, run_log, write_config
+from ssl_vit.train.run_dir import (
+    prepare_run_dir,
+    refuse_foreign,
+    run_lock,
+    run_log,
+    write_config,
+)
 from ssl_vit.train.state import RunError
 from ssl_vit.train.step import forward_backward, optimizer_step
 from ssl_vit.weights import latest_checkpoint
@@ -48,6 +55,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         ),
     )
     main = accelerator.is_main_process
+    refuse_foreign(run_dir)
     with run_log(run_dir, accelerator), run_lock(run_dir, main), stop_on_signals() as request:
         resume_from = prepare_run_dir(cfg, accelerator)
         run = build_run(cfg, accelerator, resume_from, eval_data, request)
@@ -56,11 +64,19 @@ def fit(cfg: Config) -> dict[str, Any]:
         try:
             return train_loop(run)
         except RuntimeError as e:
+            if isinstance(e, RunError):
+                raise
+            newest = latest_checkpoint(run_dir)
+            then = f"resume from {newest} with" if newest else "no checkpoint yet: start again,"
+            if died := worker_death(e):  # torch's error, raised wherever its SIGCHLD handler ran
+                stop_watching()
+                resume = f"The newest checkpoint is {newest}: resume" if newest else "Start again"
+                raise RunError(
+                    f"{died}. {resume} with the same command and --train.resume auto"
+                ) from None
             if not peer_lost(e, accelerator.num_processes):
                 raise
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            newest = latest_checkpoint(run_dir)
-            then = f"resume from {newest} with" if newest else "no checkpoint yet: start again,"
             raise RunError(
                 f"another process of the run is gone or not answering ({first}): this process "
                 f"stops too; {then} --train.resume auto"

@@ -33,7 +33,10 @@ from ssl_vit.data import (
     build_dataset,
     build_loader,
     build_stream,
+    check_workers,
     encoded_dataset,
+    stop_watching,
+    watch_workers,
 )
 from ssl_vit.eval.accuracy import EvalData, classification_metrics, eval_loader
 from ssl_vit.eval.knn import knn_eval
@@ -66,14 +69,16 @@ def batches(loader: Any, run_dir: Path, timeout: float) -> Iterator[dict]:
     workers a little later, for a batch already half-received from a worker that then stopped
     (the tensor's file descriptor is fetched from the worker, without a timeout). A worker that
     outlives its epoch (stopped, so deaf to the loader's SIGTERM) is killed, or the run would hang
-    at exit."""
+    at exit. A worker that dies stops the run with torch's error naming it and how it ended
+    (ssl_vit.data.workers; fit words it)."""
+    watch_workers()
     before = {p.pid for p in multiprocessing.active_children()}
     with deferred_stop_signals():  # the workers, forked here or at the first batch
         it = iter(loader)
     first = True
     while True:
-        fired = threading.Event()
-        watchdog = threading.Timer(timeout + 5, kill_workers, (before, fired))
+        fired, done = threading.Event(), threading.Event()
+        watchdog = threading.Thread(target=watch, args=(timeout + 5, before, fired, done))
         watchdog.daemon = True
         if timeout:
             watchdog.start()
@@ -84,8 +89,9 @@ def batches(loader: Any, run_dir: Path, timeout: float) -> Iterator[dict]:
             first = False
         except (RuntimeError, OSError, EOFError) as e:
             if not (fired.is_set() or "DataLoader timed out" in str(e)):
+                check_workers(cut_off=isinstance(e, OSError | EOFError))
                 raise
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the run stops: no worker reports
+            stop_watching()  # the workers killed below report nothing
             kill_workers(before, fired)
             raise RunError(
                 f"no batch from the loader workers for {timeout:g} seconds (data.timeout): a "
@@ -94,12 +100,29 @@ def batches(loader: Any, run_dir: Path, timeout: float) -> Iterator[dict]:
                 "auto"
             ) from None
         finally:
-            watchdog.cancel()
+            done.set()
         if batch is None:
             if kill_workers(before):
                 log.warning("killed loader workers that did not exit at the epoch's end")
             return
         yield batch
+
+
+CHECK_EVERY = 2.0
+"""Seconds between the watchdog's checks on the workers while the training process waits."""
+
+
+def watch(limit: float, before: set[int], fired: threading.Event, done: threading.Event) -> None:
+    """The watchdog of one wait for a batch, until `done`: every CHECK_EVERY seconds it sends
+    the main thread SIGCHLD, so that a worker that died is reported there (torch looks at its
+    workers on SIGCHLD, which may have come before it registered the worker, or been swallowed:
+    see ssl_vit.data.workers); after `limit` seconds it kills the workers (stuck)."""
+    main, end = threading.main_thread().ident, time.monotonic() + limit
+    while not done.wait(min(CHECK_EVERY, max(end - time.monotonic(), 0))):
+        if time.monotonic() >= end:
+            kill_workers(before, fired)
+            return
+        signal.pthread_kill(main, signal.SIGCHLD)
 
 
 def kill_workers(before: set[int], fired: threading.Event | None = None) -> int:

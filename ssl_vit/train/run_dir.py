@@ -115,6 +115,30 @@ def locked(f: Any) -> bool:
         raise
 
 
+def refuse_foreign(run_dir: Path) -> None:
+    """Refuse a directory that is not empty and holds no run (none of the files a run writes,
+    besides the lock and log that a refused start leaves): a run, started or resumed, never writes
+    its files among a user's. Checked before anything is written there."""
+    if not run_dir.is_dir():
+        return
+    names = {p.name for p in run_dir.iterdir()} - {LOCK, "train.log"}
+    ours = {
+        *RUN_FILES,
+        *RUN_DIRS,
+        *(f"{s}{e}" for s in OLD_EXPORTS for e in (".safetensors", ".json")),
+    }
+    if not names or names & ours or any(re.fullmatch(r"config\.\d+\.json", n) for n in names):
+        return
+    shown = sorted(f"{n}/" if (run_dir / n).is_dir() else n for n in names)
+    more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    raise ConfigError(
+        [
+            f"train.output_dir: {run_dir} holds files of no run ({', '.join(shown[:5])}{more}); "
+            "a run writes into a directory of its own: choose a new or empty output_dir"
+        ]
+    )
+
+
 @dataclass
 class Resume:
     """A checked checkpoint to resume from, and its train state (train_state.json)."""
@@ -136,15 +160,17 @@ def prepare_run_dir(cfg: Config, accelerator: Any) -> Resume | None:
 
     What a crash left in checkpoints/ is removed first. A resume checks the checkpoint (every file
     there and plain; `auto` falls back past damaged ones, which are moved aside as
-    `step_*.damaged`) and the config against the checkpoint's before anything is written. A
-    directory holding anything else is only reused with train.resume or train.overwrite, so a
-    forgotten `--train.output_dir` never mixes or destroys two runs.
+    `step_*.damaged`), the config against the checkpoint's and metrics.jsonl before anything is
+    written. A directory holding another run is only reused with train.resume or train.overwrite,
+    so a forgotten `--train.output_dir` never mixes or destroys two runs (and one holding no run
+    is refused before: `refuse_foreign`).
     """
     t, run_dir, main = cfg.train, Path(cfg.train.output_dir), accelerator.is_main_process
     if main:
         clean_checkpoints(run_dir)
     accelerator.wait_for_everyone()
     if t.resume:
+        read_metrics(run_dir, warn=False)  # the run's history must read back: Metrics keeps it
         source, damaged = find_resume(run_dir, t.resume, main)
         newer = []
         if source is not None:
@@ -323,10 +349,9 @@ class Metrics:
         self.accelerator, self.path = accelerator, run_dir / "metrics.jsonl"
         self.main = accelerator.is_main_process
         if self.main and resumed_step is not None and self.path.is_file():
-            lines = self.path.read_text().splitlines(keepends=True)
-            kept = [ln for ln in lines if json.loads(ln).get("step", -1) <= resumed_step]
-            kept = [ln for ln in kept if "final" not in json.loads(ln)]
-            write_text_atomic(self.path, "".join(kept))
+            rows = read_metrics(run_dir)
+            kept = [r for r in rows if r.get("step", -1) <= resumed_step and "final" not in r]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, metrics: dict[str, Any], step: int, group: str) -> None:
         """A row in metrics.jsonl, and to the trackers as `group`/name (train/loss, eval/...)."""
@@ -351,19 +376,44 @@ def as_best(evaluation: dict[str, Any]) -> dict[str, Any]:
 def evaluations(run_dir: Path) -> list[dict[str, Any]]:
     """The evaluations logged so far in run_dir/metrics.jsonl (rows with a step and no loss), so
     that a resumed run reports the last and keeps comparing against the best."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [r for r in rows if "step" in r and "loss" not in r]
+    return [r for r in read_metrics(run_dir) if "step" in r and "loss" not in r]
 
 
 def first_logged(run_dir: Path) -> dict[str, Any]:
     """The first logged training step in run_dir/metrics.jsonl, so that a resumed run reports
     the run's first loss, not its own segment's; {} when there is none."""
+    return next((row for row in read_metrics(run_dir) if "loss" in row), {})
+
+
+def read_metrics(run_dir: Path, warn: bool = True) -> list[dict[str, Any]]:
+    """The rows of run_dir/metrics.jsonl ([] when there is none). A last line cut short (a crash
+    or a full disk mid-write) is left out, with a warning if `warn`; any other line that is not a
+    JSON object is a ConfigError naming the file and line: the file is the run's history, which a
+    resume keeps, so it is not rewritten without that line."""
     path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if "loss" in (row := json.loads(line)):
-            return row
-    return {}
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                if warn:
+                    log.warning("%s:%d: leaving out a last line cut short: %r", path, number, line)
+                break
+            raise ConfigError(
+                [
+                    f"train.resume: {path}:{number} is not a JSON object ({e}: {line[:80]!r}); "
+                    "the file holds the run's logged steps and evaluations, one per line: fix or "
+                    "delete that line (or move the file aside to drop them all) and resume again"
+                ]
+            ) from None
+        if row:
+            rows.append(row)
+    return rows
 
 
 def full_tensor(t: Tensor) -> Tensor:
