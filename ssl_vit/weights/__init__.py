@@ -7,8 +7,8 @@ exports in timm's own pretrained layout, written atomically. Exports of earlier 
     paths.py     what a --checkpoint value names: timm's pretrained layout, NAME=PATH, JSON specs
     run.py       a run's checkpoint folders as weights (saving them is ssl_vit.train.checkpoint's)
     family.py    what one official family declares (`Family`)
-    mae.py dino.py deit.py dinov2.py timm_vit.py      one key map per official family
-    load.py      load_pretrained / load_classifier and the registry of families (FAMILIES)
+    mae.py dino.py deit.py dinov2.py dinov3.py timm_vit.py    one key map per official family
+    load.py      load_pretrained / load_timm / load_classifier, the registry FAMILIES
     export.py    save_timm, export_backbone and the `ssl-vit export` / `import` functions
 
 A new family is one module holding a `Family` and one line in load.FAMILIES. The public names
@@ -17,6 +17,7 @@ below are this package's API; import them from `ssl_vit.weights`.
 
 from ssl_vit.weights.deit import classifier_keys, distilled_backbone, distilled_name
 from ssl_vit.weights.dinov2 import dinov2_keys, official_dinov2
+from ssl_vit.weights.dinov3 import dinov3_keys, official_dinov3
 from ssl_vit.weights.export import (
     CHECKPOINT_HELP,
     LoadConfig,
@@ -39,11 +40,14 @@ from ssl_vit.weights.io import (
 from ssl_vit.weights.load import (
     FAMILIES,
     WHICH,
+    Pretrained,
     backbone_keys,
     load_classifier,
     load_pretrained,
     load_strict,
+    load_timm,
     official_interp,
+    read_pretrained,
     resample_to_grid,
 )
 from ssl_vit.weights.paths import (
@@ -101,6 +105,7 @@ __all__ = [
     "CheckpointError",
     "Family",
     "LoadConfig",
+    "Pretrained",
     "UnsafeCheckpointError",
     "architecture",
     "backbone_keys",
@@ -108,6 +113,7 @@ __all__ = [
     "classifier_keys",
     "complete_checkpoints",
     "dinov2_keys",
+    "dinov3_keys",
     "distilled_backbone",
     "distilled_name",
     "exclude_from_state_dict",
@@ -121,10 +127,13 @@ __all__ = [
     "load_plain",
     "load_pretrained",
     "load_strict",
+    "load_timm",
     "official_dinov2",
+    "official_dinov3",
     "official_interp",
     "parse_checkpoint",
     "read_checkpoint",
+    "read_pretrained",
     "recorded_interp",
     "resample_to_grid",
     "save_timm",

@@ -12,11 +12,18 @@ from typing import Any, Literal
 
 import timm
 from timm.models import save_for_hf
+from torch import nn
 
 from ssl_vit.backbone import Backbone, PosInterp
 from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, field_errors
 from ssl_vit.weights.io import CheckpointError, fsync_file, read_checkpoint, shareable
-from ssl_vit.weights.load import load_pretrained, official_interp, override, select_state
+from ssl_vit.weights.load import (
+    Pretrained,
+    official_interp,
+    override,
+    read_pretrained,
+    select_state,
+)
 from ssl_vit.weights.paths import (
     BACKBONE,
     CLASSIFIER,
@@ -28,9 +35,9 @@ from ssl_vit.weights.paths import (
 
 CHECKPOINT_HELP = """--checkpoint: a run directory (its backbone/ export) or a timm pretrained
 directory (config.json + model.safetensors, as `ssl-vit export` and timm's save_for_hf write);
-an official MAE, DINO, DINOv2 or DeiT .pth; a timm-named state dict (.pth / .safetensors); or
-NAME=PATH to name the timm architecture of the file at PATH (e.g.
-vit_small_patch16_224.dino=weights.safetensors). Nothing is downloaded."""
+an official MAE, DINO, DINOv2 or DeiT .pth (DINOv3: `ssl-vit import` / `export` only, so far); a
+timm-named state dict (.pth / .safetensors); or NAME=PATH to name the timm architecture of the
+file at PATH (e.g. vit_small_patch16_224.dino=weights.safetensors). Nothing is downloaded."""
 
 
 @dataclass
@@ -150,9 +157,9 @@ def export_checkpoint(
         )
     formula = None
     if kind == BACKBONE:
-        backbone = load_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
-        state = backbone.state_dict()
-        name, kwargs = backbone.name, {**backbone.timm_kwargs, "num_classes": 0}
+        pretrained = read_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
+        state = network(pretrained).state_dict()
+        name, kwargs = pretrained.name, {**pretrained.kwargs, "num_classes": 0}
         formula = official_interp(checkpoint, which)  # travels with the weights
     else:
         if not run.is_dir():
@@ -185,12 +192,24 @@ def import_checkpoint(
     out = Path(output_dir)
     if (out / BACKBONE).exists() and not overwrite:
         raise CheckpointError(f"{out}: already holds {BACKBONE}/ (overwrite replaces it)")
-    backbone = load_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
+    pretrained = read_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp)
+    net = network(pretrained)
     out.mkdir(parents=True, exist_ok=True)
-    written = export_backbone(backbone, out, official_interp(checkpoint, which))
+    kwargs = {**pretrained.kwargs, "num_classes": 0}
+    formula = official_interp(checkpoint, which)
+    written = save_timm(
+        net.state_dict(), pretrained.name, kwargs, out / BACKBONE, pos_interp=formula
+    )
     return {
         "imported": str(checkpoint),
         "dir": str(written),
-        **backbone.config_dict(),
-        "params": sum(p.numel() for p in backbone.parameters()),
+        "name": pretrained.name,
+        "kwargs": dict(pretrained.kwargs),
+        "params": sum(p.numel() for p in net.parameters()),
     }
+
+
+def network(pretrained: Pretrained) -> nn.Module:
+    """The network a checkpoint's backbone export holds: the Backbone where it wraps the
+    architecture, else timm's model itself (DINOv3's Eva), each strictly loaded."""
+    return pretrained.backbone() if pretrained.wraps else pretrained.timm_model()

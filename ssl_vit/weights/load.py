@@ -6,17 +6,20 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
-from timm.models import get_arch_name
+import torch
+from timm.models import get_arch_name, is_model_in_modules
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
 import ssl_vit.weights.deit as deit
 import ssl_vit.weights.dino as dino
 import ssl_vit.weights.dinov2 as dinov2
+import ssl_vit.weights.dinov3 as dinov3
 import ssl_vit.weights.mae as mae
 import ssl_vit.weights.timm_vit as timm_vit
 from ssl_vit.backbone import Backbone, PosInterp, resample_pos_embed
@@ -41,11 +44,13 @@ FAMILIES: tuple[Family, ...] = (
     mae.FAMILY,
     dino.FAMILY,
     deit.FAMILY,
+    dinov3.FAMILY,
     dinov2.FAMILY,
     timm_vit.FAMILY,
 )
 """The official checkpoint families, one module each: a new family is one file and one line here.
-A file in a family's own layout (`Family.detect`) is converted by the first that claims it."""
+A file in a family's own layout (`Family.detect`) is converted by the first that claims it: DINOv3
+before DINOv2, whose (1, D) mask token its files hold too."""
 DROPPED = re.compile("|".join(f.dropped for f in FAMILIES if f.dropped))
 """Method state that is not the backbone, every family's: classifier / DINO / DINOv2 /
 distillation heads, the MAE and DINOv2 mask tokens, MAE's decoder. A DeiT distillation token is
@@ -99,18 +104,101 @@ def load_pretrained(
 
     Key mapping, then strict loading: the state dict is `model` (MAE, DeiT), `teacher` or
     `student` (`which`; DINO training checkpoints) or `state_dict` of the file, else the file
-    itself; `module.` and `backbone.` prefixes are stripped; the official DINOv2 layout is
-    converted (`dinov2_keys`: registers, chunked blocks); dropped: `head.*`, `head_dist.*`,
+    itself; `module.` and `backbone.` prefixes are stripped; an official layout is converted by
+    its family (`FAMILIES`: DINOv2's registers and chunked blocks, `dinov2_keys`; DINOv3's,
+    `dinov3_keys`); dropped: `head.*`, `head_dist.*`,
     `dino_head.*`, `ibot_head.*` (classifier, DINO, DINOv2 and distillation heads),
     `mask_token` (MAE, DINOv2), `decoder_*` (MAE decoder). A DeiT
     distillation token stays, with its position: features are those of the distilled network.
     Every other key must match the backbone exactly, or CheckpointError lists the missing,
     unexpected and mis-shaped keys.
 
+    An official DINOv3 file is read (its architecture inferred, `dinov3.infer_dinov3`) but holds
+    timm's Eva, which the Backbone does not wrap: CheckpointError says so; `load_timm` and the
+    exports take it.
+
     Loading is safe: `torch.load(weights_only=True)`, allowing only argparse.Namespace (the
     `args` of official training checkpoints) beyond tensors and plain containers; a file holding
     any other pickled object is refused without being unpickled.
     """
+    return read_pretrained(checkpoint, model=model, which=which, pos_interp=pos_interp).backbone()
+
+
+@dataclass
+class Pretrained:
+    """A checkpoint read and mapped to timm's names, not yet loaded into a network: what
+    load_pretrained (a Backbone), load_timm (any timm model) and the exports build from."""
+
+    path: Path
+    """The weights file (a run's checkpoint: its model.safetensors)."""
+    name: str
+    """The timm architecture (no pretrained tag)."""
+    kwargs: dict[str, Any]
+    """timm.create_model's keyword arguments (num_classes excluded: 0)."""
+    state: dict[str, Tensor]
+    """The network's state in timm's names."""
+    top_keys: list[str]
+    """The file's top-level keys, for messages."""
+    pos_interp: PosInterp
+    """The position-embedding formula (a Backbone's, for resizing)."""
+
+    @property
+    def wraps(self) -> bool:
+        """Whether the Backbone wraps this architecture: timm's VisionTransformer family, not
+        an Eva (DINOv3's RoPE models; what Backbone lacks: see docs/architecture.md)."""
+        return not is_model_in_modules(self.name, ["eva"])
+
+    def backbone(self) -> Backbone:
+        """The Backbone, loaded strictly, the position embedding resampled to its grid."""
+        if not self.wraps:
+            raise CheckpointError(
+                f"{self.path}: holds timm's {self.name}, an Eva (RoPE) model the Backbone does "
+                "not wrap yet (it wraps timm's VisionTransformer); `ssl-vit import` and `ssl-vit "
+                "export` write it in timm's layout, weights.load_timm loads it"
+            )
+        try:
+            backbone = Backbone(self.name, pos_interp=self.pos_interp, **self.kwargs)
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.path}: cannot build the ViT {self.name} {self.kwargs}: {e}"
+            ) from None
+        state = resample_to_grid(self.state, backbone)
+        # timm's own loader: patch-embed layout (its pos-embed resampling finds nothing left to do)
+        state = checkpoint_filter_fn(state, backbone)
+        load_strict(backbone, state, self.path, self.top_keys)
+        return backbone
+
+    def timm_model(self) -> nn.Module:
+        """timm.create_model(name, num_classes=0, **kwargs), eval mode, loaded strictly: the
+        Backbone's own network for a VisionTransformer; else the state as it is, any buffer the
+        file carries that timm computes (DINOv3's `rope.periods`) checked equal and dropped."""
+        if self.wraps:
+            return self.backbone().to_timm().eval()
+        try:
+            model = timm.create_model(self.name, pretrained=False, num_classes=0, **self.kwargs)
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.path}: cannot build timm's {self.name} {self.kwargs}: {e}"
+            ) from None
+        state = check_buffers(self.state, model, self.path)
+        if mismatches := key_mismatches(model.state_dict(), state):
+            raise CheckpointError(
+                f"{self.path}: does not fit timm's {self.name} {self.kwargs} (after the key "
+                f"mapping of its family){mismatches}\n  the file's top-level keys: "
+                f"{self.top_keys[:20]}"
+            )
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+
+def read_pretrained(
+    checkpoint: str | Path,
+    *,
+    model: ModelConfig | None = None,
+    which: str = "teacher",
+    pos_interp: PosInterp | None = None,
+) -> Pretrained:
+    """Any checkpoint `--checkpoint` accepts, read and mapped (load_pretrained says how)."""
     if which not in WHICH:
         raise CheckpointError(f"which: expected one of {list(WHICH)}, got {which!r}")
     path, arch = parse_checkpoint(checkpoint)
@@ -135,15 +223,32 @@ def load_pretrained(
         name, kwargs, state = _file_backbone(path, arch, spec_file, state, top_keys, model)
     if model is not None:
         kwargs = override(kwargs, model)
-    try:
-        backbone = Backbone(name, pos_interp=pos_interp, **kwargs)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot build the ViT {name} {kwargs}: {e}") from None
-    state = resample_to_grid(state, backbone)
-    # timm's own loader: patch-embed layout (its pos-embed resampling finds nothing left to do)
-    state = checkpoint_filter_fn(state, backbone)
-    load_strict(backbone, state, path, top_keys)
-    return backbone
+    return Pretrained(path, name, kwargs, state, top_keys, pos_interp)
+
+
+def load_timm(
+    checkpoint: str | Path, *, model: ModelConfig | None = None, which: str = "teacher"
+) -> nn.Module:
+    """The timm model (num_classes 0, eval mode) held by any checkpoint load_pretrained takes,
+    DINOv3's RoPE models included (`Pretrained.timm_model`)."""
+    return read_pretrained(checkpoint, model=model, which=which).timm_model()
+
+
+def check_buffers(state: dict[str, Tensor], model: nn.Module, path: Path) -> dict[str, Tensor]:
+    """`state` without the buffers `model` computes itself and does not save (non-persistent:
+    DINOv3's RoPE `rope.periods`), each checked equal to the model's (relative 1e-2: official
+    files may hold them in bfloat16): another RoPE base or period range is refused, naming it."""
+    saved = model.state_dict()
+    computed = {k: b for k, b in model.named_buffers() if k not in saved}
+    for key in [k for k in state if k in computed]:
+        got, want = state[key].float(), computed[key].float()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-2, atol=0.0):
+            raise CheckpointError(
+                f"{path}: {key} {tuple(got.shape)}: its values {got.tolist()[:4]}... are not "
+                f"timm's {tuple(want.shape)} {want.tolist()[:4]}... (another RoPE base or "
+                "period range than the model's)"
+            )
+    return {k: v for k, v in state.items() if k not in computed}
 
 
 def _file_backbone(
@@ -156,6 +261,7 @@ def _file_backbone(
 ) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     """(timm name, kwargs, backbone state in timm's names) of a weights file's state: the
     architecture as given (NAME=PATH), from its JSON, else inferred from the shapes."""
+    family = official_family(unwrapped(state))
     try:
         state = backbone_keys(state)
     except CheckpointError as e:
@@ -167,7 +273,8 @@ def _file_backbone(
         kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
         return architecture(name), kwargs, state
     try:
-        name, kwargs = infer_architecture(state, model.num_heads if model else 0)
+        infer = family.infer if family is not None and family.infer else infer_architecture
+        name, kwargs = infer(state, model.num_heads if model else 0)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}; the file's top-level keys: {top_keys[:20]}") from None
     return name, kwargs, state
