@@ -203,6 +203,8 @@ def perturbed(state: dict, change: str) -> dict:
     state = dict(state)
     if change == "drop_ls2":
         del state["blocks.1.ls2.gamma"]
+    elif change == "drop_ls_of_a_block":  # not a file without layer scale: no gammas of 1
+        del state["blocks.1.ls1.gamma"], state["blocks.1.ls2.gamma"]
     elif change == "unexpected_key":
         state["blocks.0.attn.qkv.lora_A"] = torch.zeros(4, 128)
     elif change == "k_bias_unmasked":
@@ -222,6 +224,10 @@ def perturbed(state: dict, change: str) -> dict:
     "change, message",
     [
         ("drop_ls2", r"missing \(1\):\n    blocks\.1\.gamma_2 \(128,\)"),
+        (
+            "drop_ls_of_a_block",
+            r"missing \(2\):\n    blocks\.1\.gamma_1 \(128,\)\n    blocks\.1\.gamma_2",
+        ),
         ("unexpected_key", r"unexpected \(1\):\n    blocks\.0\.attn\.qkv\.lora_A"),
         ("k_bias_unmasked", r"blocks\.0\.attn\.qkv\.bias: a non-zero key bias"),
         ("mask_wrong", r"blocks\.0\.attn\.qkv\.bias_mask: expected ones on the query"),

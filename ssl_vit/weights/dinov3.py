@@ -53,19 +53,19 @@ def dinov3_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     split into timm's `q_bias` and `v_bias`: the key bias must be zero in effect (masked by
     `bias_mask`, as mask_k_bias, or stored as zeros), since timm's key bias is a fixed zero; a
     bias that is all zero (the distilled releases) is dropped: the model is then built without
-    one. `local_cls_norm` (training only, local crops) is dropped. A block without layer scale
-    (layerscale_init None) gets gammas of 1, the same function: timm builds its DINOv3 models
-    with layer scale always (create_model drops init_values=None)."""
+    one. `local_cls_norm` (training only, local crops) is dropped. A file without layer scale
+    (layerscale_init None: no block has any) gets gammas of 1, the same function: timm builds
+    its DINOv3 models with layer scale always (create_model drops init_values=None)."""
     if bad := next((k for k in state if UNSUPPORTED.match(k)), None):
         raise CheckpointError(
             f"{bad}: untied cls and patch norms (untie_cls_and_patch_norms) are not supported by "
             "timm's DINOv3 model"
         )
     out: dict[str, Tensor] = {}
-    for i in sorted({int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}):
-        if f"blocks.{i}.ls1.gamma" not in state and f"blocks.{i}.ls2.gamma" not in state:
-            dim = state[f"blocks.{i}.norm1.weight"].shape[0]
-            out |= {f"blocks.{i}.gamma_{j}": torch.ones(dim) for j in (1, 2)}
+    if "cls_token" in state and not any(k.endswith((".ls1.gamma", ".ls2.gamma")) for k in state):
+        dim = state["cls_token"].shape[-1]
+        blocks = {int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+        out |= {f"blocks.{i}.gamma_{j}": torch.ones(dim) for i in blocks for j in (1, 2)}
     for key, value in state.items():
         if key.startswith("local_cls_norm.") or key.endswith(".qkv.bias_mask"):
             continue
@@ -82,7 +82,7 @@ def _split_qkv_bias(key: str, bias: Tensor, mask: Tensor | None) -> dict[str, Te
     """{} for an all-zero bias, else timm's `q_bias` and `v_bias` of the packed (3D,) bias."""
     if mask is not None:
         q_mask, k_mask, v_mask = mask.chunk(3)
-        if not (bool((q_mask == 1).all()) and bool((k_mask == 0).all()) and (v_mask == 1).all()):
+        if not (q_mask.eq(1).all() and k_mask.eq(0).all() and v_mask.eq(1).all()):
             raise CheckpointError(
                 f"{key}_mask: expected ones on the query and value thirds and zeros on the key "
                 "third (mask_k_bias), got another mask"
