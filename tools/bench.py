@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing as mp
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -76,9 +77,12 @@ PHASE_METRICS = (
     "tflops",
     "mfu",
     "peak_mem_mib",
+    "minor_faults",
     "loss",
 )
-"""What each phase reports (PhaseResult.metrics); tflops is achieved TFLOP/s at the median."""
+"""What each phase reports (PhaseResult.metrics); tflops is achieved TFLOP/s at the median,
+minor_faults the median minor page faults of a timed step (memory the allocator handed back to
+the system and touched again: a cost on CPU that the official steps may not pay)."""
 LOADER_METRICS = ("img_per_s", "img_per_s_per_worker", "batch_time_s")
 """What the loader mode reports per view, as `loader_<view>_<metric>`."""
 Mode = Literal["compute", "e2e", "loader"]
@@ -262,6 +266,8 @@ class PhaseResult:
     """Torch intra-op CPU threads of the phase's process."""
     step_flops: flops.StepFlops | None = None
     """Analytic FLOPs per image of the step (None where the method has no count)."""
+    step_faults: list[int] = field(default_factory=list)
+    """Minor page faults of the process during each timed step."""
 
     def metrics(self, batch_size: int, peak_tflops: float | None = None) -> dict[str, Any]:
         """PHASE_METRICS: median, mean step time; img/s, ms/img, TFLOP/s, MFU at the median;
@@ -277,6 +283,7 @@ class PhaseResult:
             None if count is None else flops.achieved_tflops(count, img_per_s),
             None if count is None else flops.mfu(count, img_per_s, peak_tflops),
             self.peak_mem_mib,
+            statistics.median(self.step_faults) if self.step_faults else None,
             self.loss,
         )
         return dict(zip(PHASE_METRICS, values, strict=True))
@@ -399,10 +406,6 @@ def peak_memory_mib(device: torch.device) -> float | None:
     """Peak CUDA memory allocated in this process, or its peak RSS on CPU (None if unknown)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
 
@@ -441,9 +444,13 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
     forward = compile_step(model, train.compile_backend) if train.compile else model
     stepper = Stepper(accelerator, model, module, optimizer, train, plan, forward)
 
+    faults = []
+
     def step(i: int) -> Tensor:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         out = forward_backward(stepper, next(batches), window=1, last=True)
         optimizer_step(stepper, i)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return out["loss"].detach()
 
     times, loss = time_steps(step, root.bench.warmup, root.bench.steps, dev)
@@ -454,6 +461,7 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
         device_name(dev),
         torch.get_num_threads(),
         step_flops,
+        faults[root.bench.warmup :],
     )
 
 
