@@ -183,6 +183,12 @@ CLASSES = (
 
 def render(name: str, size: int, gen: torch.Generator) -> Tensor:
     """One image of class `name`, nuisances drawn from `gen` -> uint8 (3, size, size)."""
+    return render_with_cover(name, size, gen)[0]
+
+
+def render_with_cover(name: str, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`render`'s image (the same draws from `gen`) and the fraction of each pixel the shape or
+    texture covers, float (size, size) in [0, 1]: the segmentation mask is cover > 0.5."""
 
     def rand(n: int) -> Tensor:
         return torch.rand(n, generator=gen)
@@ -208,7 +214,7 @@ def render(name: str, size: int, gen: torch.Generator) -> Tensor:
     cover = (0.5 - dist * size / 2).clamp(0, 1)  # fraction of each pixel inside the edge
     img = bg[:, None, None] + (fg - bg)[:, None, None] * cover
     img = img + NOISE_STD * torch.randn(img.shape, generator=gen)
-    return img.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    return img.mul(255).round_().clamp_(0, 255).to(torch.uint8), cover
 
 
 class SyntheticImages:
@@ -237,12 +243,18 @@ class SyntheticImages:
         return self.size
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, _, label = self.with_cover(i)
+        return image, label
+
+    def with_cover(self, i: int) -> tuple[Tensor, Tensor, int]:
+        """Item i's image, the fraction of each pixel its shape covers (`render_with_cover`) and
+        its label."""
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self.size} synthetic images")
         hi, lo = np.random.SeedSequence([self.seed, SPLITS.index(self.split), i]).generate_state(2)
         gen = torch.Generator().manual_seed(int(hi) << 32 | int(lo))
         label = i % len(self.classes)
-        return render(self.classes[label], self.image_size, gen), label
+        return *render_with_cover(self.classes[label], self.image_size, gen), label
 
     def path(self, i: int) -> str:
         return f"synthetic:{self.split}[{i}]"
