@@ -11,7 +11,8 @@ Layouts `build_segmentation` reads from data.path:
 * a Hugging Face dataset saved with `save_to_disk` (or `hf:NAME`) with an image column and a mask
   column (data.image_column, data.mask_column): scene_parse_150's `image` / `annotation`.
 * `synthetic`: the synthetic shapes (ssl_vit.data.synthetic), each pixel the class of the shape
-  drawn there (label + 1), background 0.
+  drawn there (label + 1), background 0; the background always one dark colour (the
+  classification set draws it at random: see SyntheticImages).
 * `digits`: scikit-learn's 8 x 8 digits, ink pixels (value >= 8 of 16) labelled digit + 1,
   background 0; the first 80% train, the rest val.
 
@@ -425,7 +426,9 @@ def _source(data_cfg: EvalDataConfig, split: str, image_size: int) -> Any:
         if split != "train":
             size = max(size // 10, data_cfg.synthetic_classes)
         try:
-            images = SyntheticImages(size, data_cfg.synthetic_classes, image_size, split)
+            images = SyntheticImages(
+                size, data_cfg.synthetic_classes, image_size, split, dark_background=True
+            )
         except ValueError as e:
             raise DataError(f"data.path 'synthetic': {e}") from None
         return SyntheticSegmentation(images)

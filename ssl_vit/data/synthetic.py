@@ -186,15 +186,21 @@ def render(name: str, size: int, gen: torch.Generator) -> Tensor:
     return render_with_cover(name, size, gen)[0]
 
 
-def render_with_cover(name: str, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def render_with_cover(
+    name: str, size: int, gen: torch.Generator, dark_background: bool = False
+) -> tuple[Tensor, Tensor]:
     """`render`'s image (the same draws from `gen`) and the fraction of each pixel the shape or
-    texture covers, float (size, size) in [0, 1]: the segmentation mask is cover > 0.5."""
+    texture covers, float (size, size) in [0, 1]: the segmentation mask is cover > 0.5. With
+    `dark_background` the background is PALETTE[0] and the foreground one of the other colours
+    (the segmentation set's: see `SyntheticImages`)."""
 
     def rand(n: int) -> Tensor:
         return torch.rand(n, generator=gen)
 
     pick = torch.randperm(len(PALETTE), generator=gen)[:2]
     bg, fg = PALETTE[pick[0]], PALETTE[pick[1]]
+    if dark_background:  # the foreground uniform over the other colours
+        bg, fg = PALETTE[0], PALETTE[pick[0] if pick[0] else pick[1]]
     if name in SHAPES:
         scale = 0.4 + 0.45 * rand(1)
         shift = (rand(2) * 2 - 1) * (1 - scale) * 0.9  # keeps the shape inside the image
@@ -222,6 +228,11 @@ class SyntheticImages:
 
     item i -> (uint8 (3, image_size, image_size), label = i % num_classes). Image i is a pure
     function of (seed, split, i); "train" and "val" are seeded apart, so they share no image.
+
+    dark_background (the segmentation set, data.segmentation): the background always PALETTE[0],
+    so where a shape is shows pixel by pixel while what it is still takes its form. With random
+    colour pairs no single patch tells shape from background (either colour can be either), and
+    a linear probe on a tiny ViT's patch tokens stays at the frequency baseline.
     """
 
     def __init__(
@@ -231,12 +242,14 @@ class SyntheticImages:
         image_size: int = 224,
         split: str = "train",
         seed: int = 0,
+        dark_background: bool = False,
     ):
         if not 10 <= num_classes <= len(CLASSES):
             raise ValueError(f"num_classes must be in [10, {len(CLASSES)}], got {num_classes}")
         if split not in SPLITS:
             raise ValueError(f"no split {split!r}; available: {list(SPLITS)}")
         self.size, self.image_size, self.split, self.seed = size, image_size, split, seed
+        self.dark_background = dark_background
         self.classes = list(CLASSES[:num_classes])
 
     def __len__(self) -> int:
@@ -254,7 +267,8 @@ class SyntheticImages:
         hi, lo = np.random.SeedSequence([self.seed, SPLITS.index(self.split), i]).generate_state(2)
         gen = torch.Generator().manual_seed(int(hi) << 32 | int(lo))
         label = i % len(self.classes)
-        return *render_with_cover(self.classes[label], self.image_size, gen), label
+        name = self.classes[label]
+        return *render_with_cover(name, self.image_size, gen, self.dark_background), label
 
     def path(self, i: int) -> str:
         return f"synthetic:{self.split}[{i}]"
