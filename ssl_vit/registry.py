@@ -229,8 +229,9 @@ def settle_classes(cfg: Config, head: Any, key: str, classes: list[str]) -> None
 def prepare(cfg: Config) -> EvalData | None:
     """What the data and model.init decide of `cfg`, settled before the run directory is made
     and any step runs: model.init's architecture (model.name and sizes: the checkpoint's), a
-    classifier's classes (`settle_classes`), and with train.eval_every_epochs the evaluation
-    data, checked (`eval_data`; data.val_split resolved). Returns the evaluation data, or None."""
+    classifier's or segmenter's classes (`settle_classes`), and with train.eval_every_epochs the
+    evaluation data, checked (`eval_data`, `segmentation_data`; data.val_split resolved).
+    Returns the evaluation data, or None."""
     m, model = cfg.method, cfg.model
     head = m.deit if isinstance(m, FineTuneConfig) else m  # what holds num_classes, if anything
     classifier = isinstance(head, DeiTConfig | LinearProbeConfig)

@@ -20,6 +20,7 @@ from ssl_vit.cli import main as cli_main
 from ssl_vit.config import DataConfig
 from ssl_vit.data import SYNTHETIC_CLASSES
 from ssl_vit.data.segmentation import build_segmentation
+from ssl_vit.eval.pretrained import from_checkpoint, pretrained_backbone
 from ssl_vit.eval.segmentation import Inference, confusion, scores, slide, upsample, whole
 from ssl_vit.eval.segmentation_eval import segmentation_metrics
 from ssl_vit.eval.segprobe import SegProbe, SegProbeConfig, segprobe_config, token_map
@@ -259,6 +260,22 @@ def test_loss_ignores_255_and_is_zero_when_every_pixel_is():
     assert torch.allclose(probe.training_step({"images": x, "masks": masks})["loss"], want)
     none = probe.training_step({"images": x, "masks": torch.full_like(masks, IGNORE)})["loss"]
     assert none.item() == 0.0
+
+
+def test_the_checkpoint_gives_the_architecture_and_the_protocol_its_crop(tmp_path):
+    """model.name / patch_size come from the checkpoint, model.img_size stays the protocol's
+    crop (512): the position embedding is resampled to its grid."""
+    export_backbone(backbone(), tmp_path)
+    cfg = segprobe_config()
+    cfg.method.checkpoint = str(tmp_path)
+    cfg = from_checkpoint(cfg, set())
+    assert (cfg.model.name, cfg.model.patch_size, cfg.model.img_size) == (
+        "vit_tiny_patch16_224",
+        8,
+        512,
+    )
+    bb = pretrained_backbone(cfg)
+    assert bb.grid_size == (64, 64) and bb.pos_embed.shape[1] == 1 + 64 * 64
 
 
 # --- end to end -------------------------------------------------------------------------------

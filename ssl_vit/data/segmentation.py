@@ -460,7 +460,8 @@ def _source(data_cfg: EvalDataConfig, split: str, image_size: int) -> Any:
         ds = datasets.load_from_disk(str(root))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[stored]
-        return _hf_source(ds, f"{root}:{stored}", data_cfg, (names, ignore), False)
+        ade = "scene_parse" in root.name  # a saved scene_parse_150: ADE20K's classes, reduced
+        return _hf_source(ds, f"{root}:{stored}", data_cfg, (names, ignore), ade)
     if kind == "ade20k":
         imgs, masks = _pair(root / "images" / stored, root / "annotations" / stored)
         default, reduce = ADE20K_CLASSES, _reduce(data_cfg, True)
