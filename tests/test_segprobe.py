@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main as cli_main
@@ -315,3 +316,8 @@ def test_segprobe_learns_synthetic_segmentation_end_to_end(tmp_path, capsys):
     ious = [float(r["iou"]) for r in table if r["iou"]]
     assert sum(ious) / len(ious) == pytest.approx(result["val_miou"], abs=1e-2)
     assert (run / "segmentation_val.png").stat().st_size > 10_000
+    events = EventAccumulator(str(next((run / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert events.Tags()["images"] == ["images/segmentation_val"]
+    [miou] = events.Scalars("eval/val/val_miou")
+    assert miou.step == 200 and miou.value == pytest.approx(result["val_miou"], abs=1e-3)
