@@ -110,7 +110,11 @@ def batches(loader: Any, run_dir: Path, timeout: float) -> Iterator[dict]:
             if kill_workers(before):
                 log.warning("killed loader workers that did not exit at the epoch's end")
             return
-        yield batch
+        try:
+            yield batch
+        except GeneratorExit:  # the run stops elsewhere (a worker's death raised in its step):
+            stop_watching()  # the loader's shutdown, next, must not raise that death again
+            raise
 
 
 CHECK_EVERY = 2.0
