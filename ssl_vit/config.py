@@ -118,7 +118,8 @@ class EvalDataConfig:
     path: str = "synthetic"
     """'synthetic' (built-in, no files), an image folder (class sub-folders optional; uses its
     'train' sub-folder when there is one), a saved Hugging Face dataset directory, or 'hf:NAME'
-    for a Hugging Face Hub dataset."""
+    for a Hugging Face Hub dataset; segmentation (`ssl-vit segprobe`) also reads the ADE20K and
+    VOC layouts, images/ + masks/ folders, and 'digits' (scikit-learn's)."""
     split: str = "train"
     """Training split (the k-NN bank): a sub-folder of an image folder, or a Hugging Face split."""
     val_split: str = "auto"
@@ -129,6 +130,11 @@ class EvalDataConfig:
     """Image column of a Hugging Face dataset."""
     label_column: str = "label"
     """Label column of a Hugging Face dataset ('' when there is none)."""
+    mask_column: str = "annotation"
+    """Mask column of a Hugging Face segmentation dataset (`ssl-vit segprobe`)."""
+    reduce_zero_label: Literal["auto", "yes", "no"] = "auto"
+    """Segmentation masks: 0 is 'other', ignored, and class k is stored as k + 1; auto = yes for
+    the ADE20K layout and scene_parse_150, else no."""
     synthetic_size: int = 10_000
     """Number of images in the synthetic training split."""
     synthetic_classes: int = 10
@@ -148,7 +154,7 @@ class EvalDataConfig:
 
     def errors(self) -> list[str]:
         e = []
-        if self.path != "synthetic" and not self.path.startswith("hf:"):
+        if self.path not in ("synthetic", "digits") and not self.path.startswith("hf:"):
             if not Path(self.path).exists():
                 e.append(
                     f"data.path: {self.path!r} does not exist (use 'synthetic', a folder, a saved "
@@ -210,6 +216,9 @@ class TrainConfig:
     """Run directory: config, checkpoints, exported backbone, metrics and TensorBoard events."""
     epochs: float = 100
     """Passes over the training data; the learning-rate schedule spans them."""
+    steps: int = 0
+    """The run's length in optimizer steps, which its schedule spans (iteration-based protocols:
+    the segmentation probe's 40,000); 0 = train.epochs."""
     max_steps: int = 0
     """Stop after this many optimizer steps (the schedule still spans train.epochs); 0 = none."""
     batch_size: int = 64
@@ -294,7 +303,7 @@ class TrainConfig:
             {
                 "positive": "batch_size accum_steps lr_batch_divisor log_every",
                 ">= 2": "keep_last",
-                ">= 0": "effective_batch max_steps save_every_steps eval_every_epochs "
+                ">= 0": "effective_batch steps max_steps save_every_steps eval_every_epochs "
                 "image_every_epochs lr min_lr base_lr weight_decay momentum clip_grad "
                 "save_every_epochs warmup_epochs",
             },

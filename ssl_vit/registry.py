@@ -22,12 +22,15 @@ from ssl_vit.data.device import (
     device_view,
 )
 from ssl_vit.data.samplers import RepeatedAugSampler
+from ssl_vit.data.segmentation import build_segmentation, seg_train_view
 from ssl_vit.data.streaming import stream_classes
 from ssl_vit.data.transforms import Crop, View, multi_crop, single_view, supervised_view
 from ssl_vit.eval.accuracy import EvalData, eval_data
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig
 from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
 from ssl_vit.eval.pretrained import pretrained_backbone
+from ssl_vit.eval.segmentation_eval import segmentation_data
+from ssl_vit.eval.segprobe import SegProbe, SegProbeConfig
 from ssl_vit.methods.deit import DeiT, DeiTConfig
 from ssl_vit.methods.dino import DINO, DINOConfig
 from ssl_vit.methods.dinov2 import DINOv2, DINOv2Config
@@ -58,6 +61,9 @@ class MethodSpec(NamedTuple):
     backbone: Callable[[Config], Backbone] = fresh_backbone
     """backbone(cfg) -> the Backbone to build on: fresh for pretext methods, the checkpoint's for
     evaluators."""
+    dataset: Callable[..., Any] = build_dataset
+    """dataset(data_cfg, view, split=None, *, seed, image_size) -> the training data
+    (data.build_dataset; a segmenter's image + mask pairs: data.segmentation)."""
 
 
 def image_view(cfg: Config) -> View:
@@ -67,6 +73,15 @@ def image_view(cfg: Config) -> View:
 
 def image_device_view(cfg: Config) -> DeviceView:
     return device_single_view(cfg.data, cfg.model.img_size)
+
+
+def segmentation_view(cfg: Config) -> Any:
+    """The segmentation probe's view: image and mask resized, cropped and flipped together."""
+    return seg_train_view(cfg.data, cfg.model.img_size, cfg.method.scale_range)
+
+
+def no_device_view(cfg: Config) -> DeviceView:
+    raise ConfigError([f"data.decode_on_device: {cfg.method.name} has no device view"])
 
 
 def dino_crops(cfg: Config) -> tuple[Crop, ...]:
@@ -142,9 +157,17 @@ EVALUATORS: dict[str, MethodSpec] = {
         *supervised(lambda cfg: cfg.method.deit)[:2],  # shuffled: no repeated augmentation
         backbone=pretrained_backbone,
     ),
+    "segprobe": MethodSpec(
+        SegProbeConfig,
+        SegProbe,
+        segmentation_view,
+        no_device_view,
+        backbone=pretrained_backbone,
+        dataset=build_segmentation,
+    ),
 }
 """The evaluators that train through the same loop from a checkpoint's backbone: `ssl-vit
-linprobe`, `ssl-vit finetune` and their recipes."""
+linprobe`, `ssl-vit finetune`, `ssl-vit segprobe` and their recipes."""
 
 TRAINABLE: dict[str, MethodSpec] = METHODS | EVALUATORS
 """Everything `fit` can run, by config name."""
@@ -206,8 +229,9 @@ def settle_classes(cfg: Config, head: Any, key: str, classes: list[str]) -> None
 def prepare(cfg: Config) -> EvalData | None:
     """What the data and model.init decide of `cfg`, settled before the run directory is made
     and any step runs: model.init's architecture (model.name and sizes: the checkpoint's), a
-    classifier's classes (`settle_classes`), and with train.eval_every_epochs the evaluation
-    data, checked (`eval_data`; data.val_split resolved). Returns the evaluation data, or None."""
+    classifier's or segmenter's classes (`settle_classes`), and with train.eval_every_epochs the
+    evaluation data, checked (`eval_data`, `segmentation_data`; data.val_split resolved).
+    Returns the evaluation data, or None."""
     m, model = cfg.method, cfg.model
     head = m.deit if isinstance(m, FineTuneConfig) else m  # what holds num_classes, if anything
     classifier = isinstance(head, DeiTConfig | LinearProbeConfig)
@@ -218,6 +242,14 @@ def prepare(cfg: Config) -> EvalData | None:
         model.name = backbone.name
         for key in ("patch_size", "embed_dim", "depth", "num_heads"):
             setattr(model, key, getattr(backbone, key))
+    if isinstance(m, SegProbeConfig):  # the masks' classes; the split evaluated, checked
+        data = build_segmentation(cfg.data, lambda sample: {}, image_size=model.img_size)
+        settle_classes(cfg, m, "method.num_classes", data.classes)
+        if not cfg.train.eval_every_epochs:
+            return None
+        found = segmentation_data(cfg)
+        cfg.data.val_split = found.split
+        return found
     if cfg.data.streaming and (classifier or cfg.data.path.startswith("hf:")):
         classes = stream_classes(cfg.data)  # nothing read but the stream's metadata
     elif classifier or cfg.data.path.startswith("hf:"):  # a Hub dataset: fails here if offline

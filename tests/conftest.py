@@ -35,10 +35,12 @@ TINY_METHODS: dict[str, dict[str, Any]] = {
     "deit": dict(num_classes=10),
     "linprobe": dict(num_classes=10),
     "finetune": dict(deit=DeiTConfig(num_classes=10, repeated_aug=1)),
+    "segprobe": dict(num_classes=11, warmup_iters=1),
 }
 """Each method's (and evaluator's) tiny settings: MAE's decoder; DINO's and DINOv2's head and 3
 local 16 px crops (DINOv2: a 1-epoch temperature warmup); the classes of DeiT and the evaluators
-(the synthetic dataset's 10). An evaluator's method.checkpoint is the caller's."""
+(the synthetic dataset's 10; segmentation's 11, background and the 10 shapes). An evaluator's
+method.checkpoint is the caller's."""
 
 
 @pytest.fixture(autouse=True)

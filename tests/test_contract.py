@@ -19,7 +19,7 @@ from conftest import TINY_MODEL, tiny
 from safetensors.torch import load_file, save_file
 
 from ssl_vit.backbone import Backbone
-from ssl_vit.data import build_dataset, collate
+from ssl_vit.data import collate
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import EVALUATORS, METHODS, TRAINABLE
 from ssl_vit.train.loop import fit
@@ -43,13 +43,14 @@ def built(name: str, tmp_path, seed: int = 0):
 
 def batch_of(cfg, name: str, n: int = 4) -> dict:
     """n synthetic images through the method's own view, collated as the loader does."""
-    data = build_dataset(cfg.data, TRAINABLE[name].view(cfg), seed=0, image_size=32)
+    spec = TRAINABLE[name]
+    data = spec.dataset(cfg.data, spec.view(cfg), seed=0, image_size=32)
     return collate([data[i] for i in range(n)])
 
 
 def test_the_tables():
     assert list(METHODS) == ["mae", "dino", "dinov2", "deit"]
-    assert list(EVALUATORS) == ["linprobe", "finetune"]
+    assert list(EVALUATORS) == ["linprobe", "finetune", "segprobe"]
     for name, spec in TRAINABLE.items():
         assert spec.config.name == name  # the key is the config's name (config.json's method)
 

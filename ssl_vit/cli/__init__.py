@@ -5,6 +5,7 @@ ssl-vit knn --checkpoint RUN_DIR [--section.field value ...]
 ssl-vit embed --checkpoint CHECKPOINT --data.path DIR [--embed.output F.parquet ...]
 ssl-vit linprobe --checkpoint CHECKPOINT [--protocol mae|dino] [--section.field value ...]
 ssl-vit finetune --checkpoint CHECKPOINT [--section.field value ...]
+ssl-vit segprobe --checkpoint CHECKPOINT --data.path DATA [--variant dinov3|dinov2] [...]
 ssl-vit export --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
 ssl-vit import --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
 ssl-vit visualize {attention,mae,pca,pos-embed,attention-distance} --checkpoint CHECKPOINT [...]
@@ -26,6 +27,7 @@ commands:
   embed   the features of every image of a folder or dataset -> .parquet / .safetensors with ids
   linprobe  linear probe of a frozen backbone, MAE or DINO protocol (--checkpoint, --protocol)
   finetune  fine-tune a backbone end to end, MAE protocol (--checkpoint CHECKPOINT)
+  segprobe  linear segmentation probe of a frozen backbone, DINOv3's protocol (mIoU)
   export  a run's backbone (or classifier) or any checkpoint -> a timm pretrained directory
   import  any checkpoint (official MAE/DINO/DeiT .pth, NAME=PATH) -> DIR/backbone/ (timm layout)
   visualize  attention | mae | pca | pos-embed | attention-distance pictures of a checkpoint -> PNG
@@ -40,6 +42,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "embed": embed.main,
     "linprobe": train.linprobe_main,
     "finetune": train.finetune_main,
+    "segprobe": train.segprobe_main,
     "export": weights.export_main,
     "import": weights.import_main,
     "visualize": visualize.main,

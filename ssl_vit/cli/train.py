@@ -1,5 +1,5 @@
-"""Training commands: `ssl-vit train`, `ssl-vit linprobe`, `ssl-vit finetune`, and every recipe
-(`run(config())`), all through the one runner and the one loop."""
+"""Training commands: `ssl-vit train`, `ssl-vit linprobe`, `ssl-vit finetune`, `ssl-vit
+segprobe`, and every recipe (`run(config())`), all through the one runner and the one loop."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ssl_vit.config import Config, ConfigError
 from ssl_vit.eval.finetune import finetune_config
 from ssl_vit.eval.linear_probe import LinearProbeConfig, linprobe_config
 from ssl_vit.eval.pretrained import FROM_CHECKPOINT, from_checkpoint
+from ssl_vit.eval.segprobe import segprobe_config
 from ssl_vit.registry import EVALUATORS, METHODS
 from ssl_vit.train.loop import fit
 from ssl_vit.weights import CHECKPOINT_HELP
@@ -62,6 +63,18 @@ def linprobe_main(argv: list[str]) -> int:
         "ssl-vit linprobe --checkpoint CHECKPOINT [--protocol mae|dino]",
         fit_checkpoint,
         flags={"--checkpoint": "", "--protocol": "mae"},
+        help_extra=EVALUATOR_HELP,
+    )
+
+
+def segprobe_main(argv: list[str]) -> int:
+    """`ssl-vit segprobe --checkpoint C --data.path D [--variant dinov3|dinov2] [...]`."""
+    return run_command(
+        lambda args: segprobe_config(choice(args, "--variant", ("dinov3", "dinov2"))),
+        argv,
+        "ssl-vit segprobe --checkpoint CHECKPOINT --data.path DATA [--variant dinov3|dinov2]",
+        fit_checkpoint,
+        flags={"--checkpoint": "", "--variant": "dinov3"},
         help_extra=EVALUATOR_HELP,
     )
 

@@ -167,7 +167,7 @@ class ImageDataset(torch.utils.data.Dataset):
             # PIL signals bad data with many exception types (OSError, SyntaxError, struct.error,
             # DecompressionBombError, ...); only the read of one image is guarded. Running out of
             # memory is not a bad image (torch's CPU allocator says so with a RuntimeError).
-            except MemoryError:
+            except (MemoryError, DataError):  # bad input that is no unreadable image
                 raise
             except Exception as e:
                 if "can't allocate memory" in str(e):
@@ -204,14 +204,16 @@ def seeded(*key: int) -> Iterator[None]:
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Items -> batch: "images" (B, C, H, W); "crops" one (B, C, h, w) per crop position;
-    "labels", "index" (B,) int64; "skipped" one flat list of paths; "encoded" (data.device: the
-    undecoded file bytes) one EncodedBatch."""
+    "masks" (B, H, W) int64 (segmentation); "labels", "index" (B,) int64; "skipped" one flat
+    list of paths; "encoded" (data.device: the undecoded file bytes) one EncodedBatch."""
     first = items[0]
     batch: dict[str, Any] = {}
     if "images" in first:
         batch["images"] = torch.stack([it["images"] for it in items])
     if "crops" in first:
         batch["crops"] = [torch.stack(c) for c in zip(*(it["crops"] for it in items), strict=True)]
+    if "masks" in first:
+        batch["masks"] = torch.stack([it["masks"] for it in items])
     batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
     batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     batch["skipped"] = [p for it in items for p in it["skipped"]]

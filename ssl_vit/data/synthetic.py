@@ -183,12 +183,24 @@ CLASSES = (
 
 def render(name: str, size: int, gen: torch.Generator) -> Tensor:
     """One image of class `name`, nuisances drawn from `gen` -> uint8 (3, size, size)."""
+    return render_with_cover(name, size, gen)[0]
+
+
+def render_with_cover(
+    name: str, size: int, gen: torch.Generator, dark_background: bool = False
+) -> tuple[Tensor, Tensor]:
+    """`render`'s image (the same draws from `gen`) and the fraction of each pixel the shape or
+    texture covers, float (size, size) in [0, 1]: the segmentation mask is cover > 0.5. With
+    `dark_background` the background is PALETTE[0] and the foreground one of the other colours
+    (the segmentation set's: see `SyntheticImages`)."""
 
     def rand(n: int) -> Tensor:
         return torch.rand(n, generator=gen)
 
     pick = torch.randperm(len(PALETTE), generator=gen)[:2]
     bg, fg = PALETTE[pick[0]], PALETTE[pick[1]]
+    if dark_background:  # the foreground uniform over the other colours
+        bg, fg = PALETTE[0], PALETTE[pick[0] if pick[0] else pick[1]]
     if name in SHAPES:
         scale = 0.4 + 0.45 * rand(1)
         shift = (rand(2) * 2 - 1) * (1 - scale) * 0.9  # keeps the shape inside the image
@@ -208,7 +220,7 @@ def render(name: str, size: int, gen: torch.Generator) -> Tensor:
     cover = (0.5 - dist * size / 2).clamp(0, 1)  # fraction of each pixel inside the edge
     img = bg[:, None, None] + (fg - bg)[:, None, None] * cover
     img = img + NOISE_STD * torch.randn(img.shape, generator=gen)
-    return img.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    return img.mul(255).round_().clamp_(0, 255).to(torch.uint8), cover
 
 
 class SyntheticImages:
@@ -216,6 +228,11 @@ class SyntheticImages:
 
     item i -> (uint8 (3, image_size, image_size), label = i % num_classes). Image i is a pure
     function of (seed, split, i); "train" and "val" are seeded apart, so they share no image.
+
+    dark_background (the segmentation set, data.segmentation): the background always PALETTE[0],
+    so where a shape is shows pixel by pixel while what it is still takes its form. With random
+    colour pairs no single patch tells shape from background (either colour can be either), and
+    a linear probe on a tiny ViT's patch tokens stays at the frequency baseline.
     """
 
     def __init__(
@@ -225,24 +242,33 @@ class SyntheticImages:
         image_size: int = 224,
         split: str = "train",
         seed: int = 0,
+        dark_background: bool = False,
     ):
         if not 10 <= num_classes <= len(CLASSES):
             raise ValueError(f"num_classes must be in [10, {len(CLASSES)}], got {num_classes}")
         if split not in SPLITS:
             raise ValueError(f"no split {split!r}; available: {list(SPLITS)}")
         self.size, self.image_size, self.split, self.seed = size, image_size, split, seed
+        self.dark_background = dark_background
         self.classes = list(CLASSES[:num_classes])
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, _, label = self.with_cover(i)
+        return image, label
+
+    def with_cover(self, i: int) -> tuple[Tensor, Tensor, int]:
+        """Item i's image, the fraction of each pixel its shape covers (`render_with_cover`) and
+        its label."""
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self.size} synthetic images")
         hi, lo = np.random.SeedSequence([self.seed, SPLITS.index(self.split), i]).generate_state(2)
         gen = torch.Generator().manual_seed(int(hi) << 32 | int(lo))
         label = i % len(self.classes)
-        return render(self.classes[label], self.image_size, gen), label
+        name = self.classes[label]
+        return *render_with_cover(name, self.image_size, gen, self.dark_background), label
 
     def path(self, i: int) -> str:
         return f"synthetic:{self.split}[{i}]"

@@ -30,6 +30,10 @@ class Method(Protocol):
     """True when `predict` gives class logits: the loop's evaluation is top-1/top-5 of `predict`;
     False: k-NN of `export_backbone()`."""
 
+    segments: ClassVar[bool] = False
+    """True when `predict` gives per-pixel logits (B, classes, H, W): the loop's evaluation is
+    mIoU of `predict` over the evaluation split (eval.segmentation)."""
+
     def init_from(self, checkpoint: str) -> list[str]:
         """Continued pretraining (model.init): once, after construction and before the optimizer
         is built, load the networks `checkpoint` holds (any format --checkpoint takes; position
@@ -83,7 +87,8 @@ class Method(Protocol):
 
     def predict(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, classes) logits, or (B, heads, classes) for a linear probe's lr
-        grid; only for methods that classify."""
+        grid, or (B, classes, H, W) for a segmenter; only for methods that classify or
+        segment."""
         raise TypeError(f"{type(self).__name__} does not classify")
 
     def ema_view(self) -> Method | None:

@@ -30,7 +30,6 @@ from ssl_vit.data import (
     SkipCounter,
     StreamLoader,
     batch_generator,
-    build_dataset,
     build_loader,
     build_stream,
     check_workers,
@@ -40,6 +39,12 @@ from ssl_vit.data import (
 )
 from ssl_vit.eval.accuracy import EvalData, classification_metrics, eval_loader
 from ssl_vit.eval.knn import knn_eval
+from ssl_vit.eval.segmentation_eval import (
+    SegReport,
+    segmentation_loader,
+    segmentation_metrics,
+    write_table,
+)
 from ssl_vit.methods.protocol import Method
 from ssl_vit.registry import TRAINABLE, MethodSpec, build_method
 from ssl_vit.train.checkpoint import newest_finite, resume, save_checkpoint, stream_state
@@ -54,7 +59,7 @@ from ssl_vit.train.run_dir import (
 )
 from ssl_vit.train.state import Plan, RunError, TrainState, Window, make_plan, non_finite
 from ssl_vit.train.step import Stepper, compile_step, optimizer_for
-from ssl_vit.viz import dataset_images, tensorboard_images
+from ssl_vit.viz import dataset_images, segmentation_grid, segmentation_picture, tensorboard_images
 from ssl_vit.weights import latest_checkpoint
 
 log = logging.getLogger("ssl_vit")
@@ -162,16 +167,23 @@ def gathered(model: nn.Module) -> Iterator[None]:
 
 def evaluate(
     cfg: Config, accelerator: Accelerator, method: Method, data: EvalData
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Validation metrics of the model being trained on `data` (checked before the first step),
-    computed on every process: top-1/top-5 of `method.predict` when it classifies, else k-NN of
-    its exported backbone. Runs in eval mode under a forked RNG, so whether and when it runs
-    never changes the training itself."""
+    computed on every process: top-1/top-5 of `method.predict` when it classifies, mIoU when it
+    segments (with "report": the `SegReport`), else k-NN of its exported backbone. Runs in eval
+    mode under a forked RNG, so whether and when it runs never changes the training itself."""
     was_training = method.training
     method.eval()
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
+            if method.segments:
+                loader = segmentation_loader(cfg, data.split, accelerator, data.classes)
+                d = cfg.data
+                report = segmentation_metrics(
+                    method.predict, loader, accelerator, data.classes, d.mean, d.std
+                )
+                return {f"val_{k}": v for k, v in report.metrics.items()} | {"report": report}
             if method.classifies:
                 loader = eval_loader(cfg, data.split, accelerator, classes=data.classes)
                 metrics = classification_metrics(method.predict, loader, accelerator)
@@ -394,12 +406,27 @@ class Run:
         self.last_eval = {"step": self.state.step, "epoch": epoch}
         with gathered(self.method), deferred_stop_signals():  # its loader workers too
             self.last_eval |= evaluate(self.cfg, self.accelerator, self.method, self.eval_data)
+        if (report := self.last_eval.pop("report", None)) is not None and self.main:
+            self.segmentation_outputs(report)
         self.last_eval |= self.eval_data.result()
         self.metrics.log(self.last_eval, self.state.step, f"eval/{self.eval_data.split}")
         log.info("evaluation at step %d: %s", self.state.step, self.last_eval)
         if self.last_eval.get("val_top1", -1.0) > self.best_eval.get("best_val_top1", -1.0):
             self.best_eval = as_best(self.last_eval)
             export_weights(self.method, self.cfg, self.main, "classifier_best")
+
+    def segmentation_outputs(self, report: SegReport) -> None:
+        """The per-class table (segmentation_<split>.csv) and the picture of images | ground
+        truth | prediction (segmentation_<split>.png, and TensorBoard's images/segmentation)."""
+        split, classes = self.eval_data.split, self.eval_data.classes
+        write_table(self.run_dir / f"segmentation_{split}.csv", report.table)
+        if not report.samples:
+            return
+        segmentation_picture(report.samples, classes, self.run_dir / f"segmentation_{split}.png")
+        if "tensorboard" in [t.name for t in self.accelerator.trackers]:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            grid = segmentation_grid(report.samples, len(classes))
+            writer.add_image(f"images/segmentation_{split}", grid, self.state.step)
 
     # --- the end of the run -------------------------------------------------------------------
 
@@ -465,7 +492,7 @@ def build_data(cfg: Config, spec: MethodSpec, accelerator: Accelerator) -> tuple
             processes=accelerator.num_processes,
         )
         return loader.dataset, loader, spec.device_view(cfg) if cfg.data.decode_on_device else None
-    dataset = build_dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
+    dataset = spec.dataset(cfg.data, spec.view(cfg), seed=t.seed, image_size=cfg.model.img_size)
     device_view = None
     if cfg.data.decode_on_device:
         device_view = spec.device_view(cfg)

@@ -70,7 +70,7 @@ def make_plan(cfg: Config, num_processes: int, batches_per_epoch: int) -> Plan:
             ]
         )
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    total = max(1, math.ceil(t.epochs * steps_per_epoch))
+    total = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     return Plan(
         accum=accum,
         effective_batch=effective,

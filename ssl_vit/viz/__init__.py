@@ -11,6 +11,7 @@ from ssl_vit.viz.attention import (
 from ssl_vit.viz.images import dataset_images, load_image, to_pixels
 from ssl_vit.viz.pos_embed import patch_pos_embed, pos_embed_similarity
 from ssl_vit.viz.reconstruction import PANELS, load_mae, mae_panels
+from ssl_vit.viz.segmentation import palette, segmentation_grid, segmentation_picture
 from ssl_vit.viz.tensorboard import tensorboard_images
 
 __all__ = [
@@ -24,7 +25,10 @@ __all__ = [
     "mean_attention_distance",
     "patch_distances",
     "patch_pos_embed",
+    "palette",
     "pos_embed_similarity",
+    "segmentation_grid",
+    "segmentation_picture",
     "tensorboard_images",
     "threshold_mask",
     "to_pixels",

@@ -28,6 +28,7 @@ EXPORTED = {
     "dinov2": "teacher.backbone.",
     "deit": "student.backbone.",
     "linprobe": "backbone.",
+    "segprobe": "backbone.",
 }
 """Where the backbone a run exports (`Method.export_backbone`: DINO's teacher, DeiT's student)
 sits in its checkpoints' model state, by method.name (tests/test_contract.py holds it to every
@@ -87,7 +88,7 @@ def checkpoint_backbone(
 ) -> tuple[dict[str, Tensor], str, dict[str, Any], list[str]]:
     """(backbone state, timm name, kwargs, the state's top-level names) of a run's checkpoint
     folder: the network the run exports (`EXPORTED`: DINO's and DINOv2's teacher, DeiT's student,
-    MAE's and the linear probe's backbone; `which` student: DINO's student), built as the run
+    MAE's and the linear probes' backbone; `which` student: DINO's student), built as the run
     built it, from the model section of the folder's own config.json, never inferred."""
     config = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
     fields = ModelConfig.__dataclass_fields__
