@@ -2,8 +2,10 @@
 features equal to timm's forward_features at two sizes; kept patches, mask-token replacement,
 extra prefix tokens, patch dropout and activation checkpointing against references written here
 from timm's blocks and rotary rows; the last block's attention against softmax(q k^T) computed
-here; DINO and DINOv2 training on it (finite losses, exact resume); an official-layout DINOv3 file
-through load_pretrained into k-NN; MAE and DeiT distillation refused in one line."""
+here; SwiGLU and register-free variants; fine-tuning's average pool; DINO and DINOv2 training on
+it (finite losses, exact resume) and from an official-layout DINOv3 file (--model.init); that file
+through load_pretrained into k-NN, linear probe, embed and the pictures; MAE, DeiT distillation
+and the position-embedding picture refused in one line."""
 
 from __future__ import annotations
 
