@@ -1,10 +1,14 @@
-"""The ViT backbone: an adapter over timm's VisionTransformer; the only file touching its internals.
+"""The ViT backbone: one adapter over timm's ViT families, the only file touching their internals:
+`VisionTransformer` (absolute position embedding) and timm's RoPE `Eva` (rotary embedding of each
+input's grid passed to every block; registers, layer scale, q/v bias, SwiGLU).
 
 It owns timm's submodules and parameters under timm's own names (so its state dict is a timm state
 dict) and adds what pretext methods need from an encoder: running on a subset of patch tokens,
 replacing chosen patch tokens by a given token, extra prefix tokens, any input resolution (with
-the position-embedding resampling formula the caller picks, `resample_pos_embed`), the last n
-blocks' outputs, and the last block's attention.
+the position-embedding resampling formula the caller picks, `resample_pos_embed`; a rotary
+embedding is computed for the grid: nothing to resample), the last n blocks' outputs, and the last
+block's attention. What differs between the families is one small `Positions` object per model
+class (`POSITIONS`): the patch dropout and the blocks' keyword arguments (the rotary rows).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import resample_abs_pos_embed
+from timm.layers.patch_dropout import patch_dropout_forward
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -77,6 +84,133 @@ class BackboneOutput:
     """(B, heads, T, T) attention probabilities of the last block, when asked."""
 
 
+class AbsolutePositions:
+    """timm's VisionTransformer: its position table is added before the blocks (`Backbone.forward`,
+    resampled to the input's grid); its patch dropout (PatchDropout or Identity) runs on the whole
+    sequence; its blocks take the tokens alone."""
+
+    def __init__(self, model: nn.Module):
+        del model  # nothing to check: the Backbone was written for it
+
+    def drop_patches(
+        self, backbone: Backbone, x: Tensor, num_prefix: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """(tokens, None): the kept patches' indices are not needed."""
+        return backbone.patch_drop(x), None
+
+    def block_kwargs(
+        self,
+        backbone: Backbone,
+        grid: tuple[int, int],
+        ids_keep: Tensor | None,
+        dropped: Tensor | None,
+        num_extra: int,
+    ) -> dict[str, Tensor]:
+        return {}
+
+
+class RotaryPositions:
+    """timm's Eva with one 2-D rotary embedding (RoPE) for all blocks, computed for any grid
+    (built with dynamic_img_size, as timm's `vit_*_patch16_*v3[_qkvb]` models): no position
+    table (nothing to resample: the rotation angles are computed for each input's grid, on
+    coordinates normalised to it), each block rotating q and k of the tokens past its attention's
+    `num_prefix_tokens` (the model's own cls and registers) by `rope` rows, one per such token.
+
+    The rows follow the tokens: gathered at the kept patches (`ids_keep`) and at patch dropout's
+    kept indices; a method's extra prefix tokens, which the attention counts among the rotated
+    ones, get identity rows (sin 0, cos 1: q and k unchanged, exactly). The grid's rows are
+    computed once per grid and device (timm builds the coordinates on the CPU: a copy to the
+    device, and a host sync, on every call otherwise), unless the embedding augments its
+    coordinates in training (`aug_active`) or under torch.compile."""
+
+    def __init__(self, model: nn.Module):
+        rope = getattr(model, "rope", None)
+        blocks = list(model.blocks)
+        rows = None
+        if rope is not None:  # in eval mode: no coordinate augmentation, no RNG drawn
+            training = rope.training
+            rows = rope.eval().get_embed(shape=[2, 3])
+            rope.train(training)
+        if (
+            not isinstance(rows, Tensor)
+            or rows.shape[0] != 6
+            or getattr(model, "rope_mixed", False)
+        ):
+            raise ValueError(
+                "the Backbone adapts timm's Eva with one rotary embedding for all blocks that "
+                f"computes the rows of any grid (built with dynamic_img_size), not "
+                f"{type(rope).__name__}"
+            )
+        n = model.num_prefix_tokens
+        if not all(
+            type(b) is EvaBlock and type(b.attn) is EvaAttention and b.attn.num_prefix_tokens == n
+            for b in blocks
+        ):
+            raise ValueError(
+                "the Backbone adapts timm's Eva of pre-norm EvaBlocks with EvaAttention "
+                f"skipping the model's {n} prefix tokens"
+            )
+        self.tables: dict[tuple[Any, ...], Tensor] = {}
+
+    def table(self, rope: nn.Module, grid: tuple[int, int]) -> Tensor:
+        """(h*w, 2 * head_dim) rows of the grid, row-major: sin | cos (timm's `get_embed`)."""
+        if (rope.training and getattr(rope, "aug_active", False)) or torch.compiler.is_compiling():
+            return rope.get_embed(shape=list(grid))
+        buffer = next(rope.buffers())
+        key = (tuple(grid), buffer.device, buffer.dtype, torch.is_inference_mode_enabled())
+        if key not in self.tables:
+            self.tables[key] = rope.get_embed(shape=list(grid))
+        return self.tables[key]
+
+    def drop_patches(
+        self, backbone: Backbone, x: Tensor, num_prefix: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Eva's patch dropout (timm's function, its rate and order) on the tokens past every
+        prefix token: (tokens, the kept patches' indices (B, K') or None)."""
+        drop = backbone.patch_drop
+        if drop is None:
+            return x, None
+        return patch_dropout_forward(x, drop.prob, num_prefix, drop.ordered, drop.training)
+
+    def block_kwargs(
+        self,
+        backbone: Backbone,
+        grid: tuple[int, int],
+        ids_keep: Tensor | None,
+        dropped: Tensor | None,
+        num_extra: int,
+    ) -> dict[str, Tensor]:
+        """{"rope": (N, 2 Dh) or (B, 1, N, 2 Dh)}: the rows of the N rotated tokens in order."""
+        rows = self.table(backbone.rope, grid)
+        if ids_keep is not None:
+            rows = rows[ids_keep]  # (B, K, 2 Dh)
+        if dropped is not None:
+            rows = rows.expand(dropped.shape[0], -1, -1) if rows.ndim == 2 else rows
+            rows = torch.gather(rows, 1, dropped.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+        if num_extra:
+            sin, cos = rows.new_zeros(num_extra, rows.shape[-1] // 2), rows.new_ones(1, 1)
+            identity = torch.cat([sin, cos.expand_as(sin)], 1)
+            identity = identity.expand(*rows.shape[:-2], -1, -1)
+            rows = torch.cat([identity, rows], dim=-2)
+        return {"rope": rows if rows.ndim == 2 else rows.unsqueeze(1)}
+
+
+POSITIONS: dict[type, type] = {VisionTransformer: AbsolutePositions, Eva: RotaryPositions}
+"""timm model class -> how its positions reach the blocks: the one place the families differ
+in `Backbone.forward` (attention read-outs differ by attention class: `ATTENTION_PROBS`)."""
+
+
+def positions_of(model: nn.Module) -> AbsolutePositions | RotaryPositions:
+    """The positions adapter of a timm model (the first class of its MRO in POSITIONS)."""
+    cls = next((c for c in type(model).__mro__ if c in POSITIONS), None)
+    if cls is None:
+        raise ValueError(
+            f"the Backbone adapts timm's VisionTransformer and RoPE Eva models, not "
+            f"{type(model).__name__}"
+        )
+    return POSITIONS[cls](model)
+
+
 class Backbone(nn.Module):
     """A timm ViT whose `state_dict()` is that of `timm.create_model(name, num_classes=0, **kw)`.
 
@@ -96,12 +230,17 @@ class Backbone(nn.Module):
         self.timm_kwargs = dict(timm_kwargs)
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         # Adopt timm's parameters and submodules under their own names; absent tokens stay None.
+        self.positions = positions_of(model)
+        """How positions reach the blocks: `AbsolutePositions` or `RotaryPositions`."""
         for attr in ("cls_token", "dist_token", "reg_token", "pos_embed"):
             setattr(self, attr, getattr(model, attr, None))
         for attr, param in model.named_parameters(recurse=False):
             setattr(self, attr, param)
         for attr, child in model.named_children():
             setattr(self, attr, child)
+        for attr in ("patch_drop", "rope"):  # None in some models (Eva without patch dropout)
+            if attr not in self._modules:
+                setattr(self, attr, None)
         self.patch_embed.strict_img_size = False  # any resolution that is a multiple of the patch
         self.no_embed_class: bool = model.no_embed_class
         self.num_prefix_tokens: int = model.num_prefix_tokens
@@ -151,8 +290,11 @@ class Backbone(nn.Module):
         embeddings are replaced by mask_token before the position embedding is added (masked
         image modelling: the token is the caller's). prefix (B, P, D): extra tokens, position
         embedding already added, placed right after the model's own prefix tokens. With none of
-        these, this is timm's `forward_features`.
+        these, this is timm's `forward_features`. A rotary model (timm's RoPE Eva) rotates q and k
+        of every non-prefix token by its own patch's position, kept, masked or dropped alike;
+        extra prefix tokens are not rotated.
         """
+        grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
         x = self.patch_embed(images)  # (B, L, D); (B, h, w, D) if built with dynamic_img_size
         x = x.flatten(1, -2)
         if mask is not None:
@@ -162,7 +304,6 @@ class Backbone(nn.Module):
         own = [t.expand(x.shape[0], -1, -1) for t in tokens if t is not None]
         if self.pos_embed is not None:
             n_pos_prefix = 0 if self.no_embed_class else n_own
-            grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
             pos = resample_pos_embed(
                 self.pos_embed, grid, self.grid_size, n_pos_prefix, self.pos_interp
             )
@@ -174,20 +315,25 @@ class Backbone(nn.Module):
         extra = [] if prefix is None else [prefix]
         x = torch.cat([*own, *extra, x], dim=1)
         num_prefix = n_own + (0 if prefix is None else prefix.shape[1])
-        x = self.norm_pre(self.patch_drop(self.pos_drop(x)))
+        x, dropped = self.positions.drop_patches(self, self.pos_drop(x), num_prefix)
+        x = self.norm_pre(x)
+        kw = self.positions.block_kwargs(self, grid, ids_keep, dropped, num_prefix - n_own)
 
         layers, attn = [], []
         for i, block in enumerate(self.blocks):
             # read inside the block's call, where a sharding wrapper (FSDP) has gathered its weights
             hook = (
-                block.register_forward_pre_hook(lambda b, a: attn.append(attention_probs(b, a[0])))
+                block.register_forward_pre_hook(
+                    lambda b, a, k: attn.append(attention_probs(b, a[0], k.get("rope"))),
+                    with_kwargs=True,
+                )
                 if return_attn and i == self.depth - 1
                 else None
             )
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **kw)
             else:
-                x = block(x)
+                x = block(x, **kw)
             if hook is not None:
                 hook.remove()
             if i >= self.depth - n_last:
@@ -221,12 +367,42 @@ def cls_of_crops(backbone: Backbone, crops: list[Tensor]) -> Tensor:
     return torch.cat(feats)
 
 
-def attention_probs(block: nn.Module, x: Tensor) -> Tensor:
-    """(B, heads, T, T) softmax attention of a timm `Block` on its input x (B, T, D).
+def attention_probs(block: nn.Module, x: Tensor, rope: Tensor | None = None) -> Tensor:
+    """(B, heads, T, T) softmax attention of a timm ViT block on its input x (B, T, D), with the
+    rotary rows `rope` the block is called with (Eva; None for a VisionTransformer's `Block`).
 
     Recomputed eagerly because fused SDPA attention never materialises the probabilities.
     """
+    probs = ATTENTION_PROBS.get(type(block.attn), _qkv_attention_probs)
+    return probs(block, x, rope)
+
+
+def _qkv_attention_probs(block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:
+    """timm's VisionTransformer `Attention`: softmax(q k^T scale) from its packed qkv."""
     attn = block.attn
     qkv = rearrange(attn.qkv(block.norm1(x)), "b t (k h d) -> k b h t d", k=3, h=attn.num_heads)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _eva_attention_probs(block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:
+    """timm's `EvaAttention`, by its own computation (q / v biases, q / k norms, the rotation of q
+    and k past its prefix tokens): run unfused on norm1(x) in eval mode (no dropout, no RNG
+    drawn), its softmax caught where it enters the attention dropout."""
+    attn, caught = block.attn, []
+    hook = attn.attn_drop.register_forward_pre_hook(lambda m, a: caught.append(a[0]))
+    fused, training = attn.fused_attn, attn.training
+    attn.fused_attn = False
+    attn.eval()
+    try:
+        attn(block.norm1(x), rope=rope)
+    finally:
+        attn.fused_attn = fused
+        attn.train(training)
+        hook.remove()
+    return caught[0]
+
+
+ATTENTION_PROBS = {EvaAttention: _eva_attention_probs}
+"""Attention class -> its probabilities' read-out; any other (VisionTransformer's `Attention`
+and its kin, with a packed `qkv`) `_qkv_attention_probs`."""

@@ -40,7 +40,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "vit_base_patch16_224"
     """timm model name of the ViT backbone (vit_tiny/small/base/large_patch16_224,
-    vit_huge_patch14_224, ...)."""
+    vit_huge_patch14_224, ...; the RoPE vit_small/base/large_patch16_dinov3[_qkvb] for DINO and
+    DINOv2)."""
     img_size: int = 224
     """Training image side in pixels; must be a multiple of the patch size."""
     patch_size: int = 0
@@ -61,8 +62,8 @@ class ModelConfig:
     """Continued pretraining: start from this checkpoint's weights (anything --checkpoint takes)
     instead of a fresh initialisation; model.name and the sizes become the checkpoint's, the
     position embedding is brought to model.img_size. MAE takes the decoder too when the file has
-    it (`_full` files, our MAE runs), DINO its student and teacher (and heads), DeiT the student
-    (and heads of the same classes)."""
+    it (`_full` files, our MAE runs), DINO its student and teacher (and heads), DINOv2 the
+    backbone for both networks, DeiT the student (and heads of the same classes)."""
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `timm.create_model(name, **kw)`: what differs from the name."""

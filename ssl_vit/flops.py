@@ -93,9 +93,16 @@ class ViTDims:
     def of(cls, vit: nn.Module) -> ViTDims:
         """From a `Backbone` or timm `VisionTransformer` with standard (qkv, fc1, fc2) blocks."""
         block = vit.blocks[0]
-        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        qkv = getattr(block.attn, "qkv", None)
+        fc1, fc2 = getattr(block.mlp, "fc1", None), getattr(block.mlp, "fc2", None)
         d = vit.embed_dim
-        if block.attn.qkv.out_features != 3 * d or fc2.in_features != fc1.out_features:
+        if (  # a SwiGLU MLP (fc1_g, fc1_x) or separate q / k / v projections: not counted
+            qkv is None
+            or fc1 is None
+            or fc2 is None
+            or qkv.out_features != 3 * d
+            or fc2.in_features != fc1.out_features
+        ):
             raise ValueError("not a standard ViT block (fused qkv, fc1 -> fc2 MLP)")
         ph, pw = vit.patch_embed.patch_size
         if ph != pw:

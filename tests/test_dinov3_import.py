@@ -2,7 +2,8 @@
 registers or none, masked or absent qkv bias, layer scale or none, MLP or SwiGLU) written in the
 official DinoVisionTransformer key layout by this file's own inverse map, loads into timm's model
 with its features (cls, registers, patches after the final norm) at the training size and at
-another (RoPE: nothing to resample); `ssl-vit import` / `export` round-trip it in timm's layout;
+another (RoPE: nothing to resample), also as the Backbone (load_pretrained); `ssl-vit import` /
+`export` round-trip it in timm's layout;
 a swapped, dropped or altered key or value is caught."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ssl_vit.weights import (
     load_timm,
 )
 
-from tolerances import FORWARD
+from tolerances import FORWARD, ROUNDING
 
 pytestmark = pytest.mark.skipif(
     not timm.is_model("vit_base_patch16_dinov3_qkvb"), reason="timm without DINOv3 models"
@@ -188,14 +189,20 @@ def test_import_and_export_round_trip_in_timms_layout(tmp_path, capsys):
     assert max_diff(load_timm(run), model) == 0.0
 
 
-def test_the_backbone_says_it_does_not_wrap_dinov3_yet(tmp_path):
-    """load_pretrained (--checkpoint, --model.init) builds a Backbone, which wraps timm's
-    VisionTransformer only: one line naming the file, the model and what to use instead."""
-    torch.save(official_file("reg4_qkvb", "pretrain", dinov3("reg4_qkvb")), tmp_path / "v3.pth")
-    with pytest.raises(
-        CheckpointError, match=r"v3\.pth: holds timm's vit_base_patch16_dinov3_qkvb"
-    ):
-        load_pretrained(tmp_path / "v3.pth")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_load_pretrained_gives_the_backbone_with_timms_features(variant, tmp_path):
+    """load_pretrained (--checkpoint, --model.init) builds the Backbone over timm's DINOv3 Eva:
+    the features (cls, registers, patches) of the official file's model at two sizes."""
+    model = dinov3(variant)
+    torch.save(official_file(variant, "pretrain", model), tmp_path / "v3.pth")
+    backbone = load_pretrained(tmp_path / "v3.pth").eval()
+    assert backbone.name == VARIANTS[variant][0] and backbone.pos_embed is None
+    for h, w in [(64, 64), (48, 80)]:
+        x = images(h, w)
+        with torch.no_grad():
+            got, want = backbone(x), model.forward_features(x)
+        assert got.num_prefix == model.num_prefix_tokens
+        assert (got.tokens - want).abs().max().item() <= ROUNDING["atol"]
 
 
 def perturbed(state: dict, change: str) -> dict:

@@ -254,6 +254,11 @@ def pca(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
 def pos_embed(checkpoint: str, root: VizRoot) -> tuple[Figure, dict[str, Any]]:
     """Cosine similarity of each patch's position embedding to all others, grid of grids."""
     backbone = load_pretrained(checkpoint)
+    if backbone.pos_embed is None:
+        raise CheckpointError(
+            f"{checkpoint}: {backbone.name} has no absolute position embedding to show (rotary "
+            "positions: computed for each grid, not learned)"
+        )
     sim = pos_embed_similarity(patch_pos_embed(backbone))
     return pos_embed_figure(sim, backbone.grid_size), {"grid": list(backbone.grid_size)}
 

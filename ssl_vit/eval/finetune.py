@@ -87,11 +87,16 @@ class FineTuneConfig:
 def avg_pool_backbone(backbone: Backbone) -> Backbone:
     """The backbone as timm builds it with global_pool='avg' (MAE's fine-tune): the final norm
     dropped and a fresh fc_norm (LayerNorm 1/0) to apply after the pool; every other weight
-    copied. Its state dict is that of timm.create_model(name, num_classes=0, global_pool='avg')."""
+    copied. Its state dict is that of timm.create_model(name, num_classes=0, global_pool='avg').
+    A model that keeps its final norm under avg pooling (timm's DINOv3 Eva: use_fc_norm False)
+    keeps it, and has no fc_norm."""
     if backbone.timm_kwargs.get("global_pool") == "avg":
         return backbone
     pooled = Backbone(backbone.name, **{**backbone.timm_kwargs, "global_pool": "avg"})
-    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("norm.")}
+    drop_norm = isinstance(pooled.norm, nn.Identity)
+    state = {
+        k: v for k, v in backbone.state_dict().items() if not (drop_norm and k.startswith("norm."))
+    }
     fresh = {k: v for k, v in pooled.state_dict().items() if k.startswith("fc_norm.")}
     pooled.load_state_dict(state | fresh)
     return pooled.to(next(backbone.parameters()).device)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ssl_vit.backbone import Backbone
 from ssl_vit.config import field_errors
 from ssl_vit.methods.dino import DINOConfig, DINOHead, DINOLoss, cross_view_ce
+from ssl_vit.methods.init import init_backbone
 from ssl_vit.methods.protocol import Method
 from ssl_vit.ops import ema_update_
 from ssl_vit.optim import linspace_warmup_cosine, warmup_cosine
@@ -312,6 +313,13 @@ class DINOv2(nn.Module, Method):
         start = cfg.warmup_teacher_temp if cfg.warmup_teacher_temp_epochs else cfg.teacher_temp
         self.register_buffer("teacher_temp", torch.tensor(start))
         self.steps_per_epoch = self.total_steps = None
+
+    def init_from(self, checkpoint: str) -> list[str]:
+        """Continued pretraining: the checkpoint's backbone for the student and the teacher alike
+        (before, the teacher kept its fresh weights); heads and centers start afresh."""
+        init_backbone(self.backbone, checkpoint)
+        self.teacher.backbone.load_state_dict(self.backbone.state_dict())
+        return ["backbone", "teacher backbone"]
 
     def students(self) -> list[nn.Module]:
         """The student networks in the teacher's order: backbone, DINO head, [iBOT head]."""

@@ -21,15 +21,16 @@ def layer_attentions(
     """[reduce(attn_i) for each block i], attn_i (B, heads, T, T) the block's softmax attention on
     images (B, C, H, W), T = prefix + all patch tokens.
 
-    Each block's input is caught by a forward pre-hook and its attention recomputed eagerly
-    (`attention_probs`), so this works whatever attention kernel the blocks run, without a change
-    to the backbone; `reduce` runs inside the hook, so a large batch never holds every layer's
-    (B, heads, T, T) at once.
+    Each block's input (and its rotary rows, for a RoPE backbone) is caught by a forward pre-hook
+    and its attention recomputed eagerly (`attention_probs`), so this works whatever attention
+    kernel the blocks run, without a change to the backbone; `reduce` runs inside the hook, so a
+    large batch never holds every layer's (B, heads, T, T) at once.
     """
     out: list[R] = []
     handles = [
         block.register_forward_pre_hook(
-            lambda b, args: out.append(reduce(attention_probs(b, args[0])))
+            lambda b, args, kw: out.append(reduce(attention_probs(b, args[0], kw.get("rope")))),
+            with_kwargs=True,
         )
         for block in backbone.blocks
     ]

@@ -29,6 +29,12 @@ def distilled_backbone(backbone: Backbone) -> Backbone:
     """`backbone` as timm's DeiT distilled ViT (`distilled_name`, its sizes and kwargs): its
     weights, plus a distillation token after cls with its own position embedding, each drawn
     trunc_normal(std 0.02) as DeiT's models.py; the forward then runs cls, dist, patches."""
+    if backbone.pos_embed is None:
+        raise ValueError(
+            f"DeiT distillation: {backbone.name} has rotary positions and no distillation token "
+            "(timm's deit_*_distilled ViT has one, with its position): use method.distillation "
+            "none, or a VisionTransformer"
+        )
     if backbone.num_prefix_tokens != 1 or backbone.no_embed_class:
         raise ValueError("distillation needs a ViT with a cls token only, in pos_embed")
     kwargs = backbone.timm_kwargs | {

@@ -210,6 +210,5 @@ def import_checkpoint(
 
 
 def network(pretrained: Pretrained) -> nn.Module:
-    """The network a checkpoint's backbone export holds: the Backbone where it wraps the
-    architecture, else timm's model itself (DINOv3's Eva), each strictly loaded."""
-    return pretrained.backbone() if pretrained.wraps else pretrained.timm_model()
+    """The network a checkpoint's backbone export holds: the Backbone, strictly loaded."""
+    return pretrained.backbone()

@@ -113,9 +113,10 @@ def load_pretrained(
     Every other key must match the backbone exactly, or CheckpointError lists the missing,
     unexpected and mis-shaped keys.
 
-    An official DINOv3 file is read (its architecture inferred, `dinov3.infer_dinov3`) but holds
-    timm's Eva, which the Backbone does not wrap: CheckpointError says so; `load_timm` and the
-    exports take it.
+    An official DINOv3 file (`dinov3_vit*16_pretrain_*.pth`, a training checkpoint's teacher)
+    gives timm's DINOv3 Eva (`vit_*_patch16_dinov3[_qkvb]`, its architecture read from the file:
+    `dinov3.infer_dinov3`), adapted by the Backbone like a VisionTransformer: RoPE, nothing to
+    resample; its `rope_embed.periods` must equal timm's.
 
     Loading is safe: `torch.load(weights_only=True)`, allowing only argparse.Namespace (the
     `args` of official training checkpoints) beyond tensors and plain containers; a file holding
@@ -143,52 +144,34 @@ class Pretrained:
     """The position-embedding formula (a Backbone's, for resizing)."""
 
     @property
-    def wraps(self) -> bool:
-        """Whether the Backbone wraps this architecture: timm's VisionTransformer family, not
-        an Eva (DINOv3's RoPE models; what Backbone lacks: see docs/architecture.md)."""
+    def vit(self) -> bool:
+        """Whether this is timm's VisionTransformer family (a position table to resample, timm's
+        ViT checkpoint_filter_fn for its patch-embedding layout), not an Eva (DINOv3's RoPE
+        models: nothing to resample, no filter)."""
         return not is_model_in_modules(self.name, ["eva"])
 
     def backbone(self) -> Backbone:
-        """The Backbone, loaded strictly, the position embedding resampled to its grid."""
-        if not self.wraps:
-            raise CheckpointError(
-                f"{self.path}: holds timm's {self.name}, an Eva (RoPE) model the Backbone does "
-                "not wrap yet (it wraps timm's VisionTransformer); `ssl-vit import` and `ssl-vit "
-                "export` write it in timm's layout, weights.load_timm loads it"
-            )
+        """The Backbone, loaded strictly, the position embedding resampled to its grid; any
+        buffer the file carries that timm computes (DINOv3's `rope.periods`) checked equal and
+        dropped (`check_buffers`)."""
         try:
             backbone = Backbone(self.name, pos_interp=self.pos_interp, **self.kwargs)
         except Exception as e:
             raise CheckpointError(
                 f"{self.path}: cannot build the ViT {self.name} {self.kwargs}: {e}"
             ) from None
-        state = resample_to_grid(self.state, backbone)
-        # timm's own loader: patch-embed layout (its pos-embed resampling finds nothing left to do)
-        state = checkpoint_filter_fn(state, backbone)
+        state = check_buffers(self.state, backbone, self.path)
+        if self.vit:
+            state = resample_to_grid(state, backbone)
+            # timm's own loader: patch-embed layout (its pos-embed resampling finds nothing left)
+            state = checkpoint_filter_fn(state, backbone)
         load_strict(backbone, state, self.path, self.top_keys)
         return backbone
 
     def timm_model(self) -> nn.Module:
         """timm.create_model(name, num_classes=0, **kwargs), eval mode, loaded strictly: the
-        Backbone's own network for a VisionTransformer; else the state as it is, any buffer the
-        file carries that timm computes (DINOv3's `rope.periods`) checked equal and dropped."""
-        if self.wraps:
-            return self.backbone().to_timm().eval()
-        try:
-            model = timm.create_model(self.name, pretrained=False, num_classes=0, **self.kwargs)
-        except Exception as e:
-            raise CheckpointError(
-                f"{self.path}: cannot build timm's {self.name} {self.kwargs}: {e}"
-            ) from None
-        state = check_buffers(self.state, model, self.path)
-        if mismatches := key_mismatches(model.state_dict(), state):
-            raise CheckpointError(
-                f"{self.path}: does not fit timm's {self.name} {self.kwargs} (after the key "
-                f"mapping of its family){mismatches}\n  the file's top-level keys: "
-                f"{self.top_keys[:20]}"
-            )
-        model.load_state_dict(state, strict=True)
-        return model.eval()
+        Backbone's own network."""
+        return self.backbone().to_timm().eval()
 
 
 def read_pretrained(
