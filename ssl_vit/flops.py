@@ -230,6 +230,16 @@ def deit_flops(d: ViTDims, img_size: int, cfg: Any, teacher_forward: int = 0) ->
     return StepFlops(student + heads, teacher_forward if distilled else 0)
 
 
+def probe_flops(d: ViTDims, img_size: int, head_in: int, classes: int) -> StepFlops:
+    """A linear segmentation probe (`ssl-vit segprobe`): the frozen encoder's forward on all
+    patches, and the trained 1x1 conv from `head_in` features to `classes` on every patch (its
+    BatchNorm and the bilinear upsampling are elementwise: uncounted, as norms everywhere). The
+    head's backward is counted 2 x, an upper bound: the frozen features need no gradient (1 x);
+    the head is a small share of the step either way."""
+    patches = (img_size // d.patch_size) ** 2
+    return StepFlops(trained=linear(patches, head_in, classes), frozen=vit_forward(d, img_size))
+
+
 def full_token_flops(d: ViTDims, img_size: int, num_classes: int = FULL_TOKEN_CLASSES) -> StepFlops:
     """Supervised ViT baseline: encoder on all tokens + a linear head on the pooled token."""
     return StepFlops(vit_forward(d, img_size) + linear(1, d.embed_dim, num_classes))

@@ -209,6 +209,7 @@ DINOV2_TINY = [
 ]  # fmt: skip
 SEPARATE_IBOT = ["--method.ibot_separate_head", "true", "--method.ibot_out_dim", "48"]
 SEPARATE_IBOT += ["--method.ibot_hidden_dim", "24", "--method.ibot_bottleneck_dim", "8"]
+SEGPROBE_TINY = ["--method", "segprobe", *TINY[2:14], *TINY[20:], "--bench.baseline", "false"]
 FLOP_CASES = {
     "mae": TINY,
     "dino": DINO_TINY,
@@ -216,6 +217,8 @@ FLOP_CASES = {
     "dinov2_ibot_head": DINOV2_TINY + SEPARATE_IBOT,
     "deit": DEIT_TINY,
     "deit_distilled": DEIT_TINY + DISTILLED,
+    "segprobe": SEGPROBE_TINY,
+    "segprobe_dinov2": SEGPROBE_TINY + ["--method.variant", "dinov2"],
 }
 
 
@@ -263,7 +266,8 @@ def test_analytic_forward_flops_equal_flop_counter_mode(case):
     with torch.no_grad():
         counted = counted_step(module, batch, backward=False)
     assert counted == pytest.approx(b * count.forward + koleo_flops(case, root), rel=1e-12)
-    assert (count.frozen > 0) == (case in ("dino", "dinov2", "dinov2_ibot_head", "deit_distilled"))
+    frozen = ("dino", "dinov2", "dinov2_ibot_head", "deit_distilled", "segprobe", "segprobe_dinov2")
+    assert (count.frozen > 0) == (case in frozen)
 
 
 def test_dinov2_flops_count_the_padded_rows_of_each_head():
@@ -281,7 +285,7 @@ def test_dinov2_flops_count_the_padded_rows_of_each_head():
     assert separate.forward - shared.forward == pytest.approx(2 * 28 / 3 * (ibot - dino))
 
 
-@pytest.mark.parametrize("case", FLOP_CASES)
+@pytest.mark.parametrize("case", [c for c in FLOP_CASES if not c.startswith("segprobe")])
 def test_training_step_flops_are_3x_trained_forward_plus_frozen(case):
     """fwd + bwd counted by FlopCounterMode = 3 x trained forward + frozen forward, up to one
     documented, exactly computed departure: the patch embedding gets no input gradient (its
@@ -449,3 +453,23 @@ def test_decode_on_device_feeds_the_step_and_times_the_device_views():
     with pytest.raises(ConfigError, match="method.auto_augment 'original'"):
         configure(["--method", "deit", "--method.auto_augment", "original", "--bench.modes",
                    "e2e", *flags])  # fmt: skip
+
+
+def test_bench_times_the_segmentation_probe_and_counts_its_flops(capsys):
+    """`--method segprobe` (compute mode, a random backbone: the cost is the same with any
+    weights): 150-class synthetic masks, a finite loss near ln(150) at init, and the training
+    count = 3 x the head (a 1x1 conv of 48 features, 64 patches, 150 classes, by hand) + the
+    frozen encoder's forward."""
+    from ssl_vit import flops
+
+    assert main(SEGPROBE_TINY) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["method"] == "segprobe" and m["method_config"]["num_classes"] == 150
+    assert abs(m["loss"] - math.log(150)) < 0.5
+    _, module, count, _ = built(SEGPROBE_TINY)
+    head = 2 * 64 * 48 * 150
+    encoder = flops.vit_forward(flops.ViTDims.of(module.backbone), 32)
+    assert (count.trained, count.frozen) == (head, encoder)
+    assert m["flops_per_img"] == pytest.approx(3 * head + encoder)
+    assert main([*SEGPROBE_TINY, "--bench.modes", "e2e"]) == 2
+    assert "bench.modes: segprobe is timed in the compute mode only" in capsys.readouterr().err

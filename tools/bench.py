@@ -55,7 +55,7 @@ from ssl_vit.config import Config, ConfigError, DataConfig, ModelConfig, TrainCo
 from ssl_vit.data import DataError, StreamLoader, build_dataset, build_loader, build_stream
 from ssl_vit.data.device import DeviceView, batch_generator, encoded_dataset
 from ssl_vit.methods.protocol import Method
-from ssl_vit.registry import METHODS
+from ssl_vit.registry import METHODS, TRAINABLE
 from ssl_vit.train.state import Plan
 from ssl_vit.train.step import (
     Stepper,
@@ -200,7 +200,7 @@ def build_method(root: BenchRoot) -> nn.Module:
     cfg, extra = root.method, {}
     if cfg.name == "deit" and cfg.distillation != "none" and not cfg.teacher_weights:
         extra["teacher"] = timm.create_model(cfg.teacher, num_classes=cfg.num_classes)
-    return METHODS[cfg.name].build(build_backbone(root), cfg, **extra)
+    return TRAINABLE[cfg.name].build(build_backbone(root), cfg, **extra)
 
 
 def build_full_token(root: BenchRoot) -> nn.Module:
@@ -218,9 +218,12 @@ def vit_dims(module: nn.Module) -> flops.ViTDims | None:
 def method_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:
     """Analytic step FLOPs of the method (None for the evaluators); a DeiT teacher's forward
     counted by FlopCounterMode on one image (a CNN, or any classifier: no analytic count here)."""
-    dims = vit_dims(module) if root.method.name in flops.METHOD_FLOPS else None
+    dims = vit_dims(module) if root.method.name in {*flops.METHOD_FLOPS, *PROBES} else None
     if dims is None:
         return None
+    if root.method.name in PROBES:  # its 1x1 conv: a linear map of each patch's features
+        head = module.conv
+        return flops.probe_flops(dims, root.model.img_size, head.in_channels, head.out_channels)
     teacher, teacher_flops = getattr(module, "teacher", None), 0
     if root.method.name == "deit" and teacher is not None:
         size = root.method.teacher_img_size or root.model.img_size
@@ -297,6 +300,9 @@ def synthetic_batch(root: BenchRoot, device: torch.device, in_chans: int) -> dic
     """
     b, s = root.bench.batch_size, root.model.img_size
     classes = min(NUM_CLASSES, getattr(root.method, "num_classes", NUM_CLASSES))
+    if root.method.name in PROBES:  # image + mask pairs: per-pixel labels
+        images = torch.randn(b, in_chans, s, s, device=device)
+        return {"images": images, "masks": torch.randint(0, classes, (b, s, s), device=device)}
     view = METHODS[root.method.name].view(run_config(root))
     item = view(torch.zeros(in_chans, s, s, dtype=torch.uint8))
 
@@ -565,8 +571,8 @@ def check(root: BenchRoot) -> None:
         errors += [
             err.replace("train.batch_size", "bench.batch_size")
             for err in e.errors
-            if not err.startswith("method.teacher_weights:")
-        ]
+            if not err.startswith(("method.teacher_weights:", "method.checkpoint:"))
+        ]  # the cost is the same with any weights
     b = root.bench
     for key in ("batch_size", "steps", "loader_batches"):
         if getattr(b, key) < 1:
@@ -578,7 +584,9 @@ def check(root: BenchRoot) -> None:
     for key in ("modes", "loader_views"):
         if not getattr(b, key):
             errors.append(f"bench.{key}: name at least one")
-    if "e2e" in b.modes:
+    if root.method.name in PROBES and set(b.modes) - {"compute"}:
+        errors.append(f"bench.modes: {root.method.name} is timed in the compute mode only")
+    elif "e2e" in b.modes:
         try:
             device_view(root, root.method)  # what the device cannot run, refused before timing
         except ConfigError as e:
@@ -735,18 +743,25 @@ def table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROBES = {"segprobe": 150}
+"""Evaluators the bench times (compute mode: the frozen backbone's forward and the head's
+training step on synthetic images and masks; their data is not a pretext view), with the
+classes of their synthetic masks (ADE20K's 150)."""
+
+
 def method_config(name: str) -> Any:
     """A method's default config; classes counted from data (num_classes 0, DeiT) are
-    NUM_CLASSES here, where synthetic tensors replace the data."""
-    cfg = METHODS[name].config()
+    NUM_CLASSES here (a probe's PROBES), where synthetic tensors replace the data."""
+    cfg = TRAINABLE[name].config()
     if getattr(cfg, "num_classes", None) == 0:
-        cfg.num_classes = NUM_CLASSES
+        cfg.num_classes = PROBES.get(name, NUM_CLASSES)
     return cfg
 
 
 def bench_root(args: Args) -> BenchRoot:
     """The bench config tree of the method `--method` names."""
-    return BenchRoot(method=method_config(choice(args, "--method", list(METHODS), "method")))
+    names = [*METHODS, *PROBES]
+    return BenchRoot(method=method_config(choice(args, "--method", names, "method")))
 
 
 def configure(argv: list[str]) -> BenchRoot:
@@ -798,7 +813,7 @@ def run(root: BenchRoot, args: Args) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """`python tools/bench.py [--method NAME] [--section.field value ...]`: the metrics as one
     JSON line; exit status 0, or 2 on a config or data error (printed to stderr)."""
-    prog = f"python tools/bench.py [--method {{{','.join(METHODS)}}}]"
+    prog = f"python tools/bench.py [--method {{{','.join([*METHODS, *PROBES])}}}]"
     return run_command(bench_root, argv, prog, run, flags={"--method": "mae"})
 
 
