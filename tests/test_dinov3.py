@@ -228,3 +228,31 @@ def test_tiny_dinov3_run_resumes_bit_identically_with_the_gram_loss_active(tmp_p
         k[len("gram_teacher.") :]: v for k, v in at_stop.items() if k.startswith("gram_teacher.")
     }
     assert same(gram, teacher)  # refreshed before iteration 2
+
+
+def test_gram_teacher_from_a_checkpoint_and_at_model_init(tmp_path):
+    """gram.ckpt: that run's teacher backbone, never replaced by the EMA teacher's load;
+    model.init without gram.ckpt: the checkpoint's backbone for the Gram teacher too."""
+    run = tmp_path / "run"
+    fit(tiny(run, "dinov3", max_steps=1))
+    saved = params(run, 1)
+    want = {
+        k[len("teacher.backbone.") :]: v
+        for k, v in saved.items()
+        if k.startswith("teacher.backbone.")
+    }
+    method = tiny_dinov3(ckpt=str(run), it_load_ema_teacher=0)
+    assert same(states(method.gram_teacher), want)
+    assert not same(states(method.teacher.backbone), want)
+    assert method.gram_event(0) is None and method.gram_event(50000) == "update"
+    fresh = tiny_dinov3()
+    assert "Gram teacher" in fresh.init_from(str(run))
+    assert same(states(fresh.gram_teacher), want)
+
+
+def test_gram_settings_are_checked_by_name():
+    cfg = tiny(Path("unused"), "dinov3")
+    cfg.method.gram = GramConfig(loss_weight=-1.0, update_frequency=0)
+    errors = cfg.method.errors(cfg)
+    assert any(e.startswith("method.gram.loss_weight: must be >= 0") for e in errors)
+    assert any(e.startswith("method.gram.update_frequency: must be >= 1") for e in errors)
