@@ -34,6 +34,7 @@ from ssl_vit.eval.segprobe import SegProbe, SegProbeConfig
 from ssl_vit.methods.deit import DeiT, DeiTConfig
 from ssl_vit.methods.dino import DINO, DINOConfig
 from ssl_vit.methods.dinov2 import DINOv2, DINOv2Config
+from ssl_vit.methods.dinov3 import DINOv3, DINOv3Config
 from ssl_vit.methods.mae import MAE, MAEConfig
 from ssl_vit.methods.protocol import Method
 from ssl_vit.weights import load_pretrained
@@ -143,6 +144,7 @@ METHODS: dict[str, MethodSpec] = {
     "mae": MethodSpec(MAEConfig, MAE, image_view, image_device_view),
     "dino": MethodSpec(DINOConfig, DINO, dino_view, dino_device_view),
     "dinov2": MethodSpec(DINOv2Config, DINOv2, dino_view, dino_device_view),  # draws its masks
+    "dinov3": MethodSpec(DINOv3Config, DINOv3, dino_view, dino_device_view),  # + Gram anchoring
     "deit": MethodSpec(DeiTConfig, DeiT, *supervised(lambda cfg: cfg.method)),
 }
 """The pretext methods: `ssl-vit train --method NAME` and the pretraining recipes."""

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig, flatten
 from ssl_vit.methods.deit import DeiTConfig
+from ssl_vit.methods.dinov3 import GramConfig
 from ssl_vit.registry import TRAINABLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +33,24 @@ TINY_METHODS: dict[str, dict[str, Any]] = {
     "mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
     "dino": TINY_DINO,
     "dinov2": dict(TINY_DINO, warmup_teacher_temp_epochs=1),
+    "dinov3": dict(
+        TINY_DINO,
+        warmup_teacher_temp_epochs=1,
+        ibot_out_dim=64,
+        ibot_hidden_dim=32,
+        ibot_bottleneck_dim=16,
+        gram=GramConfig(it_load_ema_teacher=1, it_first_update=1, update_frequency=2),
+    ),
     "deit": dict(num_classes=10),
     "linprobe": dict(num_classes=10),
     "finetune": dict(deit=DeiTConfig(num_classes=10, repeated_aug=1)),
     "segprobe": dict(num_classes=11, warmup_iters=1),
 }
 """Each method's (and evaluator's) tiny settings: MAE's decoder; DINO's and DINOv2's head and 3
-local 16 px crops (DINOv2: a 1-epoch temperature warmup); the classes of DeiT and the evaluators
-(the synthetic dataset's 10; segmentation's 11, background and the 10 shapes). An evaluator's
-method.checkpoint is the caller's."""
+local 16 px crops (DINOv2, DINOv3: a 1-epoch temperature warmup; DINOv3: its iBOT head as small,
+the Gram teacher taken at iteration 1, refreshed every 2, its loss from iteration 1); the classes
+of DeiT and the evaluators (the synthetic dataset's 10; segmentation's 11, background and the 10
+shapes). An evaluator's method.checkpoint is the caller's."""
 
 
 @pytest.fixture(autouse=True)

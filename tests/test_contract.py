@@ -49,7 +49,7 @@ def batch_of(cfg, name: str, n: int = 4) -> dict:
 
 
 def test_the_tables():
-    assert list(METHODS) == ["mae", "dino", "dinov2", "deit"]
+    assert list(METHODS) == ["mae", "dino", "dinov2", "dinov3", "deit"]
     assert list(EVALUATORS) == ["linprobe", "finetune", "segprobe"]
     for name, spec in TRAINABLE.items():
         assert spec.config.name == name  # the key is the config's name (config.json's method)
@@ -152,7 +152,7 @@ def test_a_checkpoint_folder_gives_the_backbone_the_run_exports(name, tmp_path, 
     )
     with pytest.raises(CheckpointError, match="an incomplete checkpoint"):
         load_pretrained(cut_short)
-    if name in ("dino", "dinov2"):  # the student, asked for by name
+    if name in ("dino", "dinov2", "dinov3"):  # the student, asked for by name
         student = load_pretrained(first, which="student").state_dict()
         assert not torch.equal(student["pos_embed"], want_first["pos_embed"])
         assert all(torch.equal(student[k], v) for k, v in checkpoint_student(first).items())

@@ -433,9 +433,13 @@ class DINOv2(nn.Module, Method):
         ibot = ibot_patch_loss(s_patch, q_patch, weight, n, c.student_temp)
         koleo = sum(koleo_loss(x) for x in cls.chunk(2))
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
+        extra = self.extra_losses(globals_, out)  # a subclass's terms (DINOv3's Gram loss)
+        for weight_, value in extra.values():
+            loss = loss + weight_ * value
         with torch.no_grad():
             entropy = -(q_cls * q_cls.clamp_min(1e-30).log()).sum(-1).mean()
             stats = {"dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo}
+            stats |= {name: value for name, (_, value) in extra.items()}
             stats = {k: v.detach() for k, v in stats.items()} | {
                 "teacher_entropy": entropy,
                 "teacher_batch_max_prob": q_cls.mean(0).max(),
@@ -445,6 +449,12 @@ class DINOv2(nn.Module, Method):
         return {"loss": loss, **stats}
 
     forward = training_step
+
+    def extra_losses(self, globals_: Tensor, out: Any) -> dict[str, tuple[Tensor | float, Tensor]]:
+        """Further loss terms, name -> (weight, value), added to the loss as weight x value and
+        logged by name: none here. `globals_` the 2 global crops (2B, C, H, W), `out` the
+        student's (masked) backbone output on them."""
+        return {}
 
     def before_optimizer_step(self, step: int) -> None:
         """Drop the heads' last-layer gradients during the first cfg.freeze_last_layer epochs."""

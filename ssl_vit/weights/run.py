@@ -26,6 +26,7 @@ EXPORTED = {
     "mae": "backbone.",
     "dino": "teacher.backbone.",
     "dinov2": "teacher.backbone.",
+    "dinov3": "teacher.backbone.",
     "deit": "student.backbone.",
     "linprobe": "backbone.",
     "segprobe": "backbone.",
@@ -34,7 +35,7 @@ EXPORTED = {
 sits in its checkpoints' model state, by method.name (tests/test_contract.py holds it to every
 method's export_backbone()). Not fine-tuning: its config does not rebuild the backbone its
 classifier reshaped (global_pool)."""
-STUDENTS = {"dino": "backbone.", "dinov2": "backbone."}
+STUDENTS = {"dino": "backbone.", "dinov2": "backbone.", "dinov3": "backbone."}
 """The student backbone of the methods that export their teacher (`which` student)."""
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 

@@ -1,0 +1,155 @@
+"""DINOv3 (Siméoni et al., 2508.10104): DINOv2's objective (methods/dinov2.py: DINO cls loss, iBOT
+masked-patch loss, KoLeo, EMA teacher) with DINOv3's defaults, plus Gram anchoring.
+
+Defaults (the official ssl_default_config.yaml facts): a separate iBOT head, 65,536 prototypes in
+both heads, KoLeo weight 0.1, 2 global crops (scale 0.32-1) + 8 local crops of 96 px (0.05-0.32);
+the recipe's model is timm's `vit_small_patch16_dinov3`.
+
+Gram anchoring: a frozen `gram_teacher` backbone sees the 2 unmasked global crops; its patch
+features X_G and the student's X_S (the masked global crops' patch tokens, the student forward
+DINOv2 already runs), each L2-normalised along the channels, give the similarity matrices
+X Xᵀ of each image's patches; the loss is their mean squared difference (the paper's
+‖X_S X_Sᵀ − X_G X_Gᵀ‖²_F, as a mean), times `gram.loss_weight`, from iteration
+`gram.it_first_update` on. The Gram teacher is a copy of the EMA teacher's backbone taken before
+iteration `gram.it_load_ema_teacher` (or a checkpoint's backbone, `gram.ckpt`), refreshed from
+the EMA teacher before every iteration it >= it_first_update, it > 0, with it a multiple of
+`gram.update_frequency`. It is no parameter of the optimizer (requires_grad False: no gradient,
+no DDP sync) but a module of the state dict, with the `gram_active` buffer: a resume is exact.
+
+Not here: the high-resolution Gram-teacher input (the official teacher can see the global crops
+at a larger size, its features resized down) and the high-resolution adaptation phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.methods.dinov2 import DINOv2, DINOv2Config
+from ssl_vit.methods.init import init_backbone
+
+
+@dataclass
+class GramConfig:
+    loss_weight: float = 1.0
+    """Weight of the Gram loss (gram.loss_weight)."""
+    normalized: bool = True
+    """L2-normalise the patch features along the channels before the similarities."""
+    img_level: bool = True
+    """One similarity matrix per image over its patches; false: one over all the patches of the
+    process's batch (never across processes)."""
+    remove_neg: Literal["none", "teacher", "both"] = "none"
+    """Negative similarities set to 0: of the Gram teacher only, of both, or none."""
+    it_load_ema_teacher: int = 0
+    """The iteration before which the Gram teacher is copied from the EMA teacher (-1: never;
+    with `ckpt`, never)."""
+    ckpt: str = ""
+    """A checkpoint whose (teacher) backbone is the Gram teacher from the start."""
+    update_frequency: int = 50000
+    """The Gram teacher is refreshed from the EMA teacher every this many iterations."""
+    it_first_update: int = 0
+    """The first iteration of the Gram loss (and of the refreshes)."""
+
+
+@dataclass
+class DINOv3Config(DINOv2Config):
+    name: ClassVar[str] = "dinov3"
+    ibot_separate_head: bool = True
+    """A head of its own for the patch tokens (DINOv3's default)."""
+    gram: GramConfig = field(default_factory=GramConfig)
+    """Gram anchoring (`--method.gram.FIELD`)."""
+
+    def errors(self, cfg: Any) -> list[str]:
+        e = DINOv2Config.errors(self, cfg)
+        g = self.gram
+        if g.loss_weight < 0:
+            e.append(f"method.gram.loss_weight: must be >= 0, got {g.loss_weight}")
+        if g.update_frequency < 1:
+            e.append(f"method.gram.update_frequency: must be >= 1, got {g.update_frequency}")
+        if g.remove_neg not in ("none", "teacher", "both"):
+            e.append(f"method.gram.remove_neg: none, teacher or both, got {g.remove_neg!r}")
+        return e
+
+
+def gram_loss(
+    student: Tensor,
+    teacher: Tensor,
+    normalized: bool = True,
+    remove_neg: str = "none",
+    img_level: bool = True,
+) -> Tensor:
+    """Patch features (B, N, D) of the student and of the Gram teacher -> the mean over the
+    entries of (S Sᵀ - T Tᵀ)², per image (B matrices N x N) or over the batch's B N patches
+    (`img_level` False); rows L2-normalised first (`normalized`); `remove_neg` "teacher": the
+    teacher's negative similarities set to 0, "both": the student's too. float32."""
+    with torch.autocast(student.device.type, enabled=False):
+        s, t = student.float(), teacher.float().detach()
+        if normalized:
+            s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+        if not img_level:
+            s, t = s.flatten(0, 1)[None], t.flatten(0, 1)[None]
+        s_sim, t_sim = s @ s.transpose(-2, -1), t @ t.transpose(-2, -1)
+        if remove_neg in ("teacher", "both"):
+            t_sim = t_sim.clamp(min=0)
+        if remove_neg == "both":
+            s_sim = s_sim.clamp(min=0)
+        return (s_sim - t_sim).square().mean()
+
+
+class DINOv3(DINOv2):
+    """DINOv2 + a frozen `gram_teacher` backbone and its loss."""
+
+    def __init__(self, backbone: Backbone, cfg: DINOv3Config):
+        super().__init__(backbone, cfg)
+        no_drop = {k: v for k, v in backbone.timm_kwargs.items() if k != "drop_path_rate"}
+        self.gram_teacher = Backbone(backbone.name, pos_interp="offset", **no_drop)
+        self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
+        self.gram_teacher.requires_grad_(False)
+        if cfg.gram.ckpt:
+            init_backbone(self.gram_teacher, cfg.gram.ckpt)
+        self.register_buffer("gram_active", torch.tensor(float(cfg.gram.it_first_update <= 0)))
+
+    def init_from(self, checkpoint: str) -> list[str]:
+        """DINOv2's, and the Gram teacher too (unless gram.ckpt names its own)."""
+        taken = super().init_from(checkpoint)
+        if not self.cfg.gram.ckpt:
+            self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
+            taken.append("Gram teacher")
+        return taken
+
+    def extra_losses(self, globals_: Tensor, out: Any) -> dict[str, tuple[Tensor | float, Tensor]]:
+        """The Gram loss, weighted by gram.loss_weight once active (gram_active 1), else by 0."""
+        g = self.cfg.gram
+        with torch.no_grad():
+            t_out = self.gram_teacher(globals_)
+        loss = gram_loss(
+            out.tokens[:, out.num_prefix :],
+            t_out.tokens[:, t_out.num_prefix :],
+            g.normalized,
+            g.remove_neg,
+            g.img_level,
+        )
+        return {"gram_loss": (g.loss_weight * self.gram_active, loss)}
+
+    def gram_event(self, it: int) -> str | None:
+        """What happens to the Gram teacher before iteration `it` (0-based): "load" (copied from
+        the EMA teacher at it_load_ema_teacher), "update" (a refresh), or None."""
+        g = self.cfg.gram
+        if not g.ckpt and it == g.it_load_ema_teacher:
+            return "load"
+        if it > 0 and it >= g.it_first_update and it % g.update_frequency == 0:
+            return "update"
+        return None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """DINOv2's EMA and temperature, then the Gram teacher and loss of iteration step + 1."""
+        super().after_optimizer_step(step, total_steps)
+        if self.gram_event(step + 1) is not None:
+            self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
+        self.gram_active.fill_(float(step + 1 >= self.cfg.gram.it_first_update))
