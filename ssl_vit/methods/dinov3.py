@@ -40,9 +40,10 @@ class GramConfig:
     """Weight of the Gram loss (gram.loss_weight)."""
     normalized: bool = True
     """L2-normalise the patch features along the channels before the similarities."""
-    img_level: bool = True
-    """One similarity matrix per image over its patches; false: one over all the patches of the
-    process's batch (never across processes)."""
+    img_level: bool = False
+    """One similarity matrix per image over its patches; false (the official default,
+    ssl_default_config.yaml): one over all the patches of the process's batch (never across
+    processes; its Gram-anchoring recipe for ViT-7B sets true)."""
     remove_neg: Literal["none", "teacher", "both"] = "none"
     """Negative similarities set to 0: of the Gram teacher only, of both, or none."""
     it_load_ema_teacher: int = 0
