@@ -78,9 +78,15 @@ def eval_loader(
         image_size=cfg.model.img_size,
         classes=classes,
     )
+    return sharded_in_order(dataset, cfg, accelerator, batch_size or cfg.train.batch_size)
+
+
+def sharded_in_order(dataset: Any, cfg: Config, accelerator: Any, batch_size: int) -> Any:
+    """An evaluation loader of `dataset`: in order, all of it, sharded over the processes, on
+    the device."""
     loader = build_loader(
         dataset,
-        batch_size or cfg.train.batch_size,
+        batch_size,
         shuffle=False,
         drop_last=False,
         num_workers=cfg.data.num_workers,

@@ -13,13 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.data_loader import prepare_data_loader
 from torch import Tensor
 
 from ssl_vit.config import Config
-from ssl_vit.data import build_loader
 from ssl_vit.data.segmentation import build_segmentation, seg_eval_split, seg_eval_view
-from ssl_vit.eval.accuracy import DECIMALS, EvalData
+from ssl_vit.eval.accuracy import DECIMALS, EvalData, sharded_in_order
 from ssl_vit.eval.features import progress
 from ssl_vit.eval.segmentation import Logits, confusion, scores, upsample
 
@@ -56,22 +54,7 @@ def segmentation_loader(cfg: Config, split: str, accelerator: Any, classes: list
         image_size=cfg.model.img_size,
         classes=classes,
     )
-    loader = build_loader(
-        dataset,
-        1,
-        shuffle=False,
-        drop_last=False,
-        num_workers=cfg.data.num_workers,
-        pin_memory=cfg.data.pin_memory,
-        seed=cfg.train.seed,
-    )
-    return prepare_data_loader(
-        loader,
-        accelerator.device,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-        put_on_device=True,
-    )
+    return sharded_in_order(dataset, cfg, accelerator, 1)
 
 
 @torch.no_grad()
