@@ -5,6 +5,7 @@ folder and a shard stream; with and without loader workers; DDP and FSDP's shard
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from conftest import ROOT, metrics, overrides, tiny
 from safetensors.torch import load_file
 from write_images import write_image_folder
 
-from ssl_vit.train.preemption import StopRequest
+from ssl_vit.train.preemption import PREEMPTED_STATUS, StopRequest
 
 STOP, STEPS = 5, 12
 """Runs of 3 epochs of 4 steps (32 images, 4 per process), stopped after step 5: mid-epoch."""
@@ -207,19 +208,84 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_checkpoint_and_resume
     assert differing(a, b) == []
 
 
-def test_sigterm_to_the_launcher_stops_every_rank_saved_its_loader_workers_too(tmp_path, data):
-    """torchrun relays SIGTERM to each rank's whole process group, its loader workers included:
-    they ignore it (before: a worker died of it and the rank stopped on `DataLoader worker ...
-    is killed by signal: Terminated`, unsaved) and the ranks stop after one step, saved."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: its children, theirs, and so on."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                kids = [int(c) for c in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def workers_of(pid: int, n: int = 2) -> list[int]:
+    """The `n` loader workers of training process `pid`, its children (forked, nothing else),
+    once it has them all: not between two epochs' workers."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        tasks = Path(f"/proc/{pid}/task").glob("*")
+        kids = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        if len(kids) == n:
+            return kids
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} has not {n} loader workers")
+
+
+def test_sigterm_to_every_process_of_the_job_stops_every_rank_saved(tmp_path, data):
+    """SIGTERM to the launcher, which torchrun relays to each rank's whole process group, and to
+    every process of the job at once, loader workers included, as SLURM's scancel and preemption
+    send it: the workers take it from their training process alone (before: a worker died of it
+    and the rank stopped on `a loader worker ... was killed by SIGTERM`, unsaved) and the ranks
+    stop after one step, saved."""
     run = tmp_path / "run"
     proc = start(run, data["folder"], tmp_path / "launch.log")
     wait_for_step(run, 3, proc)
     time.sleep(0.5)  # mid-epoch, the workers busy
-    proc.send_signal(signal.SIGTERM)
+    workers = [w for rank in ranks(proc.pid).values() for w in workers_of(rank)]
+    for pid in {proc.pid, *descendants(proc.pid), *workers}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     step = stopped_step(run)
     assert (run / "checkpoints" / f"step_{step:07d}" / "complete").is_file()
     assert " ERROR " not in (run / "train.log").read_text()
+
+
+def test_sigterm_to_a_training_process_and_its_workers_stops_it_saved(tmp_path, data):
+    """One process, SIGTERM to it and its loader workers (scancel): it stops after the step with a
+    complete checkpoint and exits with the preemption status; resumed, it ends bit for bit where
+    an uninterrupted run ends."""
+    same = ("mae", data["folder"], False, 2)
+    run, log = tmp_path / "run", tmp_path / "train.out"
+    cmd = [sys.executable, "-m", "ssl_vit", "train", *args(run, *same, max_steps=LONG, epochs=LONG)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=ENV)
+    wait_for_step(run, 3, proc)
+    time.sleep(0.5)
+    for pid in [proc.pid, *workers_of(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED_STATUS, log.read_text()[-3000:]
+    step = int(re.search(r"the run stopped after step (\d+);", log.read_text())[1])
+    assert 3 <= step < LONG and metrics(run)[-1]["step"] == step
+    assert (run / "checkpoints" / f"step_{step:07d}" / "complete").is_file()
+    end = dict(max_steps=step + 3, epochs=LONG)
+    straight = [*args(tmp_path / "straight", *same, **end)]
+    resumed = [*args(run, *same, **end, resume="auto")]
+    for argv in (straight, resumed):
+        out = subprocess.run(
+            [sys.executable, "-m", "ssl_vit", "train", *argv],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    last = f"step_{step + 3:07d}"
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / last / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / last / "model.safetensors"))
+    assert differing(a, b) == []
 
 
 def test_killing_the_launchers_process_group_stops_the_ranks(tmp_path, data):

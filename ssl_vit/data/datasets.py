@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -227,17 +228,24 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def own_process_group(worker_id: int = 0) -> None:
-    """A loader worker's start: it leaves its training process's process group, so that a signal
-    relayed to that group (torchrun's SIGTERM to each rank's, a terminal's Ctrl-C) asks the
-    training process to stop and does not kill the worker mid-epoch. The worker is forked with
-    STOP_SIGNALS blocked (train.preemption.deferred_stop_signals); a copy that arrived since is
-    dropped, and the worker then takes signals as usual (its loader's SIGTERM ends it)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)  # discards a pending copy
+    """A loader worker's start: STOP_SIGNALS are only its training process's business. A relay to
+    the training process's group (torchrun's SIGTERM to each rank's, a terminal's Ctrl-C) or to
+    every process of the job (SLURM's scancel and preemption) must not kill a worker mid-epoch, or
+    the run stops on a dead worker instead of saving. So the worker leaves the group, and a thread
+    takes the signals (forked with them blocked: deferred_stop_signals): SIGTERM from the
+    training process (its loader's shutdown) ends the worker, as torch's own handler does; any
+    other is dropped. SIGKILL still ends it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a loader forked outside the deferral
     os.setpgid(0, 0)
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    threading.Thread(target=take_stop_signals, args=(os.getppid(),), daemon=True).start()
+
+
+def take_stop_signals(parent: int) -> None:
+    """A loader worker's signal thread: exit at its training process's SIGTERM, drop the rest."""
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
 
 
 def build_loader(
