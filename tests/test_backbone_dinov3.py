@@ -275,23 +275,26 @@ def test_training_on_a_dinov3_backbone_resumes_bit_identically(method, tmp_path)
     assert exported["architecture"] == "vit_small_patch16_dinov3"
 
 
-def test_dinov2_starts_from_an_official_dinov3_file(tmp_path):
+@pytest.mark.parametrize("method_name", ["dinov2", "dinov3"])
+def test_continued_pretraining_starts_from_an_official_dinov3_file(method_name, tmp_path):
     """--model.init: the file's architecture (timm's DINOv3 Eva) and weights for student and
-    teacher, features equal to timm's at the run's image size (RoPE: nothing to resample); one
-    training step with a finite loss."""
+    teacher (and DINOv3's Gram teacher), features equal to timm's at the run's image size (RoPE:
+    nothing to resample); one training step with a finite loss."""
     model = dinov3("reg4_qkvb")
     path = tmp_path / "dinov3_vitb16_pretrain.pth"
     torch.save(official_file("reg4_qkvb", "pretrain", model), path)
     sizes = dict.fromkeys(("patch_size", "embed_dim", "depth", "num_heads"), 0)  # the file's
     model_cfg = {"init": str(path), "img_size": 48, **sizes}
-    cfg = tiny(tmp_path / "run", "dinov2", model=model_cfg, max_steps=1)
+    cfg = tiny(tmp_path / "run", method_name, model=model_cfg, max_steps=1)
     prepare(cfg)
     assert (cfg.model.name, cfg.model.embed_dim) == ("vit_base_patch16_dinov3_qkvb", 128)
     method = build_method(cfg)
+    nets = [method.backbone, method.teacher.backbone]
+    nets += [method.gram_teacher] if method_name == "dinov3" else []
     x = images(48, 48)
     with torch.no_grad():
         want = model.forward_features(x)
-        for net in (method.backbone, method.teacher.backbone):
+        for net in nets:
             assert (net.eval()(x).tokens - want).abs().max().item() <= ROUNDING["atol"]
     result = fit(cfg)
     assert result["steps"] == 1 and math.isfinite(result["final_loss"])
