@@ -89,13 +89,15 @@ def dino_crops(cfg: Config) -> tuple[Crop, ...]:
     """DINO's (and DINOv2's) multi-crop of a run Config: 2 globals at model.img_size, then the
     method's locals; each with colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 /
     0.1 on the globals, 0.5 on the locals; none without method.blur); solarisation (p 0.2) on the
-    second global only."""
+    second global only. DINOv3 with method.gram.teacher_size: each global with its twin of that
+    size, undistorted, for the Gram teacher (after all the crops)."""
     m = cfg.method
     size, scale, blur = cfg.model.img_size, m.global_crop_scale, float(m.blur)
+    twin = m.gram.teacher_size if isinstance(m, DINOv3Config) else 0
     local = Crop(m.local_crop_size, m.local_crop_scale, 0.8, 0.2, blur=0.5 * blur)
     return (
-        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=blur),
-        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=0.1 * blur, solarize=0.2),
+        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=blur, twin=twin),
+        Crop(size, scale, jitter=0.8, grayscale=0.2, blur=0.1 * blur, solarize=0.2, twin=twin),
         *[local] * m.local_crops,
     )
 

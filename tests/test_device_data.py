@@ -33,6 +33,7 @@ from ssl_vit.data import (
     single_view,
 )
 from ssl_vit.data.device import CropParams, EncodedSource, augment_crop, device_view, normalize
+from ssl_vit.data.device.crops import resized_crops
 from ssl_vit.data.transforms import BLUR_SIGMA, JITTER, GaussianBlur, crop_transform
 
 from tolerances import ROUNDING
@@ -415,3 +416,39 @@ def test_float_route_of_the_crops_equals_torchvision_on_float_images(folder: Pat
         assert torch.equal(ours[k], expected), (k, box)
     native = device.resized_crops(images, boxes, SIZE, interpolation)  # CPU: uint8 kernels
     assert (ours.int() - native.int()).abs().max() <= 1
+
+
+def test_a_twin_is_its_crops_box_and_flip_at_its_own_size_undistorted():
+    """Crop.twin (DINOv3's Gram-teacher view): on the device, the crop's own box and flip resized
+    to the twin's side, normalised, no colour step; after all the crops. On the CPU (TwinCrop),
+    the twin brought down to the crop's size equals the crop (no colour step here) to resampling
+    error, far below a twin of another draw."""
+    data_cfg = DataConfig()
+    crops = (Crop(SIZE, SCALE, jitter=1.0, grayscale=1.0, twin=48), Crop(16, SCALE))
+    images = list(_batch(8, size=48))
+    view = device_view(data_cfg, "crops", crops)
+    params = view.params(images, batch_generator(3))
+    out = view(images, batch_generator(3))
+    assert [t.shape[-1] for t in out] == [SIZE, 16, 48]
+    want = resized_crops(images, params[0].boxes, 48, data_cfg.interpolation)
+    want = torch.stack(
+        [F.horizontal_flip(x) if f else x for x, f in zip(want, params[0].flip, strict=True)]
+    )
+    assert params[0].flip.any() and not params[0].flip.all()
+    assert torch.equal(out[2], normalize(want, data_cfg.mean, data_cfg.std))
+    assert not torch.allclose(F.resize(out[2], [SIZE, SIZE]), out[0], atol=0.5)  # jittered
+
+    flipped = DataConfig(hflip=1.0)
+    twin_view = multi_crop(flipped, (Crop(SIZE, SCALE, twin=2 * SIZE), Crop(16, SCALE)))
+    image = _image(64, 64, 0)
+    gaps = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        crop, local, twin = twin_view(image)["crops"]
+        assert crop.shape == (3, SIZE, SIZE) and twin.shape == (3, 2 * SIZE, 2 * SIZE)
+        down = F.resize(twin, [SIZE, SIZE], antialias=True)
+        gaps.append((down - crop).abs().mean().item())
+        torch.manual_seed(seed + 100)
+        other = twin_view(image)["crops"][2]
+        gaps.append((F.resize(other, [SIZE, SIZE], antialias=True) - crop).abs().mean().item())
+    assert max(gaps[::2]) < 0.1 < min(gaps[1::2])

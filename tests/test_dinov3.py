@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_METHODS, metrics, params, tiny
 from test_backbone_dinov3 import DINOV3_MODEL
 
@@ -137,6 +138,39 @@ def test_total_is_the_sum_of_the_weighted_parts_and_the_gram_term_is_the_student
     assert abs(off["loss"].item() - out["loss"].item()) > 1e-3
 
 
+def test_gram_teacher_sees_the_twins_its_features_resized_to_the_students_grid():
+    """gram.teacher_size 64: the last 2 crops (the globals' twins, 64 px: an 8 x 8 grid) go to
+    the Gram teacher alone, its patch features resized to the student's 4 x 4 grid as the
+    official get_gram_teacher_output does (channels first, bicubic, align_corners False, no
+    antialiasing); the DINO, iBOT and KoLeo terms are those of the same crops without twins."""
+    method = tiny_dinov3(it_first_update=0, teacher_size=64)
+    assert method.twins == 2
+    with torch.no_grad():
+        for p in method.gram_teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    c, views = method.cfg, crops()
+    g = torch.Generator().manual_seed(5)
+    twins = [torch.randn(4, 3, 64, 64, generator=g) for _ in range(2)]
+    torch.manual_seed(1)
+    out = method.training_step({"crops": views + twins})
+    torch.manual_seed(1)
+    masks, _, _ = ibot_masks(8, (4, 4), c.mask_ratio_min_max, c.mask_sample_probability)
+    with torch.no_grad():
+        s = method.backbone(torch.cat(views[:2]), mask=masks, mask_token=method.mask_token)
+        t = method.gram_teacher(torch.cat(twins)).tokens[:, -64:]  # (8, 64, D): 8 x 8 patches
+        hw = t.transpose(-2, -1).unflatten(-1, (8, 8))
+        small = F.interpolate(hw, size=(4, 4), mode="bicubic", align_corners=False, antialias=False)
+        t = small.flatten(-2, -1).transpose(-2, -1)
+    want = reference(s.tokens[:, s.num_prefix :], t, True, "none", False)
+    assert abs(out["gram_loss"].item() - want) <= 1e-5
+    method.twins = 0  # the same crops without twins: the student's terms unchanged
+    torch.manual_seed(1)
+    plain = method.training_step({"crops": views})
+    for term in ("dino_loss", "ibot_loss", "koleo_loss"):
+        assert out[term].item() == plain[term].item(), term
+    assert abs(plain["gram_loss"].item() - out["gram_loss"].item()) > 1e-4
+
+
 def states(module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
@@ -187,9 +221,9 @@ def test_gram_teacher_gets_no_gradient_and_is_not_optimised():
         for p in method.gram_teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))
     torch.manual_seed(0)
-    globals_ = torch.cat(crops()[:2])
-    out = method.backbone(globals_)
-    ((_, value),) = method.extra_losses(globals_, out).values()
+    views = crops()
+    out = method.backbone(torch.cat(views[:2]))
+    ((_, value),) = method.extra_losses(views, out).values()
     value.backward()
     assert all(p.grad is None for p in method.gram_teacher.parameters())
     grads = [p.grad for p in method.backbone.blocks.parameters() if p.grad is not None]
@@ -198,15 +232,20 @@ def test_gram_teacher_gets_no_gradient_and_is_not_optimised():
 
 def test_tiny_dinov3_run_resumes_bit_identically_with_the_gram_loss_active(tmp_path):
     """TINY_METHODS' Gram schedule: copied before iteration 1, the loss from 1, refreshed before
-    2 and 4. 4 steps straight against 2 then a resume to 4: the same parameters (Gram teacher and
-    gram_active included) and logged losses; the Gram loss in the total on both sides."""
+    2 and 4; the Gram teacher on 48-px twins of the 32-px global crops. 4 steps straight against
+    2 then a resume to 4: the same parameters (Gram teacher and gram_active included) and logged
+    losses; the Gram loss in the total on both sides."""
     schedule = dict(epochs=10, save_every_steps=2, keep_last=10)
-    fit(tiny(tmp_path / "straight", "dinov3", model=DINOV3_MODEL, max_steps=4, **schedule))
-    fit(tiny(tmp_path / "stopped", "dinov3", model=DINOV3_MODEL, max_steps=2, **schedule))
-    stopped = tiny(
-        tmp_path / "stopped", "dinov3", model=DINOV3_MODEL, max_steps=4, resume="auto", **schedule
-    )
-    fit(stopped)
+    gram = GramConfig(it_load_ema_teacher=1, it_first_update=1, update_frequency=2, teacher_size=48)
+
+    def run(name: str, **train) -> None:
+        cfg = tiny(tmp_path / name, "dinov3", model=DINOV3_MODEL, **schedule | train)
+        cfg.method.gram = gram
+        fit(cfg)
+
+    run("straight", max_steps=4)
+    run("stopped", max_steps=2)
+    run("stopped", max_steps=4, resume="auto")
     rows = metrics(tmp_path / "straight")
     losses = [m["loss"] for m in rows]
     assert len(losses) == 4 and all(map(math.isfinite, losses))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageFilter
 from timm.data import create_transform
 from timm.data.auto_augment import posterize as timm_posterize
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 from ssl_vit.config import DataConfig, EvalDataConfig
 
@@ -56,6 +56,10 @@ class Crop:
     grayscale: float = 0.0
     blur: float = 0.0
     solarize: float = 0.0
+    twin: int = 0
+    """Side of a second view of the same crop (box and flip) without the photometric steps,
+    which a multi-crop view puts after all the crops; 0: none. DINOv3's Gram teacher sees its
+    global crops so, at a higher resolution (the official gram_teacher_no_distortions)."""
 
 
 @dataclass(frozen=True)
@@ -86,16 +90,47 @@ def crop_transform(crop: Crop, data_cfg: DataConfig) -> v2.Compose:
                 antialias=True,
             ),
             v2.RandomHorizontalFlip(data_cfg.hflip),
-            v2.RandomApply([v2.ColorJitter(*JITTER)], p=crop.jitter),
-            v2.RandomGrayscale(crop.grayscale),
-            GaussianBlur(crop.blur),
-            v2.RandomSolarize(128, p=crop.solarize),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(data_cfg.mean, data_cfg.std),
-            v2.ToPureTensor(),
+            *photometric(crop, data_cfg),
         ]
     )
+
+
+def photometric(crop: Crop, data_cfg: DataConfig) -> list[Callable[[Any], Any]]:
+    """The steps after the crop and flip: `crop`'s augmentations, then to a normalised float32
+    tensor (only the latter for a Crop without augmentations)."""
+    return [
+        v2.RandomApply([v2.ColorJitter(*JITTER)], p=crop.jitter),
+        v2.RandomGrayscale(crop.grayscale),
+        GaussianBlur(crop.blur),
+        v2.RandomSolarize(128, p=crop.solarize),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(data_cfg.mean, data_cfg.std),
+        v2.ToPureTensor(),
+    ]
+
+
+@dataclass(frozen=True)
+class TwinCrop:
+    """image -> (crop, twin): one random resized crop box and flip, resized to crop.size and
+    augmented as `crop_transform`, and resized to crop.twin with no photometric step. The box
+    is resized once to each size (the official crops at the larger and resizes that again)."""
+
+    crop: Crop
+    data_cfg: DataConfig
+
+    def __call__(self, image: Any) -> tuple[Any, Any]:
+        c, d = self.crop, self.data_cfg
+        top, left, h, w = RandomResizedCrop.get_params(image, list(c.scale), [3 / 4, 4 / 3])
+        flip = bool(torch.rand(1) < d.hflip)
+        mode = v2.InterpolationMode(d.interpolation)
+
+        def view(size: int) -> Any:
+            x = v2.functional.resized_crop(image, top, left, h, w, [size, size], mode, True)
+            return v2.functional.horizontal_flip(x) if flip else x
+
+        steps = photometric(c, d)
+        return v2.Compose(steps)(view(c.size)), v2.Compose(steps[-4:])(view(c.twin))
 
 
 def single_view(data_cfg: DataConfig, img_size: int) -> View:
@@ -109,20 +144,30 @@ def single_view(data_cfg: DataConfig, img_size: int) -> View:
 
 @dataclass(frozen=True)
 class Crops:
-    """image -> [t(image) for t in transforms]; a class so that it pickles into loader workers."""
+    """image -> [t(image) for t in transforms], the twins of `TwinCrop`s after them all; a class
+    so that it pickles into loader workers."""
 
     transforms: tuple[Callable[[Any], Any], ...]
 
     def __call__(self, image: Any) -> list[Any]:
-        return [t(image) for t in self.transforms]
+        out, twins = [], []
+        for t in self.transforms:
+            x = t(image)
+            if isinstance(t, TwinCrop):
+                x, twin = x
+                twins.append(twin)
+            out.append(x)
+        return out + twins
 
 
 def multi_crop(data_cfg: DataConfig, crops: Sequence[Crop]) -> View:
     """A multi-crop view (DINO's: `registry.dino_crops`).
 
-    image -> {"crops": [float32 (3, c.size, c.size) for c in crops]}, normalised.
+    image -> {"crops": [float32 (3, c.size, c.size) for c in crops] + [float32 (3, c.twin,
+    c.twin) for c in crops if c.twin]}, normalised.
     """
-    return View("crops", Crops(tuple(crop_transform(c, data_cfg) for c in crops)))
+    made = (TwinCrop(c, data_cfg) if c.twin else crop_transform(c, data_cfg) for c in crops)
+    return View("crops", Crops(tuple(made)))
 
 
 def eval_view(data_cfg: EvalDataConfig, img_size: int, crop_ratio: float = 0.875) -> View:

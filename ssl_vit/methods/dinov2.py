@@ -398,7 +398,8 @@ class DINOv2(nn.Module, Method):
         return q
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """batch["crops"]: 2 global (B, C, H, W) then N local (B, C, h, w) crops."""
+        """batch["crops"]: 2 global (B, C, H, W), then N local (B, C, h, w) crops, then `twins`
+        more."""
         c, crops = self.cfg, batch["crops"]
         n, grid = (
             2 * len(crops[0]),
@@ -424,7 +425,8 @@ class DINOv2(nn.Module, Method):
 
         out = self.backbone(globals_, mask=masks, mask_token=self.mask_token)
         cls = out.tokens[:, 0]
-        local = [self.backbone(torch.cat(crops[2:])).tokens[:, 0]] if len(crops) > 2 else []
+        locals_ = crops[2 : len(crops) - self.twins]
+        local = [self.backbone(torch.cat(locals_)).tokens[:, 0]] if locals_ else []
         s_cls = self.dino_head(torch.cat([cls, *local]))
         s_patch = self.patch_head(self)(masked(out))
         # teacher crop i against every student crop but i: the official crop-swapped global pairs
@@ -433,7 +435,7 @@ class DINOv2(nn.Module, Method):
         ibot = ibot_patch_loss(s_patch, q_patch, weight, n, c.student_temp)
         koleo = sum(koleo_loss(x) for x in cls.chunk(2))
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
-        extra = self.extra_losses(globals_, out)  # a subclass's terms (DINOv3's Gram loss)
+        extra = self.extra_losses(crops, out)  # a subclass's terms (DINOv3's Gram loss)
         for weight_, value in extra.values():
             loss = loss + weight_ * value
         with torch.no_grad():
@@ -450,10 +452,15 @@ class DINOv2(nn.Module, Method):
 
     forward = training_step
 
-    def extra_losses(self, globals_: Tensor, out: Any) -> dict[str, tuple[Tensor | float, Tensor]]:
+    twins = 0
+    """Crops at the end of batch["crops"] that are no student's (a subclass's own views)."""
+
+    def extra_losses(
+        self, crops: list[Tensor], out: Any
+    ) -> dict[str, tuple[Tensor | float, Tensor]]:
         """Further loss terms, name -> (weight, value), added to the loss as weight x value and
-        logged by name: none here. `globals_` the 2 global crops (2B, C, H, W), `out` the
-        student's (masked) backbone output on them."""
+        logged by name: none here. `crops` the batch's, `out` the student's (masked) backbone
+        output on the 2 global crops."""
         return {}
 
     def before_optimizer_step(self, step: int) -> None:

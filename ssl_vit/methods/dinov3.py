@@ -16,8 +16,12 @@ the EMA teacher before every iteration it >= it_first_update, it > 0, with it a 
 `gram.update_frequency`. It is no parameter of the optimizer (requires_grad False: no gradient,
 no DDP sync) but a module of the state dict, with the `gram_active` buffer: a resume is exact.
 
-Not here: the high-resolution Gram-teacher input (the official teacher can see the global crops
-at a larger size, its features resized down) and the high-resolution adaptation phase.
+With `gram.teacher_size` the Gram teacher sees each global crop's twin instead (the same box and
+flip at that side, without colour distortions: the official gram_teacher_crops_size with
+gram_teacher_no_distortions), and its patch features are resized to the student's grid (bicubic,
+no antialiasing: the official global_teacher_resize_method and _antialias).
+
+Not here: the high-resolution adaptation phase.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from ssl_vit.backbone import Backbone
@@ -51,6 +56,9 @@ class GramConfig:
     with `ckpt`, never)."""
     ckpt: str = ""
     """A checkpoint whose (teacher) backbone is the Gram teacher from the start."""
+    teacher_size: int = 0
+    """The Gram teacher's crops: 0, the student's 2 global crops; else their undistorted twins
+    of this side (crops.gram_teacher_crops_size), its features resized to the student's grid."""
     update_frequency: int = 50000
     """The Gram teacher is refreshed from the EMA teacher every this many iterations."""
     it_first_update: int = 0
@@ -72,6 +80,12 @@ class DINOv3Config(DINOv2Config):
             e.append(f"method.gram.loss_weight: must be >= 0, got {g.loss_weight}")
         if g.update_frequency < 1:
             e.append(f"method.gram.update_frequency: must be >= 1, got {g.update_frequency}")
+        patch = cfg.model.patch_size  # 0: model.init's
+        if g.teacher_size < 0 or (patch and g.teacher_size % patch):
+            e.append(
+                f"method.gram.teacher_size: 0 or a positive multiple of model.patch_size "
+                f"({cfg.model.patch_size}), got {g.teacher_size}"
+            )
         if g.remove_neg not in ("none", "teacher", "both"):
             e.append(f"method.gram.remove_neg: none, teacher or both, got {g.remove_neg!r}")
         return e
@@ -114,6 +128,7 @@ class DINOv3(DINOv2):
         if cfg.gram.ckpt:
             init_backbone(self.gram_teacher, cfg.gram.ckpt)
         self.register_buffer("gram_active", torch.tensor(float(cfg.gram.it_first_update <= 0)))
+        self.twins = 2 if cfg.gram.teacher_size else 0
 
     def init_from(self, checkpoint: str) -> list[str]:
         """DINOv2's, and the Gram teacher too (unless gram.ckpt names its own)."""
@@ -123,18 +138,28 @@ class DINOv3(DINOv2):
             taken.append("Gram teacher")
         return taken
 
-    def extra_losses(self, globals_: Tensor, out: Any) -> dict[str, tuple[Tensor | float, Tensor]]:
+    def extra_losses(
+        self, crops: list[Tensor], out: Any
+    ) -> dict[str, tuple[Tensor | float, Tensor]]:
         """The Gram loss, weighted by gram.loss_weight once active (gram_active 1), else by 0."""
         g = self.cfg.gram
+        seen = crops[-2:] if self.twins else crops[:2]
+        if self.twins and seen[0].shape[-2:] != (g.teacher_size,) * 2:
+            raise ValueError(
+                f"method.gram.teacher_size {g.teacher_size}: the batch's last 2 crops are "
+                f"{tuple(seen[0].shape[-2:])}, not the global crops' twins (registry.dino_crops)"
+            )
         with torch.no_grad():
-            t_out = self.gram_teacher(globals_)
-        loss = gram_loss(
-            out.tokens[:, out.num_prefix :],
-            t_out.tokens[:, t_out.num_prefix :],
-            g.normalized,
-            g.remove_neg,
-            g.img_level,
-        )
+            t_out = self.gram_teacher(torch.cat(seen))
+        student = out.tokens[:, out.num_prefix :]
+        teacher = t_out.tokens[:, t_out.num_prefix :]
+        if teacher.shape[1] != student.shape[1]:  # (2B, N_T, D) -> (2B, N_S, D)
+            p = self.backbone.patch_size
+            (h, w), (th, tw) = ((x.shape[-2] // p, x.shape[-1] // p) for x in (crops[0], seen[0]))
+            grid = rearrange(teacher.float(), "b (h w) d -> b d h w", h=th, w=tw)
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+            teacher = rearrange(grid, "b d h w -> b (h w) d")
+        loss = gram_loss(student, teacher, g.normalized, g.remove_neg, g.img_level)
         return {"gram_loss": (g.loss_weight * self.gram_active, loss)}
 
     def gram_event(self, it: int) -> str | None:

@@ -20,7 +20,8 @@ from torchvision.transforms.v2 import functional as F
 
 from ssl_vit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig
 from ssl_vit.data.datasets import DataError
-from ssl_vit.data.device.crops import CropParams, augment_crop, sample_params
+from ssl_vit.data.device.colour import apply_to
+from ssl_vit.data.device.crops import CropParams, augment_crop, resized_crops, sample_params
 from ssl_vit.data.device.decoding import decode
 from ssl_vit.data.device.randaugment import DeviceRandAugment, draw_erasing, erase
 from ssl_vit.data.encoded_batch import EncodedBatch
@@ -66,9 +67,14 @@ class DeviceView:
     def __call__(
         self, images: Sequence[Tensor], generator: torch.Generator
     ) -> Tensor | list[Tensor]:
-        """images uint8 (3, H_k, W_k) -> float32 (B, 3, s, s) per crop, normalised."""
-        out = []
+        """images uint8 (3, H_k, W_k) -> float32 (B, 3, s, s) per crop, normalised; then the
+        twin (B, 3, t, t) of each crop that has one (`Crop.twin`: its box and flip alone)."""
+        out, twins = [], []
         for crop, p in zip(self.crops, self.params(images, generator), strict=True):
+            if crop.twin:
+                twin = resized_crops(images, p.boxes, crop.twin, self.interpolation)
+                apply_to(twin, p.flip, F.horizontal_flip)
+                twins.append(normalize(twin, self.mean, self.std))
             x = augment_crop(images, crop, p, self.interpolation)
             seeds = torch.randint(2**62, (3,), generator=generator).tolist()
             if self.randaugment is not None:
@@ -79,7 +85,7 @@ class DeviceView:
                 noise = torch.Generator(x.device).manual_seed(seeds[2])
                 x = erase(x, boxes, noise)
             out.append(x)
-        return out if self.key == "crops" else out[0]
+        return out + twins if self.key == "crops" else out[0]
 
     def apply(
         self, batch: dict[str, Any], generator: torch.Generator, device: torch.device | str
