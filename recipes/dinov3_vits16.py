@@ -12,7 +12,8 @@ half the global crops block-masked at 10-50%, Sinkhorn-Knopp teacher targets; Gr
 the Gram teacher copied from the EMA teacher at the first iteration and refreshed every 10000
 iterations. A short schedule at a low lr, as befits continued pretraining: 10 epochs at an
 effective batch of 1024, lr 5e-4, 1 warmup epoch then cosine to 1e-6, teacher momentum 0.994 -> 1,
-the teacher temperature at 0.07 from the start. Not here: the high-resolution phase.
+the teacher temperature at 0.07 from the start. Then the high-resolution adaptation:
+recipes/dinov3_vits16_high_res.py.
 """
 
 import dataclasses

@@ -21,10 +21,17 @@ from ssl_vit.data.device import (
     device_supervised_view,
     device_view,
 )
-from ssl_vit.data.samplers import RepeatedAugSampler
+from ssl_vit.data.samplers import MixedSizes, RepeatedAugSampler
 from ssl_vit.data.segmentation import build_segmentation, seg_train_view
 from ssl_vit.data.streaming import stream_classes
-from ssl_vit.data.transforms import Crop, View, multi_crop, single_view, supervised_view
+from ssl_vit.data.transforms import (
+    Crop,
+    View,
+    ViewChoice,
+    multi_crop,
+    single_view,
+    supervised_view,
+)
 from ssl_vit.eval.accuracy import EvalData, eval_data
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig
 from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
@@ -85,16 +92,22 @@ def no_device_view(cfg: Config) -> DeviceView:
     raise ConfigError([f"data.decode_on_device: {cfg.method.name} has no device view"])
 
 
-def dino_crops(cfg: Config) -> tuple[Crop, ...]:
+def dino_crops(cfg: Config, choice: int = 0) -> tuple[Crop, ...]:
     """DINO's (and DINOv2's) multi-crop of a run Config: 2 globals at model.img_size, then the
     method's locals; each with colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 /
     0.1 on the globals, 0.5 on the locals; none without method.blur); solarisation (p 0.2) on the
     second global only. DINOv3 with method.gram.teacher_size: each global with its twin of that
-    size, undistorted, for the Gram teacher (after all the crops)."""
+    size, undistorted, for the Gram teacher (after all the crops); with method.mixed_sizes the
+    sizes of their `choice`."""
     m = cfg.method
     size, scale, blur = cfg.model.img_size, m.global_crop_scale, float(m.blur)
-    twin = m.gram.teacher_size if isinstance(m, DINOv3Config) else 0
-    local = Crop(m.local_crop_size, m.local_crop_scale, 0.8, 0.2, blur=0.5 * blur)
+    local_size, twin = m.local_crop_size, 0
+    if isinstance(m, DINOv3Config):
+        twin = m.gram.teacher_size
+        if m.mixed_sizes:
+            size, local_size = m.mixed_sizes[choice], m.mixed_local_sizes[choice]
+            twin = m.mixed_teacher_sizes[choice] if m.mixed_teacher_sizes else twin
+    local = Crop(local_size, m.local_crop_scale, 0.8, 0.2, blur=0.5 * blur)
     return (
         Crop(size, scale, jitter=0.8, grayscale=0.2, blur=blur, twin=twin),
         Crop(size, scale, jitter=0.8, grayscale=0.2, blur=0.1 * blur, solarize=0.2, twin=twin),
@@ -102,14 +115,27 @@ def dino_crops(cfg: Config) -> tuple[Crop, ...]:
     )
 
 
-def dino_view(cfg: Config) -> View:
-    """DINO's multi-crop (loader workers, PIL): image -> {"crops": [2 + N tensors]}."""
+def dino_view(cfg: Config) -> View | ViewChoice:
+    """DINO's multi-crop (loader workers, PIL): image -> {"crops": [2 + N tensors]}; DINOv3's
+    high-resolution adaptation: one such view per choice of sizes (mixed_sampler picks)."""
+    if isinstance(cfg.method, DINOv3Config) and cfg.method.mixed_sizes:
+        n = len(cfg.method.mixed_sizes)
+        return ViewChoice(tuple(multi_crop(cfg.data, dino_crops(cfg, k)) for k in range(n)))
     return multi_crop(cfg.data, dino_crops(cfg))
 
 
 def dino_device_view(cfg: Config) -> DeviceView:
     """The same multi-crop, batched on the device (`data.decode_on_device`)."""
     return device_view(cfg.data, "crops", dino_crops(cfg))
+
+
+def mixed_sampler(cfg: Config, n: int, processes: int) -> MixedSizes | None:
+    """DINOv3's high-resolution adaptation: a shuffled order carrying each step's choice of crop
+    sizes (method.mixed_ratios); else None (plain shuffling)."""
+    m, t = cfg.method, cfg.train
+    if not m.mixed_sizes:
+        return None
+    return MixedSizes(n, processes, t.batch_size, m.mixed_ratios, t.seed)
 
 
 def supervised(deit: Callable[[Config], DeiTConfig]) -> tuple[Callable, Callable, Callable]:
@@ -146,7 +172,9 @@ METHODS: dict[str, MethodSpec] = {
     "mae": MethodSpec(MAEConfig, MAE, image_view, image_device_view),
     "dino": MethodSpec(DINOConfig, DINO, dino_view, dino_device_view),
     "dinov2": MethodSpec(DINOv2Config, DINOv2, dino_view, dino_device_view),  # draws its masks
-    "dinov3": MethodSpec(DINOv3Config, DINOv3, dino_view, dino_device_view),  # + Gram anchoring
+    "dinov3": MethodSpec(  # + Gram anchoring, the high-resolution adaptation
+        DINOv3Config, DINOv3, dino_view, dino_device_view, mixed_sampler
+    ),
     "deit": MethodSpec(DeiTConfig, DeiT, *supervised(lambda cfg: cfg.method)),
 }
 """The pretext methods: `ssl-vit train --method NAME` and the pretraining recipes."""

@@ -11,13 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from conftest import TINY_METHODS, metrics, params, tiny
 from test_backbone_dinov3 import DINOV3_MODEL
 
+from ssl_vit.config import Config, validate
+from ssl_vit.data.samplers import MixedSizes, size_choice
+from ssl_vit.data.transforms import ViewChoice
 from ssl_vit.methods.dinov2 import ibot_masks
 from ssl_vit.methods.dinov3 import DINOv3, DINOv3Config, GramConfig, gram_loss
-from ssl_vit.registry import build_method
+from ssl_vit.registry import TRAINABLE, build_method, dino_crops, dino_view, prepare
 from ssl_vit.train.loop import fit
+from ssl_vit.train.run import build_data
 
 # 2 images, 3 patches, 2 channels
 STUDENT = torch.tensor(
@@ -295,3 +300,108 @@ def test_gram_settings_are_checked_by_name():
     errors = cfg.method.errors(cfg)
     assert any(e.startswith("method.gram.loss_weight: must be >= 0") for e in errors)
     assert any(e.startswith("method.gram.update_frequency: must be >= 1") for e in errors)
+
+
+# --- the high-resolution adaptation: a choice of crop sizes per training step -----------------
+
+RATIOS = (0.5, 0.3, 0.2)
+
+
+def test_mixed_sizes_one_choice_per_step_shared_by_every_process():
+    """MixedSizes over 2 processes taking batches of 4 in turn (Accelerate's round-robin): each
+    index once per epoch, and every batch of one step, on both processes, carries that step's
+    size_choice; the choices follow the ratios (4 standard errors over 4,000 steps)."""
+    n, processes, batch = 40, 2, 4
+    sampler = MixedSizes(n, processes, batch, RATIOS, seed=3)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = [divmod(i, n) for i in sampler]
+        assert sorted(i for _, i in order) == list(range(n))
+        for position, (k, _) in enumerate(order):
+            step = position // batch // processes
+            assert k == size_choice(3, epoch, step, RATIOS)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    drawn = torch.tensor([size_choice(0, 0, s, RATIOS) for s in range(4000)])
+    for k, r in enumerate(RATIOS):
+        share = (drawn == k).float().mean().item()
+        assert abs(share - r) <= 4 * math.sqrt(r * (1 - r) / 4000), (k, share)
+
+
+def mixed(run: Path, **train) -> Config:
+    """A tiny DINOv3 run on a DINOv3 backbone whose steps draw global / local / Gram-teacher
+    crops of 32 / 16 / 48 or 48 / 24 / 64 px, half and half; Gram anchoring from step 1."""
+    cfg = tiny(run, "dinov3", model=DINOV3_MODEL, **dict(epochs=10, keep_last=10) | train)
+    cfg.method.mixed_sizes, cfg.method.mixed_local_sizes = (32, 48), (16, 24)
+    cfg.method.mixed_teacher_sizes, cfg.method.mixed_ratios = (48, 64), (0.5, 0.5)
+    return cfg
+
+
+def test_each_batch_has_the_sizes_its_step_drew(tmp_path):
+    """The training loader of a mixed run: batch j of epoch 1 holds 2 globals, the locals and 2
+    twins of the sizes of size_choice(seed, 1, j), both choices present."""
+    cfg = mixed(tmp_path / "run")
+    prepare(cfg)
+    dataset, loader, _ = build_data(cfg, TRAINABLE["dinov3"], Accelerator(cpu=True))
+    loader.sampler.set_epoch(1)  # as the prepared loader does
+    dataset.set_epoch(1)
+    seen = set()
+    for j, batch in enumerate(loader):
+        k = size_choice(cfg.train.seed, 1, j, (0.5, 0.5))
+        sizes = [c.shape[-1] for c in batch["crops"]]
+        g, local, twin = [(32, 16, 48), (48, 24, 64)][k]
+        assert sizes == [g, g, *[local] * cfg.method.local_crops, twin, twin], j
+        seen.add(k)
+    assert seen == {0, 1}
+
+
+def test_a_mixed_run_resumes_bit_identically(tmp_path):
+    """Mixed sizes, 6 steps straight against 3 then a resume to 6: the same parameters and
+    logged losses (the choices are keyed by seed, epoch and step, not drawn from a state)."""
+    fit(mixed(tmp_path / "straight", max_steps=6, save_every_steps=3))
+    fit(mixed(tmp_path / "stopped", max_steps=3, save_every_steps=3))
+    fit(mixed(tmp_path / "stopped", max_steps=6, save_every_steps=3, resume="auto"))
+    a, b = params(tmp_path / "straight", 6), params(tmp_path / "stopped", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed parameters differ"
+    losses = [m["loss"] for m in metrics(tmp_path / "straight")]
+    resumed = {m["step"]: m["loss"] for m in metrics(tmp_path / "stopped")}
+    assert [resumed[s] for s in (4, 5, 6)] == losses[3:] and all(map(math.isfinite, losses))
+
+
+def test_mixed_settings_are_checked_by_name():
+    cfg = mixed(Path("unused"))
+    cfg.method.mixed_local_sizes, cfg.method.mixed_ratios = (16,), (0.5, -1.0)
+    cfg.data.decode_on_device = True
+    errors = "\n".join(cfg.method.errors(cfg))
+    assert "method.mixed_local_sizes: one per method.mixed_sizes (2), got 1" in errors
+    assert "method.mixed_ratios: each > 0" in errors
+    assert "not with data.streaming or data.decode_on_device" in errors
+
+
+def test_dinov3_recipes_validate_and_the_adaptation_draws_the_official_sizes(monkeypatch):
+    """recipes/dinov3_vits16.py and _high_res.py are valid configs; the latter's choices are
+    the official adaptation's (global, local, Gram-teacher) sides, each global crop with its
+    twin, at its probabilities."""
+    import importlib.util
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    monkeypatch.syspath_prepend(str(recipes))  # as run: each builds on the one before
+
+    def config(name: str) -> Config:
+        spec = importlib.util.spec_from_file_location(name, recipes / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return validate(module.config())
+
+    assert config("dinov3_vits16").method.name == "dinov3"
+    cfg = config("dinov3_vits16_high_res")
+    sizes = []
+    for k in range(5):
+        first, *_, last = dino_crops(cfg, k)
+        sizes.append((first.size, last.size, first.twin))
+    want = [(512, 112, 768), (768, 112, 1152), (768, 168, 1152), (768, 224, 1152)]
+    assert sizes == want + [(768, 336, 1152)]
+    assert cfg.method.mixed_ratios == (0.3, 0.3, 0.3, 0.05, 0.05)
+    assert isinstance(dino_view(cfg), ViewChoice) and len(dino_view(cfg).views) == 5

@@ -139,7 +139,8 @@ class HFImages:
 class ImageDataset(torch.utils.data.Dataset):
     """`source` items through a `view`: item i -> {view fields..., "labels", "index", "skipped"}.
 
-    "labels" is an int (-1 unlabeled) and "index" is i. When image i cannot be read, the item
+    "labels" is an int (-1 unlabeled) and "index" is i. Index i + k x len (k > 0) gives item i
+    through the view's choice k (a `ViewChoice`). When image i cannot be read, the item
     holds the next readable image (i+1, i+2, ...) and its label, and "skipped" is [path of image
     i]; otherwise "skipped" is [].
     """
@@ -160,6 +161,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        choice, i = divmod(i, len(self))  # a view's choice, from samplers.MixedSizes
         failed = []
         for k in range(min(MAX_TRIES, len(self))):
             j = (i + k) % len(self)
@@ -176,7 +178,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 failed.append(self.source.path(j))
                 continue
             with seeded(self.seed, self.epoch, i):
-                out = self.view(image)
+                out = self.view(image, choice) if choice else self.view(image)
             # Only item i's own image is reported, so each unreadable file is counted exactly
             # once per epoch, by whichever worker or process loads its index.
             return {**out, "labels": label, "index": i, "skipped": failed[:1]}

@@ -1,4 +1,5 @@
-"""Repeated augmentation (Hoffer et al. 2020; DeiT's `RASampler`) for Accelerate's batch sharding.
+"""Sample orders for Accelerate's batch sharding: repeated augmentation (Hoffer et al. 2020; DeiT's
+`RASampler`), and a crop-size choice per training step (DINOv3's high-resolution adaptation).
 
 DeiT's RASampler repeats every index of a shuffled epoch `repeats` times ([a, a, a, b, b, b, ...])
 and deals that list round-robin to the processes (`rep[rank::P]`), each keeping its first
@@ -61,3 +62,46 @@ class RepeatedAugSampler(Sampler[int]):
         j, o = k // self.b, k % self.b
         t = (j // self.p) * self.b + o
         return iter(rep[(t * self.p + j % self.p) % len(rep)].tolist())
+
+
+def size_choice(seed: int, epoch: int, step: int, ratios: tuple[float, ...]) -> int:
+    """Which of the crop sizes the training step `step` of `epoch` draws, with probabilities
+    `ratios`; the same on every process (the official multi-resolution loader's global seed)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, step, 0x512E]))
+    return int(rng.choice(len(ratios), p=np.asarray(ratios) / sum(ratios)))
+
+
+class MixedSizes(Sampler[int]):
+    """A shuffled epoch (a permutation seeded by (seed, epoch)) whose index i comes as
+    i + k x dataset_len, k = `size_choice` of the training step its batch belongs to: batch j of
+    the global order goes to process j % P as its step j // P (Accelerate's round-robin), so all
+    of one step's batches, on every process, share one choice of crop sizes (the dataset splits
+    the index back: ImageDataset). Deterministic in (seed, epoch): call `set_epoch`."""
+
+    def __init__(
+        self,
+        dataset_len: int,
+        num_processes: int,
+        batch_size: int,
+        ratios: tuple[float, ...],
+        seed: int = 0,
+    ):
+        self.n, self.p, self.b, self.ratios = dataset_len, num_processes, batch_size, ratios
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        order = torch.randperm(self.n, generator=g).tolist()
+        choices: dict[int, int] = {}
+        for position, i in enumerate(order):
+            step = position // self.b // self.p
+            if step not in choices:
+                choices[step] = size_choice(self.seed, self.epoch, step, self.ratios)
+            yield i + choices[step] * self.n

@@ -170,6 +170,17 @@ def multi_crop(data_cfg: DataConfig, crops: Sequence[Crop]) -> View:
     return View("crops", Crops(tuple(made)))
 
 
+@dataclass(frozen=True)
+class ViewChoice:
+    """One of `views` per image, the k-th for `view(image, k)`: the choice a sampler makes per
+    training step (samplers.MixedSizes), so that a batch's crops share their sizes."""
+
+    views: tuple[Callable[[Any], dict[str, Any]], ...]
+
+    def __call__(self, image: Any, k: int = 0) -> dict[str, Any]:
+        return self.views[k](image)
+
+
 def eval_view(data_cfg: EvalDataConfig, img_size: int, crop_ratio: float = 0.875) -> View:
     """The evaluation view of every protocol: resize the short side to img_size / crop_ratio
     (256 for 224), center crop img_size, normalise. Deterministic.

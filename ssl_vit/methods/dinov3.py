@@ -21,7 +21,8 @@ flip at that side, without colour distortions: the official gram_teacher_crops_s
 gram_teacher_no_distortions), and its patch features are resized to the student's grid (bicubic,
 no antialiasing: the official global_teacher_resize_method and _antialias).
 
-Not here: the high-resolution adaptation phase.
+The high-resolution adaptation (`mixed_sizes` ...): each training step's crops at one choice of
+sizes, drawn per step (registry.dino_view, data.samplers.MixedSizes); the method takes any size.
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ class DINOv3Config(DINOv2Config):
     """A head of its own for the patch tokens (DINOv3's default)."""
     gram: GramConfig = field(default_factory=GramConfig)
     """Gram anchoring (`--method.gram.FIELD`)."""
+    mixed_sizes: tuple[int, ...] = ()
+    """The high-resolution adaptation (crops.global_crops_size as a list): each training step's
+    global crops at one of these sides, drawn with mixed_ratios, the same on every process; ()
+    = model.img_size at every step."""
+    mixed_local_sizes: tuple[int, ...] = ()
+    """The local crops' side that goes with each of mixed_sizes (crops.local_crops_size)."""
+    mixed_teacher_sizes: tuple[int, ...] = ()
+    """The Gram teacher's twins' side that goes with each (crops.gram_teacher_crops_size); () =
+    gram.teacher_size at every step."""
+    mixed_ratios: tuple[float, ...] = ()
+    """The probability of each (crops.global_local_crop_pairs_ratios)."""
 
     def errors(self, cfg: Any) -> list[str]:
         e = DINOv2Config.errors(self, cfg)
@@ -86,8 +98,39 @@ class DINOv3Config(DINOv2Config):
                 f"method.gram.teacher_size: 0 or a positive multiple of model.patch_size "
                 f"({cfg.model.patch_size}), got {g.teacher_size}"
             )
+        e += self.mixed_errors(cfg)
         if g.remove_neg not in ("none", "teacher", "both"):
             e.append(f"method.gram.remove_neg: none, teacher or both, got {g.remove_neg!r}")
+        return e
+
+    def mixed_errors(self, cfg: Any) -> list[str]:
+        """The high-resolution adaptation's settings: one size of each kind per choice."""
+        if not (self.mixed_sizes or self.mixed_local_sizes or self.mixed_ratios):
+            return (
+                []
+                if not self.mixed_teacher_sizes
+                else ["method.mixed_teacher_sizes: needs method.mixed_sizes"]
+            )
+        n, e = len(self.mixed_sizes), []
+        for key in ("mixed_local_sizes", "mixed_ratios") + (
+            ("mixed_teacher_sizes",) if self.mixed_teacher_sizes else ()
+        ):
+            if len(getattr(self, key)) != n:
+                e.append(
+                    f"method.{key}: one per method.mixed_sizes ({n}), got {len(getattr(self, key))}"
+                )
+        if any(r <= 0 for r in self.mixed_ratios):
+            e.append(f"method.mixed_ratios: each > 0, got {self.mixed_ratios}")
+        patch = cfg.model.patch_size
+        sizes = self.mixed_sizes + self.mixed_local_sizes + self.mixed_teacher_sizes
+        if any(s <= 0 or (patch and s % patch) for s in sizes):
+            e.append(f"method.mixed_*sizes: positive multiples of model.patch_size ({patch})")
+        if cfg.data.streaming or cfg.data.decode_on_device:
+            e.append(
+                "method.mixed_sizes: the choice of sizes per step rides on the sample order of "
+                "a map-style dataset decoded on the CPU: not with data.streaming or "
+                "data.decode_on_device"
+            )
         return e
 
 
@@ -128,7 +171,8 @@ class DINOv3(DINOv2):
         if cfg.gram.ckpt:
             init_backbone(self.gram_teacher, cfg.gram.ckpt)
         self.register_buffer("gram_active", torch.tensor(float(cfg.gram.it_first_update <= 0)))
-        self.twins = 2 if cfg.gram.teacher_size else 0
+        self.twin_sizes = cfg.mixed_teacher_sizes or (cfg.gram.teacher_size,)
+        self.twins = 2 if cfg.gram.teacher_size or cfg.mixed_teacher_sizes else 0
 
     def init_from(self, checkpoint: str) -> list[str]:
         """DINOv2's, and the Gram teacher too (unless gram.ckpt names its own)."""
@@ -144,9 +188,9 @@ class DINOv3(DINOv2):
         """The Gram loss, weighted by gram.loss_weight once active (gram_active 1), else by 0."""
         g = self.cfg.gram
         seen = crops[-2:] if self.twins else crops[:2]
-        if self.twins and seen[0].shape[-2:] != (g.teacher_size,) * 2:
+        if self.twins and seen[0].shape[-1] not in self.twin_sizes:
             raise ValueError(
-                f"method.gram.teacher_size {g.teacher_size}: the batch's last 2 crops are "
+                f"method.gram.teacher_size {self.twin_sizes}: the batch's last 2 crops are "
                 f"{tuple(seen[0].shape[-2:])}, not the global crops' twins (registry.dino_crops)"
             )
         with torch.no_grad():

@@ -476,7 +476,7 @@ def build_data(cfg: Config, spec: MethodSpec, accelerator: Accelerator) -> tuple
     on the device."""
     t = cfg.train
     if cfg.data.streaming:
-        if spec.sampler and spec.sampler(cfg, 1, 1).repeats > 1:
+        if spec.sampler and getattr(spec.sampler(cfg, 1, 1), "repeats", 1) > 1:
             raise ConfigError(
                 [
                     "data.streaming: repeated augmentation (method.repeated_aug > 1) draws from a "
