@@ -45,6 +45,15 @@ TINY_METHODS: dict[str, dict[str, Any]] = {
     "linprobe": dict(num_classes=10),
     "finetune": dict(deit=DeiTConfig(num_classes=10, repeated_aug=1)),
     "segprobe": dict(num_classes=11, warmup_iters=1),
+    "segfinetune": dict(
+        num_classes=11,
+        num_queries=8,
+        num_blocks=1,
+        anneal_start=(2,),
+        anneal_end=(8,),
+        num_points=64,
+        warmup_iters=(1, 1),
+    ),
 }
 """Each method's (and evaluator's) tiny settings: MAE's decoder; DINO's and DINOv2's head and 3
 local 16 px crops (DINOv2, DINOv3: a 1-epoch temperature warmup; DINOv3: its iBOT head as small,
