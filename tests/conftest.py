@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from ssl_vit.config import Config, DataConfig, ModelConfig, TrainConfig, flatten
+from ssl_vit.data.segmentation import build_segmentation
+from ssl_vit.eval.segmentation import confusion, scores
 from ssl_vit.methods.deit import DeiTConfig
 from ssl_vit.methods.dinov3 import GramConfig
 from ssl_vit.registry import TRAINABLE
@@ -128,3 +130,19 @@ def metrics(run_dir: Path) -> list[dict]:
     """The logged training steps of a run (metrics.jsonl rows with a loss)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [m for m in map(json.loads, lines) if "loss" in m]
+
+
+def synthetic_frequency_baseline() -> float:
+    """mIoU (%) of predicting the most frequent training class everywhere on the held-out split
+    of the built-in synthetic segmentation (200 images of 32 px, 11 classes): what a segmenter
+    must beat to have learned anything."""
+
+    def masks(split: str, n: int) -> torch.Tensor:
+        data = build_segmentation(
+            DataConfig(synthetic_size=200), lambda s: {"masks": s.mask}, split, image_size=32
+        )
+        return torch.stack([data[i]["masks"] for i in range(min(n, len(data)))]).long()
+
+    frequent = int(torch.bincount(masks("train", 50).flatten(), minlength=11).argmax())
+    val = masks("val", 100)
+    return 100 * scores(confusion(torch.full_like(val, frequent), val, 11))["miou"]

@@ -12,12 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import metrics, params, tiny
+from conftest import metrics, params, synthetic_frequency_baseline, tiny
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main as cli_main
-from ssl_vit.config import DataConfig
-from ssl_vit.data.segmentation import build_segmentation
 from ssl_vit.eval.segfinetune import (
     EoMT,
     MaskLoss,
@@ -32,7 +30,6 @@ from ssl_vit.eval.segfinetune import (
     semantic_targets,
     uncertain_points,
 )
-from ssl_vit.eval.segmentation import confusion, scores
 from ssl_vit.train.loop import fit
 from ssl_vit.weights import export_backbone
 
@@ -338,21 +335,6 @@ def test_official_defaults():
 # --- end to end --------------------------------------------------------------------------------
 
 
-def frequency_baseline() -> float:
-    """mIoU (%) of predicting the most frequent training class everywhere on the held-out
-    split of the built-in synthetic segmentation (200 images, 32 px)."""
-
-    def masks(split: str, n: int) -> torch.Tensor:
-        data = build_segmentation(
-            DataConfig(synthetic_size=200), lambda s: {"masks": s.mask}, split, image_size=32
-        )
-        return torch.stack([data[i]["masks"] for i in range(min(n, len(data)))]).long()
-
-    frequent = int(torch.bincount(masks("train", 50).flatten(), minlength=11).argmax())
-    val = masks("val", 100)
-    return 100 * scores(confusion(torch.full_like(val, frequent), val, 11))["miou"]
-
-
 @pytest.mark.parametrize(
     "head, extra",
     [
@@ -379,7 +361,7 @@ def test_segfinetune_learns_synthetic_segmentation_end_to_end(head, extra, tmp_p
     assert cli_main([*argv, "--train.output_dir", str(tmp_path / "run")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["steps"] == 300 and result["eval_split"] == "val" and result["held_out"]
-    baseline = frequency_baseline()
+    baseline = synthetic_frequency_baseline()
     print(f"{head}: mIoU {result['val_miou']} vs the frequency baseline {baseline:.2f}")
     assert result["val_miou"] > 2 * baseline, (result, baseline)
     assert (tmp_path / "run" / "segmentation_val.csv").is_file()
