@@ -10,6 +10,7 @@ import json
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from conftest import metrics, params, synthetic_frequency_baseline, tiny
@@ -390,3 +391,27 @@ def test_a_stopped_run_resumes_bit_identically(tmp_path):
     straight = [m["loss"] for m in metrics(tmp_path / "straight")]
     resumed = {m["step"]: m["loss"] for m in metrics(tmp_path / "stopped")}
     assert len(straight) == 6 and [resumed[s] for s in (4, 5, 6)] == straight[3:]
+
+
+@pytest.mark.skipif(
+    not timm.is_model("vit_small_patch16_dinov3_qkvb"), reason="timm without DINOv3 models"
+)
+def test_eomt_on_a_rotary_backbone_with_registers():
+    """timm's RoPE Eva (cls + 4 registers): the queries join after the 5 prefix tokens, their
+    rows of the attention mask are theirs, and the loss backpropagates."""
+    torch.manual_seed(0)
+    bb = Backbone("vit_small_patch16_dinov3_qkvb", img_size=64, embed_dim=64, depth=2, num_heads=2)
+    method = SegFineTune(bb, small(num_blocks=1))
+    seen = []
+    bb.blocks[1].register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0].shape, k["attn_mask"], k["rope"].shape)),
+        with_kwargs=True,
+    )
+    masks = torch.randint(0, 3, (2, 64, 64))
+    out = method.training_step({"images": torch.randn(2, 3, 64, 64), "masks": masks})
+    out["loss"].backward()
+    ((shape, mask, rope),) = seen
+    assert shape == (2, 5 + 4 + 16, 64) and mask.shape == (2, 1, 25, 25)
+    assert rope[-2] == 4 + 16  # rotated: the queries (identity rows) and the patches
+    assert mask[:, 0, :5].all() and mask[:, 0, 9:].all()  # prefix and patch rows see all
+    assert method.head.queries.weight.grad is not None
