@@ -84,6 +84,24 @@ class BackboneOutput:
     """(B, heads, T, T) attention probabilities of the last block, when asked."""
 
 
+@dataclass
+class BlockInput:
+    """The token sequence a block runs on (`Backbone.embed`, `add_prefix`): what the blocks need
+    besides the tokens themselves, for a caller that runs them one by one (`run_block`)."""
+
+    x: Tensor
+    """(B, T, D) the tokens entering block 0."""
+    num_prefix: int
+    """Prefix tokens at the front: the model's own (cls, registers) + the extra ones."""
+    grid: tuple[int, int]
+    """(h, w) patch grid of the input."""
+    ids_keep: Tensor | None = None
+    dropped: Tensor | None = None
+    """The kept patches' indices of `forward`'s ids_keep and of patch dropout (or None)."""
+    kw: dict[str, Tensor] = field(default_factory=dict)
+    """The blocks' keyword arguments for these tokens: a rotary model's rows."""
+
+
 class AbsolutePositions:
     """timm's VisionTransformer: its position table is added before the blocks (`Backbone.forward`,
     resampled to the input's grid); its patch dropout (PatchDropout or Identity) runs on the whole
@@ -294,6 +312,37 @@ class Backbone(nn.Module):
         of every non-prefix token by its own patch's position, kept, masked or dropped alike;
         extra prefix tokens are not rotated.
         """
+        seq = self.embed(images, ids_keep=ids_keep, mask=mask, mask_token=mask_token, prefix=prefix)
+        x, layers, attn = seq.x, [], []
+        for i, block in enumerate(self.blocks):
+            # read inside the block's call, where a sharding wrapper (FSDP) has gathered its weights
+            hook = (
+                block.register_forward_pre_hook(
+                    lambda b, a, k: attn.append(attention_probs(b, a[0], k.get("rope"))),
+                    with_kwargs=True,
+                )
+                if return_attn and i == self.depth - 1
+                else None
+            )
+            x = self.run_block(i, x, seq)
+            if hook is not None:
+                hook.remove()
+            if i >= self.depth - n_last:
+                layers.append(self.norm(x))
+        x = layers[-1] if n_last > 0 else self.norm(x)
+        return BackboneOutput(x, seq.num_prefix, layers, attn[0] if attn else None)
+
+    def embed(
+        self,
+        images: Tensor,
+        *,
+        ids_keep: Tensor | None = None,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+        prefix: Tensor | None = None,
+    ) -> BlockInput:
+        """The token sequence entering block 0 (`forward`'s arguments, the same meaning): patch
+        embedding, masking, prefix tokens, position embedding, patch dropout, norm_pre."""
         grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
         x = self.patch_embed(images)  # (B, L, D); (B, h, w, D) if built with dynamic_img_size
         x = x.flatten(1, -2)
@@ -316,30 +365,32 @@ class Backbone(nn.Module):
         x = torch.cat([*own, *extra, x], dim=1)
         num_prefix = n_own + (0 if prefix is None else prefix.shape[1])
         x, dropped = self.positions.drop_patches(self, self.pos_drop(x), num_prefix)
-        x = self.norm_pre(x)
-        kw = self.positions.block_kwargs(self, grid, ids_keep, dropped, num_prefix - n_own)
+        seq = BlockInput(self.norm_pre(x), num_prefix, tuple(grid), ids_keep, dropped)
+        seq.kw = self.positions.block_kwargs(self, seq.grid, ids_keep, dropped, num_prefix - n_own)
+        return seq
 
-        layers, attn = [], []
-        for i, block in enumerate(self.blocks):
-            # read inside the block's call, where a sharding wrapper (FSDP) has gathered its weights
-            hook = (
-                block.register_forward_pre_hook(
-                    lambda b, a, k: attn.append(attention_probs(b, a[0], k.get("rope"))),
-                    with_kwargs=True,
-                )
-                if return_attn and i == self.depth - 1
-                else None
-            )
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False, **kw)
-            else:
-                x = block(x, **kw)
-            if hook is not None:
-                hook.remove()
-            if i >= self.depth - n_last:
-                layers.append(self.norm(x))
-        x = layers[-1] if n_last > 0 else self.norm(x)
-        return BackboneOutput(x, num_prefix, layers, attn[0] if attn else None)
+    def add_prefix(self, seq: BlockInput, x: Tensor, tokens: Tensor) -> BlockInput:
+        """Tokens (B, P, D) joined to the sequence `x` (B, T, D) of `seq` between a block and
+        the next, right after its prefix tokens (no position embedding: a rotary model leaves
+        them unrotated) -> the new sequence; run on with `run_block(i, new.x, new)`."""
+        n = seq.num_prefix
+        joined = torch.cat([x[:, :n], tokens.to(x.dtype), x[:, n:]], dim=1)
+        new = BlockInput(joined, n + tokens.shape[1], seq.grid, seq.ids_keep, seq.dropped)
+        n_extra = new.num_prefix - self.num_prefix_tokens
+        new.kw = self.positions.block_kwargs(self, seq.grid, seq.ids_keep, seq.dropped, n_extra)
+        return new
+
+    def run_block(
+        self, i: int, x: Tensor, seq: BlockInput, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        """Block i on tokens x (B, T, D) of the sequence `seq` (its positions' keyword
+        arguments), with an optional attention mask (B, 1 or heads, T, T), bool (True: may
+        attend) or additive; checkpointed with `grad_checkpointing` while gradients are on."""
+        kw = seq.kw if attn_mask is None else {**seq.kw, "attn_mask": attn_mask}
+        block = self.blocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **kw)
+        return block(x, **kw)
 
     def to_timm(self) -> nn.Module:
         """A timm VisionTransformer (num_classes=0) holding a copy of these weights."""

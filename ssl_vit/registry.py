@@ -36,6 +36,7 @@ from ssl_vit.eval.accuracy import EvalData, eval_data
 from ssl_vit.eval.finetune import FineTune, FineTuneConfig
 from ssl_vit.eval.linear_probe import LinearProbe, LinearProbeConfig
 from ssl_vit.eval.pretrained import pretrained_backbone
+from ssl_vit.eval.segfinetune import SegFineTune, SegFineTuneConfig
 from ssl_vit.eval.segmentation_eval import segmentation_data
 from ssl_vit.eval.segprobe import SegProbe, SegProbeConfig
 from ssl_vit.methods.deit import DeiT, DeiTConfig
@@ -84,7 +85,8 @@ def image_device_view(cfg: Config) -> DeviceView:
 
 
 def segmentation_view(cfg: Config) -> Any:
-    """The segmentation probe's view: image and mask resized, cropped and flipped together."""
+    """The segmentation evaluators' view: image and mask resized, cropped and flipped
+    together."""
     return seg_train_view(cfg.data, cfg.model.img_size, cfg.method.scale_range)
 
 
@@ -197,9 +199,17 @@ EVALUATORS: dict[str, MethodSpec] = {
         backbone=pretrained_backbone,
         dataset=build_segmentation,
     ),
+    "segfinetune": MethodSpec(
+        SegFineTuneConfig,
+        SegFineTune,
+        segmentation_view,
+        no_device_view,
+        backbone=pretrained_backbone,
+        dataset=build_segmentation,
+    ),
 }
 """The evaluators that train through the same loop from a checkpoint's backbone: `ssl-vit
-linprobe`, `ssl-vit finetune`, `ssl-vit segprobe` and their recipes."""
+linprobe`, `ssl-vit finetune`, `ssl-vit segprobe`, `ssl-vit segfinetune` and their recipes."""
 
 TRAINABLE: dict[str, MethodSpec] = METHODS | EVALUATORS
 """Everything `fit` can run, by config name."""
@@ -274,7 +284,7 @@ def prepare(cfg: Config) -> EvalData | None:
         model.name = backbone.name
         for key in ("patch_size", "embed_dim", "depth", "num_heads"):
             setattr(model, key, getattr(backbone, key))
-    if isinstance(m, SegProbeConfig):  # the masks' classes; the split evaluated, checked
+    if isinstance(m, SegProbeConfig | SegFineTuneConfig):  # the masks' classes; split checked
         data = build_segmentation(cfg.data, lambda sample: {}, image_size=model.img_size)
         settle_classes(cfg, m, "method.num_classes", data.classes)
         if not cfg.train.eval_every_epochs:

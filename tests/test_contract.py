@@ -50,7 +50,7 @@ def batch_of(cfg, name: str, n: int = 4) -> dict:
 
 def test_the_tables():
     assert list(METHODS) == ["mae", "dino", "dinov2", "dinov3", "deit"]
-    assert list(EVALUATORS) == ["linprobe", "finetune", "segprobe"]
+    assert list(EVALUATORS) == ["linprobe", "finetune", "segprobe", "segfinetune"]
     for name, spec in TRAINABLE.items():
         assert spec.config.name == name  # the key is the config's name (config.json's method)
 

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import synthetic_frequency_baseline
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.cli import main as cli_main
-from ssl_vit.config import DataConfig
 from ssl_vit.data import SYNTHETIC_CLASSES
-from ssl_vit.data.segmentation import build_segmentation
 from ssl_vit.eval.pretrained import from_checkpoint, pretrained_backbone
 from ssl_vit.eval.segmentation import Inference, confusion, scores, slide, upsample, whole
 from ssl_vit.eval.segmentation_eval import segmentation_metrics
@@ -298,16 +297,7 @@ def test_segprobe_learns_synthetic_segmentation_end_to_end(tmp_path, capsys):
     assert cli_main([*argv, "--train.output_dir", str(run)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["steps"] == 200 and result["eval_split"] == "val" and result["held_out"] is True
-
-    def masks(split: str, n: int) -> torch.Tensor:
-        data = build_segmentation(
-            DataConfig(synthetic_size=200), lambda s: {"masks": s.mask}, split, image_size=32
-        )
-        return torch.stack([data[i]["masks"] for i in range(min(n, len(data)))]).long()
-
-    frequent = int(torch.bincount(masks("train", 50).flatten(), minlength=11).argmax())
-    val = masks("val", 100)
-    baseline = 100 * scores(confusion(torch.full_like(val, frequent), val, 11))["miou"]
+    baseline = synthetic_frequency_baseline()
     assert 5 < baseline < 8  # background, about 70 % of the pixels, over 11 classes
     assert result["val_miou"] > 2 * baseline, (result, baseline)
     with open(run / "segmentation_val.csv") as f:

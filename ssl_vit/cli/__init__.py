@@ -6,6 +6,7 @@ ssl-vit embed --checkpoint CHECKPOINT --data.path DIR [--embed.output F.parquet 
 ssl-vit linprobe --checkpoint CHECKPOINT [--protocol mae|dino] [--section.field value ...]
 ssl-vit finetune --checkpoint CHECKPOINT [--section.field value ...]
 ssl-vit segprobe --checkpoint CHECKPOINT --data.path DATA [--variant dinov3|dinov2] [...]
+ssl-vit segfinetune --checkpoint CHECKPOINT --data.path DATA [--method.head eomt|linear] [...]
 ssl-vit export --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
 ssl-vit import --checkpoint CHECKPOINT --output.dir DIR [--section.field value ...]
 ssl-vit visualize {attention,mae,pca,pos-embed,attention-distance} --checkpoint CHECKPOINT [...]
@@ -28,6 +29,7 @@ commands:
   linprobe  linear probe of a frozen backbone, MAE or DINO protocol (--checkpoint, --protocol)
   finetune  fine-tune a backbone end to end, MAE protocol (--checkpoint CHECKPOINT)
   segprobe  linear segmentation probe of a frozen backbone, DINOv3's protocol (mIoU)
+  segfinetune  fine-tune a backbone for segmentation end to end, EoMT (or a linear head; mIoU)
   export  a run's backbone (or classifier) or any checkpoint -> a timm pretrained directory
   import  any checkpoint (official MAE/DINO/DeiT .pth, NAME=PATH) -> DIR/backbone/ (timm layout)
   visualize  attention | mae | pca | pos-embed | attention-distance pictures of a checkpoint -> PNG
@@ -43,6 +45,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "linprobe": train.linprobe_main,
     "finetune": train.finetune_main,
     "segprobe": train.segprobe_main,
+    "segfinetune": train.segfinetune_main,
     "export": weights.export_main,
     "import": weights.import_main,
     "visualize": visualize.main,

@@ -1,5 +1,6 @@
 """Training commands: `ssl-vit train`, `ssl-vit linprobe`, `ssl-vit finetune`, `ssl-vit
-segprobe`, and every recipe (`run(config())`), all through the one runner and the one loop."""
+segprobe`, `ssl-vit segfinetune`, and every recipe (`run(config())`), all through the one
+runner and the one loop."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ssl_vit.config import Config, ConfigError
 from ssl_vit.eval.finetune import finetune_config
 from ssl_vit.eval.linear_probe import LinearProbeConfig, linprobe_config
 from ssl_vit.eval.pretrained import FROM_CHECKPOINT, from_checkpoint
+from ssl_vit.eval.segfinetune import segfinetune_config
 from ssl_vit.eval.segprobe import segprobe_config
 from ssl_vit.registry import EVALUATORS, METHODS
 from ssl_vit.train.loop import fit
@@ -76,6 +78,13 @@ def segprobe_main(argv: list[str]) -> int:
         fit_checkpoint,
         flags={"--checkpoint": "", "--variant": "dinov3"},
         help_extra=EVALUATOR_HELP,
+    )
+
+
+def segfinetune_main(argv: list[str]) -> int:
+    """`ssl-vit segfinetune --checkpoint C --data.path D [--method.head eomt|linear] [...]`."""
+    return run(
+        segfinetune_config(), argv, "ssl-vit segfinetune --checkpoint CHECKPOINT --data.path DATA"
     )
 
 

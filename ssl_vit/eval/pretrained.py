@@ -6,12 +6,14 @@ from __future__ import annotations
 from ssl_vit.backbone import Backbone, PosInterp
 from ssl_vit.config import Config, ConfigError, ModelConfig
 from ssl_vit.eval.linear_probe import LinearProbeConfig, probe_features
+from ssl_vit.eval.segfinetune import SegFineTuneConfig
 from ssl_vit.eval.segprobe import SegProbeConfig
 from ssl_vit.weights import load_pretrained, official_interp
 
 FROM_CHECKPOINT = """
 model.name, model.img_size and model.patch_size default to the checkpoint's own (a different
-img_size resamples the position embedding by method.pos_interp; segprobe: img_size is the crop,
+img_size resamples the position embedding by method.pos_interp; segprobe, segfinetune: img_size
+is the crop,
 512); num_classes 0
 (method.num_classes, fine-tuning's method.deit.num_classes) counts the training split's."""
 
@@ -48,7 +50,7 @@ def from_checkpoint(cfg: Config, given: set[str]) -> Config:
     backbone = load_pretrained(cfg.method.checkpoint, model=head_only, which=cfg.method.which)
     size = backbone.grid_size[0] * backbone.patch_size
     arch = {"name": backbone.name, "img_size": size, "patch_size": backbone.patch_size}
-    if isinstance(cfg.method, SegProbeConfig):  # the protocol's crop (model.img_size) stands
+    if isinstance(cfg.method, SegProbeConfig | SegFineTuneConfig):  # the protocol's crop stands
         del arch["img_size"]
     for key, value in arch.items():
         if f"model.{key}" not in given:

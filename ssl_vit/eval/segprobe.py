@@ -113,6 +113,35 @@ def token_map(tokens: Tensor, num_prefix: int, grid: tuple[int, int], cls: bool)
     return x
 
 
+def patch_features(backbone: Backbone, images: Tensor, n_blocks: int, cls: bool) -> Tensor:
+    """(B, C, H, W) -> (B, D', H/p, W/p): the last `n_blocks` blocks' patch-token maps (after the
+    final norm; each with its cls token first when `cls`) concatenated along channels."""
+    p = backbone.patch_size
+    grid = (images.shape[-2] // p, images.shape[-1] // p)
+    out = backbone(images, n_last=n_blocks)
+    return torch.cat([token_map(t, out.num_prefix, grid, cls) for t in out.layers], dim=1)
+
+
+def linear_head(dim: int, cfg: Any) -> tuple[nn.Module, nn.Module, nn.Conv2d]:
+    """The linear protocol's head on a (B, dim, h, w) map, applied in this order: Dropout2d
+    (cfg.dropout; Identity at 0), BatchNorm2d (cfg.batchnorm), 1x1 conv to cfg.num_classes
+    (weight N(0, cfg.head_init_std), bias 0)."""
+    dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout else nn.Identity()
+    norm = nn.BatchNorm2d(dim) if cfg.batchnorm else nn.Identity()
+    conv = nn.Conv2d(dim, cfg.num_classes, kernel_size=1)
+    nn.init.normal_(conv.weight, std=cfg.head_init_std)
+    nn.init.zeros_(conv.bias)
+    return dropout, norm, conv
+
+
+def pixel_loss(patch_logits: Tensor, masks: Tensor) -> Tensor:
+    """Patch logits (B, K, h, w) upsampled bilinearly to masks (B, H, W) -> the per-pixel
+    cross-entropy averaged over the pixels not labelled 255 (0 when all are)."""
+    logits = upsample(patch_logits.float(), masks.shape[-2:])
+    loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / (masks != IGNORE_INDEX).sum().clamp_min(1)
+
+
 class SegProbe(nn.Module, Method):
     """A frozen backbone and a linear per-patch head: dropout, BatchNorm, 1x1 conv."""
 
@@ -128,11 +157,7 @@ class SegProbe(nn.Module, Method):
         if self.cls and backbone.num_prefix_tokens < 1:
             raise ValueError("method.cls_token: this backbone has no cls token")
         dim = self.n_blocks * backbone.embed_dim * (2 if self.cls else 1)
-        self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout else nn.Identity()
-        self.norm = nn.BatchNorm2d(dim) if cfg.batchnorm else nn.Identity()
-        self.conv = nn.Conv2d(dim, cfg.num_classes, kernel_size=1)
-        nn.init.normal_(self.conv.weight, std=cfg.head_init_std)
-        nn.init.zeros_(self.conv.bias)
+        self.dropout, self.norm, self.conv = linear_head(dim, cfg)
         crop = backbone.grid_size[0] * backbone.patch_size
         stride = cfg.stride or crop * 2 // 3
         ratios = cfg.ms_ratios if cfg.multiscale else ()
@@ -160,11 +185,7 @@ class SegProbe(nn.Module, Method):
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, D', H/p, W/p) frozen patch features, float32."""
-        p = self.backbone.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
-        out = self.backbone(images, n_last=self.n_blocks)
-        maps = [token_map(t, out.num_prefix, grid, self.cls) for t in out.layers]
-        return torch.cat(maps, dim=1).float()
+        return patch_features(self.backbone, images, self.n_blocks, self.cls).float()
 
     def patch_logits(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, K, H/p, W/p): the head on every patch."""
@@ -176,10 +197,7 @@ class SegProbe(nn.Module, Method):
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Per-pixel cross-entropy over the pixels not labelled 255 (0 when all are)."""
-        logits = upsample(self.patch_logits(batch["images"]).float(), batch["masks"].shape[-2:])
-        loss = F.cross_entropy(logits, batch["masks"], ignore_index=IGNORE_INDEX, reduction="sum")
-        valid = (batch["masks"] != IGNORE_INDEX).sum().clamp_min(1)
-        return {"loss": loss / valid}
+        return {"loss": pixel_loss(self.patch_logits(batch["images"]), batch["masks"])}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return self.training_step(batch)

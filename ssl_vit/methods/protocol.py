@@ -44,8 +44,9 @@ class Method(Protocol):
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups, built once before training. Each group may carry
-        `lr_scale` (its lr = the scheduled lr x lr_scale) and `wd_scale` (its weight decay = the
-        scheduled weight decay x wd_scale; default: its `weight_decay` / train.weight_decay).
+        `lr_scale` (its lr = the scheduled lr x lr_scale: `group_lr`) and `wd_scale` (its weight
+        decay = the scheduled weight decay x wd_scale; default: its `weight_decay` /
+        train.weight_decay).
         Default: timm's add_weight_decay with no names to skip (optim.param_groups): biases and
         norms exempt, learned tokens and position embeddings decayed."""
         return param_groups(self, weight_decay)
@@ -57,6 +58,21 @@ class Method(Protocol):
         warmup length, peak and final lr. Default: MAE's lr_sched, linear warmup reaching the peak
         at step `warmup_steps`, then a half cosine to `final` (optim.warmup_cosine)."""
         return warmup_cosine(step, total_steps, warmup_steps, peak, final)
+
+    def group_lr(
+        self,
+        group: dict[str, Any],
+        lr: float,
+        step: int,
+        total_steps: int,
+        peak: float,
+        final: float,
+    ) -> float:
+        """The lr of param group `group` at optimizer step `step` of `total_steps`, given the
+        step's scheduled `lr` (`lr_at`) and the run's `peak` and `final` lr. Default: lr x the
+        group's `lr_scale` (1 without). A method whose groups follow schedules of different
+        shapes overrides it (EoMT: the backbone warms up after the head)."""
+        return lr * group.get("lr_scale", 1.0)
 
     def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
         """Called once before the first step with the run's optimizer-step counts, for methods

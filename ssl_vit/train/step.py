@@ -102,7 +102,7 @@ def optimizer_step(s: Stepper, step: int) -> dict[str, Any]:
     t = s.train
     lr, wd = schedule(t, s.plan, step, s.method)
     for g in s.optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["lr"] = s.method.group_lr(g, lr, step, s.plan.total_steps, s.plan.peak_lr, t.min_lr)
         g["weight_decay"] = wd * g["wd_scale"]
     s.method.before_optimizer_step(step)
     if t.clip_grad and t.clip_mode == "param":

@@ -30,6 +30,7 @@ EXPORTED = {
     "deit": "student.backbone.",
     "linprobe": "backbone.",
     "segprobe": "backbone.",
+    "segfinetune": "backbone.",
 }
 """Where the backbone a run exports (`Method.export_backbone`: DINO's teacher, DeiT's student)
 sits in its checkpoints' model state, by method.name (tests/test_contract.py holds it to every
