@@ -250,13 +250,16 @@ def test_dinov3_defaults_head_init_and_schedule():
 
 
 def test_loss_ignores_255_and_is_zero_when_every_pixel_is():
+    """The official DINOv3 linear loss: the cross-entropy summed over the pixels not labelled
+    255, divided by all the pixels (its CrossEntropyLoss, reduction mean, avg_non_ignore false):
+    here a quarter of them ignored."""
     probe = SegProbe(backbone(), SegProbeConfig(num_classes=4, dropout=0.0)).eval()
     x = torch.randn(2, 3, 32, 32)
     masks = torch.randint(0, 4, (2, 32, 32))
     masks[0, :16] = IGNORE
     logits = probe.logits(x)
     keep = masks != IGNORE
-    want = F.cross_entropy(logits.permute(0, 2, 3, 1)[keep], masks[keep])
+    want = F.cross_entropy(logits.permute(0, 2, 3, 1)[keep], masks[keep], reduction="sum") / 2048
     assert torch.allclose(probe.training_step({"images": x, "masks": masks})["loss"], want)
     none = probe.training_step({"images": x, "masks": torch.full_like(masks, IGNORE)})["loss"]
     assert none.item() == 0.0

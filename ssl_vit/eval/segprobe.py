@@ -136,10 +136,10 @@ def linear_head(dim: int, cfg: Any) -> tuple[nn.Module, nn.Module, nn.Conv2d]:
 
 def pixel_loss(patch_logits: Tensor, masks: Tensor) -> Tensor:
     """Patch logits (B, K, h, w) upsampled bilinearly to masks (B, H, W) -> the per-pixel
-    cross-entropy averaged over the pixels not labelled 255 (0 when all are)."""
+    cross-entropy averaged over every pixel, those labelled 255 counting 0: the official
+    DINOv3 loss (its CrossEntropyLoss with avg_non_ignore false, mmsegmentation's default)."""
     logits = upsample(patch_logits.float(), masks.shape[-2:])
-    loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / (masks != IGNORE_INDEX).sum().clamp_min(1)
+    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
 class SegProbe(nn.Module, Method):
