@@ -135,7 +135,7 @@ def test_total_is_the_sum_of_the_weighted_parts_and_the_gram_term_is_the_student
         t = method.gram_teacher(globals_)
     want = reference(s.tokens[:, s.num_prefix :], t.tokens[:, t.num_prefix :], True, "none", False)
     assert abs(out["gram_loss"].item() - want) <= 1e-5
-    # inactive (before gram.it_first_update): the term weighs 0, still logged
+    # inactive (before the Gram teacher is loaded): the term weighs 0, still logged
     method.gram_active.fill_(0.0)
     torch.manual_seed(1)
     off = method.training_step(batch)
@@ -186,7 +186,11 @@ def same(a: dict, b: dict) -> bool:
 
 def test_gram_teacher_taken_from_the_ema_teacher_then_refreshed_every_update_frequency():
     """it_load_ema_teacher 2, it_first_update 3, update_frequency 2: copied before iteration 2,
-    refreshed before 4 and 6, unchanged in between while the EMA teacher moves; active from 3."""
+    refreshed before 4 and 6, unchanged in between while the EMA teacher moves; the loss active
+    from 2, when the Gram teacher is there (the official loss runs from the start of a run that
+    has one; it_first_update governs the refreshes alone). max_updates caps the refreshes, as
+    the official train.py counts them (after iterations it + 1 >= it_first_update, multiples of
+    update_frequency, while fewer than max_updates were made)."""
     method = tiny_dinov3(it_load_ema_teacher=2, it_first_update=3, update_frequency=2)
     first = states(method.gram_teacher)
     copied = {2: True, 4: True, 6: True}
@@ -205,13 +209,18 @@ def test_gram_teacher_taken_from_the_ema_teacher_then_refreshed_every_update_fre
             kept = gram
         else:
             assert same(gram, kept) and not same(gram, teacher), it
-        assert method.gram_active.item() == float(it >= 3), it
+        assert method.gram_active.item() == float(it >= 2), it
     assert not same(kept, first)
     assert [method.gram_event(i) for i in range(7)] == [
         None, None, "load", None, "update", None, "update"
     ]  # fmt: skip
-    later = tiny_dinov3(it_load_ema_teacher=-1, it_first_update=5, update_frequency=2)
-    assert [later.gram_event(i) for i in range(9)] == [None] * 6 + ["update", None, "update"]
+    later = tiny_dinov3(it_load_ema_teacher=0, it_first_update=5, update_frequency=2)
+    assert [later.gram_event(i) for i in range(9)] == ["load"] + [None] * 5 + [
+        "update", None, "update"
+    ]  # fmt: skip
+    capped = tiny_dinov3(it_first_update=3, update_frequency=2, max_updates=2)
+    events = [capped.gram_event(i) for i in range(11)]
+    assert [i for i, e in enumerate(events) if e == "update"] == [4, 6]
 
 
 def test_gram_teacher_gets_no_gradient_and_is_not_optimised():

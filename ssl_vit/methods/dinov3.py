@@ -9,11 +9,12 @@ Gram anchoring: a frozen `gram_teacher` backbone sees the 2 unmasked global crop
 features X_G and the student's X_S (the masked global crops' patch tokens, the student forward
 DINOv2 already runs), each L2-normalised along the channels, give the similarity matrices
 X Xᵀ of each image's patches; the loss is their mean squared difference (the paper's
-‖X_S X_Sᵀ − X_G X_Gᵀ‖²_F, as a mean), times `gram.loss_weight`, from iteration
-`gram.it_first_update` on. The Gram teacher is a copy of the EMA teacher's backbone taken before
-iteration `gram.it_load_ema_teacher` (or a checkpoint's backbone, `gram.ckpt`), refreshed from
-the EMA teacher before every iteration it >= it_first_update, it > 0, with it a multiple of
-`gram.update_frequency`. It is no parameter of the optimizer (requires_grad False: no gradient,
+‖X_S X_Sᵀ − X_G X_Gᵀ‖²_F, as a mean), times `gram.loss_weight`, from the first iteration that
+has a Gram teacher on. The Gram teacher is a copy of the EMA teacher's backbone taken before
+iteration `gram.it_load_ema_teacher` (or a checkpoint's backbone, `gram.ckpt`, from the start),
+refreshed from the EMA teacher before every iteration it >= it_first_update, it > 0, with it a
+multiple of `gram.update_frequency`, at most `gram.max_updates` times (the official train.py).
+It is no parameter of the optimizer (requires_grad False: no gradient,
 no DDP sync) but a module of the state dict, with the `gram_active` buffer: a resume is exact.
 
 With `gram.teacher_size` the Gram teacher sees each global crop's twin instead (the same box and
@@ -53,8 +54,8 @@ class GramConfig:
     remove_neg: Literal["none", "teacher", "both"] = "none"
     """Negative similarities set to 0: of the Gram teacher only, of both, or none."""
     it_load_ema_teacher: int = 0
-    """The iteration before which the Gram teacher is copied from the EMA teacher (-1: never;
-    with `ckpt`, never)."""
+    """The iteration before which the Gram teacher is copied from the EMA teacher, and from
+    which the Gram loss counts (with `ckpt`: not copied, the loss from the start)."""
     ckpt: str = ""
     """A checkpoint whose (teacher) backbone is the Gram teacher from the start."""
     teacher_size: int = 0
@@ -63,7 +64,9 @@ class GramConfig:
     update_frequency: int = 50000
     """The Gram teacher is refreshed from the EMA teacher every this many iterations."""
     it_first_update: int = 0
-    """The first iteration of the Gram loss (and of the refreshes)."""
+    """The first iteration before which the Gram teacher may be refreshed."""
+    max_updates: int = 0
+    """At most this many refreshes (0: no limit; the official null)."""
 
 
 @dataclass
@@ -90,6 +93,13 @@ class DINOv3Config(DINOv2Config):
         g = self.gram
         if g.loss_weight < 0:
             e.append(f"method.gram.loss_weight: must be >= 0, got {g.loss_weight}")
+        if g.it_load_ema_teacher < 0 and not g.ckpt:
+            e.append(
+                "method.gram.it_load_ema_teacher: >= 0 without method.gram.ckpt (the Gram "
+                f"teacher comes from one or the other), got {g.it_load_ema_teacher}"
+            )
+        if g.max_updates < 0:
+            e.append(f"method.gram.max_updates: must be >= 0, got {g.max_updates}")
         if g.update_frequency < 1:
             e.append(f"method.gram.update_frequency: must be >= 1, got {g.update_frequency}")
         patch = cfg.model.patch_size  # 0: model.init's
@@ -170,7 +180,7 @@ class DINOv3(DINOv2):
         self.gram_teacher.requires_grad_(False)
         if cfg.gram.ckpt:
             init_backbone(self.gram_teacher, cfg.gram.ckpt)
-        self.register_buffer("gram_active", torch.tensor(float(cfg.gram.it_first_update <= 0)))
+        self.register_buffer("gram_active", torch.tensor(float(self.gram_start() <= 0)))
         self.twin_sizes = cfg.mixed_teacher_sizes or (cfg.gram.teacher_size,)
         self.twins = 2 if cfg.gram.teacher_size or cfg.mixed_teacher_sizes else 0
 
@@ -213,8 +223,15 @@ class DINOv3(DINOv2):
         if not g.ckpt and it == g.it_load_ema_teacher:
             return "load"
         if it > 0 and it >= g.it_first_update and it % g.update_frequency == 0:
-            return "update"
+            first = -(-max(g.it_first_update, 1) // g.update_frequency) * g.update_frequency
+            if not g.max_updates or (it - first) // g.update_frequency < g.max_updates:
+                return "update"
         return None
+
+    def gram_start(self) -> int:
+        """The first iteration with a Gram teacher, and so with the Gram loss: 0 with gram.ckpt,
+        else gram.it_load_ema_teacher (the official loss needs its teacher loaded)."""
+        return 0 if self.cfg.gram.ckpt else self.cfg.gram.it_load_ema_teacher
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
@@ -222,4 +239,4 @@ class DINOv3(DINOv2):
         super().after_optimizer_step(step, total_steps)
         if self.gram_event(step + 1) is not None:
             self.gram_teacher.load_state_dict(self.teacher.backbone.state_dict())
-        self.gram_active.fill_(float(step + 1 >= self.cfg.gram.it_first_update))
+        self.gram_active.fill_(float(step + 1 >= self.gram_start()))
