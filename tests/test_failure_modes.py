@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pickle
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import ROOT, metrics, overrides, tiny
 from safetensors.torch import load_file
 from test_trainer import write_image_folder
@@ -36,7 +38,7 @@ from ssl_vit.train.checkpoint import (
     write_failed,
 )
 from ssl_vit.train.loop import fit
-from ssl_vit.train.run_dir import run_lock
+from ssl_vit.train.run_dir import run_lock, run_log
 from ssl_vit.train.state import RunError
 from ssl_vit.weights import (
     CheckpointError,
@@ -705,3 +707,19 @@ def test_run_files_are_readable_per_the_umask(tmp_path):
     modes = {str(p): oct(p.stat().st_mode & 0o777) for p in (tmp_path / "run").rglob("*")}
     assert modes and {m for p, m in modes.items() if Path(p).is_file()} == {"0o640"}, modes
     assert {m for p, m in modes.items() if Path(p).is_dir()} == {"0o750"}, modes
+
+
+def test_a_failed_run_leaves_the_root_loggers_level_as_it_found_it(tmp_path):
+    """run_log logs the error that ends a run to train.log and restores the root logger's level
+    (before: the error's severity was kept in the variable holding that level, and a process
+    that trained again logged only errors)."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(RuntimeError), run_log(tmp_path, Accelerator(cpu=True)):
+            raise RuntimeError("the run broke")
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(before)
+    assert "ERROR RuntimeError: the run broke" in (tmp_path / "train.log").read_text()

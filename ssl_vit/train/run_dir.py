@@ -324,9 +324,9 @@ def run_log(run_dir: Path, accelerator: Any) -> Iterator[None]:
         yield
     except BaseException as e:
         if not isinstance(e, ConfigError | KeyboardInterrupt | SystemExit):
-            level = logging.WARNING if isinstance(e, Preempted) else logging.ERROR
+            severity = logging.WARNING if isinstance(e, Preempted) else logging.ERROR
             error = f"{type(e).__name__}: {str(e).strip()[:2000]}"
-            log_file.handle(log.makeRecord(log.name, level, "", 0, error, (), None))
+            log_file.handle(log.makeRecord(log.name, severity, "", 0, error, (), None))
         raise
     finally:
         logging.captureWarnings(False)
