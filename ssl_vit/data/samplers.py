@@ -20,6 +20,13 @@ import torch
 from torch.utils.data import Sampler
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """A permutation of range(n) determined by (seed, epoch): an epoch's shuffled order."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randperm(n, generator=g)
+
+
 class RepeatedAugSampler(Sampler[int]):
     """The global sample order of an epoch of repeated augmentation, for `num_processes` processes
     that each take whole batches of `batch_size` in turn.
@@ -53,9 +60,7 @@ class RepeatedAugSampler(Sampler[int]):
         return self.length
 
     def __iter__(self) -> Iterator[int]:
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        rep = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
+        rep = epoch_permutation(self.n, self.seed, self.epoch).repeat_interleave(self.repeats)
         # Global position k is item o of batch j, which process j % P takes as its step j // P:
         # that process's local position t = (j // P) * b + o, where RASampler puts rep[t * P + r].
         k = torch.arange(self.length)
@@ -96,9 +101,7 @@ class MixedSizes(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = epoch_permutation(self.n, self.seed, self.epoch).tolist()
         choices: dict[int, int] = {}
         for position, i in enumerate(order):
             step = position // self.b // self.p

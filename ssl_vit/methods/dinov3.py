@@ -116,11 +116,9 @@ class DINOv3Config(DINOv2Config):
     def mixed_errors(self, cfg: Any) -> list[str]:
         """The high-resolution adaptation's settings: one size of each kind per choice."""
         if not (self.mixed_sizes or self.mixed_local_sizes or self.mixed_ratios):
-            return (
-                []
-                if not self.mixed_teacher_sizes
-                else ["method.mixed_teacher_sizes: needs method.mixed_sizes"]
-            )
+            if self.mixed_teacher_sizes:
+                return ["method.mixed_teacher_sizes: needs method.mixed_sizes"]
+            return []
         n, e = len(self.mixed_sizes), []
         for key in ("mixed_local_sizes", "mixed_ratios") + (
             ("mixed_teacher_sizes",) if self.mixed_teacher_sizes else ()
