@@ -113,7 +113,57 @@ class DINOLoss(torch.nn.Module):
         q = torch.softmax(teacher_output / self.teacher_temp, dim=-1)
         return cross_view_ce(student_output, q, self.student_temp)
 """,
+    "deit/models.py": """
+import torch
+from ssl_vit.backbone import Backbone
+
+
+class DistilledVisionTransformer(torch.nn.Module):
+    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+                 norm_layer, num_classes, drop_rate, drop_path_rate):
+        super().__init__()
+        self.vit = Backbone("vit_tiny_patch16_224", img_size=img_size, patch_size=patch_size,
+                            embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        self.head = torch.nn.Linear(embed_dim, num_classes)
+        self.head_dist = torch.nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x):
+        tokens = self.vit(x).tokens
+        return self.head(tokens[:, 0]), self.head_dist(tokens[:, 0])
+""",
+    "deit/losses.py": """
+import torch
+import torch.nn.functional as F
+
+
+class DistillationLoss(torch.nn.Module):
+    def __init__(self, base_criterion, teacher_model, distillation_type, alpha, tau):
+        super().__init__()
+        self.base, self.teacher, self.kind, self.alpha = (
+            base_criterion, teacher_model, distillation_type, alpha)
+
+    def forward(self, inputs, outputs, labels):
+        if self.kind == "none":
+            return self.base(outputs, labels)
+        with torch.no_grad():
+            hard = self.teacher(inputs).argmax(dim=1)
+        cls, dist = outputs
+        return (1 - self.alpha) * self.base(cls, labels) + self.alpha * F.cross_entropy(dist, hard)
+""",
 }
+
+
+def write_stand_ins(folder: Path) -> Path:
+    """The stand-ins in the layout tools/official_code.sh writes, each family's COMMIT
+    "stand-in"; `folder`."""
+    for name, text in STAND_INS.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    for family in ("mae", "dino", "deit"):
+        (folder / family / "COMMIT").write_text("stand-in\n")
+    return folder
+
+
 PEAK = 0.5
 """The nominal device peak (TFLOP/s) the smoke's MFU is computed against (a CPU has none)."""
 
@@ -129,11 +179,7 @@ def smoke(tmp_path_factory):
     """`tools/gpu_suite.py --smoke` with --official pointing to the stand-ins: (its files by
     section name, the summary it printed)."""
     tmp = tmp_path_factory.mktemp("suite")
-    for name, text in STAND_INS.items():
-        (tmp / "official" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / "official" / name).write_text(text)
-    for family in ("mae", "dino"):
-        (tmp / "official" / family / "COMMIT").write_text("stand-in\n")
+    write_stand_ins(tmp / "official")
     out = tmp / "out"
     cmd = [sys.executable, str(ROOT / "tools" / "gpu_suite.py"), "--smoke", "--out", str(out)]
     cmd += ["--official", str(tmp / "official"), "--peak_tflops", str(PEAK)]
@@ -203,6 +249,12 @@ def test_the_official_steps_are_timed_against_ours(smoke):
         assert goal["value"] == pytest.approx(best / official["img_per_s"])
         assert (goal["target"], goal["met"]) == (3.0, None)  # goals are judged on a GPU only
     assert "models_mae.Block" not in " ".join(files["official_mae"]["shims"])  # no timm Block
+    official, ours = files["official_deit"], files["deit_b"]  # DeiT-B: no goal, the ratio
+    assert official["official_commit"] == "stand-in" and official["flops_per_img"] > 0
+    assert official["flops_per_img"] == ours["flops_per_img"]  # supervised: no teacher counted
+    ratio = ours["img_per_s"] / official["img_per_s"]
+    assert official["ours_over_official"] == pytest.approx(ratio)
+    assert official["minor_faults"] >= 0 and "NativeScaler" in " ".join(official["shims"])
 
 
 def test_end_to_end_is_set_against_compute_and_the_resume_is_exact(smoke):
@@ -268,3 +320,39 @@ def test_the_official_code_is_extracted_not_committed():
     )
     assert ignored.returncode == 0
     assert Path(ROOT / "tools" / "official_code.sh").stat().st_mode & 0o111  # executable
+
+
+def test_cpu_pairs_times_ours_against_the_official_steps_in_turn(tmp_path):
+    """tools/cpu_pairs.py --smoke on the stand-ins: per workload, each pair's ratio ours /
+    official of the median step time, their median as the figure, and both sides' minor faults;
+    the DeiT pair distils from a teacher on both sides."""
+    folder = write_stand_ins(tmp_path / "official")
+    out = tmp_path / "pairs.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "cpu_pairs.py"), "--smoke", "--pairs", "2"]
+    cmd += ["--official", str(folder), "--workloads", "mae,deit", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [json.loads(line) for line in done.stdout.strip().splitlines()] == results
+    assert [r["workload"] for r in results] == ["mae", "deit"]
+    for r in results:
+        assert r["pairs"] == len(r["ratios"]) == 2 and all(x > 0 for x in r["ratios"])
+        assert r["ours_over_official"] == pytest.approx(sum(r["ratios"]) / 2, rel=1e-3)
+        assert r["settings"]["bench.batch_size"] == 4 and r["settings"]["bench.device"] == "cpu"
+        assert r["ours_minor_faults"] >= 0 and r["official_minor_faults"] >= 0
+    assert results[1]["settings"]["method.distillation"] == "hard"
+    assert "NativeScaler" in " ".join(results[1]["official_shims"])
+    assert done.stderr.count("cpu_pairs: deit pair") == 2
+
+
+def test_cpu_pairs_refuses_bad_command_lines_by_name(tmp_path, capsys):
+    from cpu_pairs import main as pairs
+
+    folder = write_stand_ins(tmp_path / "official")
+    (folder / "deit" / "losses.py").unlink()
+    assert pairs(["--official", str(folder), "--workloads", "mae,deit,mea", "--pairs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--pairs: must be > 0, got 0" in err
+    assert f"--official {folder}: {folder / 'deit' / 'losses.py'} not found" in err
+    assert "--workloads: unknown workload 'mea'" in err

@@ -61,6 +61,7 @@ from ssl_vit.train.step import (
     Stepper,
     compile_step,
     forward_backward,
+    keep_freed_memory,
     optimizer_for,
     optimizer_step,
 )
@@ -430,6 +431,8 @@ def run_phase(phase: str, root: BenchRoot, device: str, precision: str) -> Phase
     dev = accelerator.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        keep_freed_memory()  # as the trainer does on the CPU
     spec = PHASES[phase]
     module = spec.build(root).train()
     step_flops = spec.count(root, module)

@@ -1,7 +1,7 @@
 """Every GPU figure the project lacks, in one call (issue 27): img/s, MFU and peak memory of each
-workload, ours against the official MAE and DINO code, the data pipeline end to end, a 2-process
-resume. Each figure is written as JSON under --out the moment it is measured, the most important
-first, so that a call cut short still returns what it measured.
+workload, ours against the official MAE, DINO and DeiT code, the data pipeline end to end, a
+2-process resume. Each figure is written as JSON under --out the moment it is measured, the most
+important first, so that a call cut short still returns what it measured.
 
     PYTHONPATH=. python tools/gpu_suite.py --out $OUT [--official official/]
     PYTHONPATH=. python tools/gpu_suite.py --smoke --out /tmp/suite     # CPU rehearsal, tiny sizes
@@ -11,9 +11,9 @@ and DeiT-B (256); the official MAE and DINO steps at the same batch and precisio
 folder written by tools/official_code.sh); MAE end to end with the views decoded on the device
 against its compute-only step; MAE compiled; DINOv2 ViT-S/14; DINO end to end; a 2-process
 training resumed half way against the straight run (on a machine with 2 GPUs, or on the CPU);
-DINO compiled. Every goal's figure comes before the compiled runs, whose compilation takes
-minutes. A step is the trainer's own, timed by `tools/bench.py` (`time_steps`); the official
-steps by the same loop.
+DINO compiled; the official DeiT-B step. Every goal's figure comes before the compiled runs,
+whose compilation takes minutes. A step is the trainer's own, timed by `tools/bench.py`
+(`time_steps`); the official steps by the same loop.
 
 Each section's work runs in a process of its own (tools/gpu_suite_work.py), forked from a server
 that imported torch and the package once: a start costs a fork, not an import. This process
@@ -100,6 +100,7 @@ JPEGS = {"full": (1024, 320), "smoke": (8, 40)}
 OFFICIAL_FILES = {
     "mae": ("models_mae.py", "util/misc.py", "util/lr_sched.py"),
     "dino": ("vision_transformer.py", "utils.py", "main_dino.py"),
+    "deit": ("models.py", "losses.py"),
 }
 """What --official DIR must hold (tools/official_code.sh extracts them from the repositories)."""
 RESUME_STEPS = 3
@@ -237,15 +238,16 @@ def our_step(workload: str, compiled: bool = False) -> Callable[[Suite], dict[st
     return run
 
 
-def official_step(workload: str) -> Callable[[Suite], dict[str, Any]]:
-    """The official code's step of `workload` at our batch and precision, and ours / theirs
-    (our eager step, measured before it)."""
+def official_step(workload: str, family: str = "") -> Callable[[Suite], dict[str, Any]]:
+    """The official code's step of `workload` at our batch and precision (their repository
+    `family`, default the workload's name), and ours / theirs (our eager step, measured before
+    it)."""
 
     def run(suite: Suite) -> dict[str, Any]:
         if suite.official is None:
             raise Skip("no --official folder given (tools/official_code.sh writes one)")
         argv = bench_argv(suite.settings(workload))
-        m = suite.one("official_steps", workload, str(suite.official), argv)
+        m = suite.one("official_steps", family or workload, str(suite.official), argv)
         ours = suite.results.get(workload, {}).get("img_per_s")
         return m | {
             "command": None,
@@ -305,9 +307,11 @@ SECTIONS = (
     Section("e2e_dino", 60, end_to_end("dino")),
     Section("resume_2proc", 90, resume_round_trip),
     Section("dino_compiled", 150, our_step("dino", compiled=True)),
+    Section("official_deit", 40, official_step("deit_b", "deit")),
 )
 """In the order they run: every goal's figure first (MFU, ours / official, end to end), then the
-compiled steps (minutes of compilation), DINOv2, the resume round trip."""
+compiled steps (minutes of compilation), DINOv2, the resume round trip; last the official DeiT
+step (no goal: the CPU comparison's third workload)."""
 
 
 def goal_values(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:

@@ -2,10 +2,10 @@
 own, forked from a server that imported torch and the package once, and returns plain data (the
 suite's own process imports none of this, so that it never touches the GPU).
 
-Our steps are tools/bench.py's phases; the official MAE and DINO steps are built from their code
-(read at run time from the folder tools/official_code.sh writes, never copied here) and timed by
-the same loop, bench.time_steps; the 2-process resume runs the trainer itself, one process a
-rank.
+Our steps are tools/bench.py's phases; the official MAE, DINO and DeiT steps are built from
+their code (read at run time from the folder tools/official_code.sh writes, never copied here)
+and timed by the same loop, bench.time_steps; the 2-process resume runs the trainer itself, one
+process a rank.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import types
 from collections.abc import Callable
@@ -33,6 +34,10 @@ import torch.distributed as dist
 import torchvision
 from bench import PhaseResult
 from safetensors.torch import load_file
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer
+from timm.utils import ModelEma, NativeScaler
 from torch import Tensor, nn
 from write_images import write_image_folder
 
@@ -100,9 +105,10 @@ def write_jpegs(folder: str, n: int, size: int) -> str:
 
 
 def official_steps(name: str, folder: str, argv: list[str]) -> dict[str, Any]:
-    """bench's metrics of the official step of `name` (mae, dino) at the batch, sizes and
+    """bench's metrics of the official step of `name` (mae, dino, deit) at the batch, sizes and
     precision of the bench command line `argv`, timed by bench.time_steps; its FLOPs are ours
-    (the same architecture); with the shims its code needed."""
+    (the same architecture, a DeiT teacher counted as ours counts it); with the shims its code
+    needed and the median minor page faults of a step."""
     root = bench.configure(argv)
     device, precision = bench.resolve(root.bench)
     dev = torch.device(device)
@@ -110,13 +116,26 @@ def official_steps(name: str, folder: str, argv: list[str]) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = True  # as their main_pretrain.py and main_dino.py set it
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    build = {"mae": official_mae_step, "dino": official_dino_step}[name]
-    step, shims = build(Path(folder) / name, root, dev, precision)
+    dims = flops.vit_dims(root.model.name, **root.model.timm_kwargs())  # before their code:
+    teacher = deit_teacher_flops(root) if name == "deit" else 0  # DeiT's registers timm names
+    b = root.bench.batch_size
+    count = flops.step_flops(dims, root.model.img_size, root.method, teacher, b)
+    build = {"mae": official_mae_step, "dino": official_dino_step, "deit": official_deit_step}
+    official, shims = build[name](Path(folder) / name, root, dev, precision)
+    faults = []
+
+    def step(i: int) -> Tensor:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        loss = official(i)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return loss
+
     times, loss = bench.time_steps(step, root.bench.warmup, root.bench.steps, dev)
-    dims = flops.vit_dims(root.model.name, **root.model.timm_kwargs())
-    count = flops.step_flops(dims, root.model.img_size, root.method, 0, root.bench.batch_size)
     peak, device_name = bench.peak_memory_mib(dev), bench.device_name(dev)
-    result = PhaseResult(times, float(loss), peak, device_name, torch.get_num_threads(), count)
+    threads = torch.get_num_threads()
+    result = PhaseResult(
+        times, float(loss), peak, device_name, threads, count, faults[root.bench.warmup :]
+    )
     commit = Path(folder) / name / "COMMIT"
     return bench.summarize(root, device, precision, {"method": result}) | {
         "official_code": str(Path(folder) / name),
@@ -305,6 +324,87 @@ def official_dino_step(
         with torch.no_grad():
             for q, k in zip(student.parameters(), teacher.parameters(), strict=True):
                 k.data.mul_(m).add_(q.detach().data * (1 - m))
+        return loss.detach()
+
+    return step, shims
+
+
+def deit_teacher(root: bench.BenchRoot) -> nn.Module:
+    """DeiT's teacher as their main.py builds it (timm's, average pooling, eval mode), randomly
+    initialised: its weights do not change the cost."""
+    cfg = root.method
+    return timm.create_model(cfg.teacher, num_classes=cfg.num_classes, global_pool="avg").eval()
+
+
+def deit_teacher_flops(root: bench.BenchRoot) -> int:
+    """The teacher's forward FLOPs on one image, counted as bench.method_flops counts ours."""
+    if root.method.distillation == "none":
+        return 0
+    size = root.method.teacher_img_size or root.model.img_size
+    return flops.counted_forward_flops(deit_teacher(root), (1, 3, size, size))
+
+
+def official_deit_step(
+    folder: Path, root: bench.BenchRoot, dev: torch.device, precision: str
+) -> tuple[Callable[[int], Tensor], list[str]]:
+    """DeiT's step as its engine.py's train_one_epoch runs it, one process: timm's Mixup / CutMix
+    on the batch, their model (models.py's DistilledVisionTransformer, or timm's ViT their
+    undistilled entrypoints build) and their DistillationLoss (losses.py: the teacher's forward
+    inside) under autocast, their finite-loss check, zero_grad, timm's NativeScaler (backward,
+    clipping at train.clip_grad, the step) over timm's create_optimizer (AdamW, weight-decay
+    groups, as their main.py), the EMA of the model (timm's ModelEma, as theirs). Their lr
+    changes once an epoch: no per-step cost."""
+    cfg, shape = root.method, encoder_shape(root)  # from timm's names, before their code
+    models, losses = import_official(folder, ("models", "losses"))  # re-registers deit_* names
+    shims: list[str] = []
+    net = models.DistilledVisionTransformer if cfg.distillation != "none" else None
+    net = net or timm.models.vision_transformer.VisionTransformer
+    model = net(  # their deit_*_patch16_224 entrypoints' arguments, called as create_model does
+        **shape,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=cfg.num_classes,
+        drop_rate=0.0,
+        drop_path_rate=root.model.drop_path,
+    ).to(dev)
+    model.train()
+    mixup = Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=1.0,
+        switch_prob=cfg.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=cfg.label_smoothing,
+        num_classes=cfg.num_classes,
+    )
+    soft_targets = cfg.mixup > 0 or cfg.cutmix > 0
+    base = SoftTargetCrossEntropy() if soft_targets else None
+    base = base or LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+    teacher = deit_teacher(root).to(dev) if cfg.distillation != "none" else None
+    criterion = losses.DistillationLoss(base, teacher, cfg.distillation, cfg.alpha, cfg.tau)
+    ema = ModelEma(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    weight_decay = bench.run_config(root).train.weight_decay
+    args = SimpleNamespace(opt="adamw", lr=bench.LR, weight_decay=weight_decay, momentum=0.9)
+    optimizer = create_optimizer(args, model)
+    scaler = NativeScaler()
+    scaler._scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    shims.append("timm's NativeScaler's fp16 GradScaler disabled (bf16 / fp32: no loss scaling)")
+    batch = bench.synthetic_batch(root, dev, 3)
+    images, labels = batch["images"], batch["labels"]
+    clip = root.train.clip_grad or None
+
+    def step(i: int) -> Tensor:
+        samples, targets = mixup(images, labels) if soft_targets else (images, labels)
+        with autocast(dev, precision):
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"the official DeiT step's loss is {loss.item()}")
+        optimizer.zero_grad()
+        scaler(loss, optimizer, clip_grad=clip, parameters=model.parameters())
+        bench.synchronize(dev)
+        if ema is not None:
+            ema.update(model)
         return loss.detach()
 
     return step, shims

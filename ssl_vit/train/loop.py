@@ -29,7 +29,7 @@ from ssl_vit.train.run_dir import (
     write_config,
 )
 from ssl_vit.train.state import RunError
-from ssl_vit.train.step import forward_backward, optimizer_step
+from ssl_vit.train.step import forward_backward, keep_freed_memory, optimizer_step
 from ssl_vit.weights import latest_checkpoint
 
 
@@ -54,6 +54,8 @@ def fit(cfg: Config) -> dict[str, Any]:
             non_blocking=cfg.data.pin_memory and cuda,  # async copies from pinned memory: no sync
         ),
     )
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # activations in host memory: no page faults every step
     main = accelerator.is_main_process
     refuse_foreign(run_dir)
     with run_log(run_dir, accelerator), run_lock(run_dir, main), stop_on_signals() as request:
