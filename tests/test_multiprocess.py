@@ -1,7 +1,8 @@
 """The guarantees users rely on when they train on several processes, tested where they are used:
 under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU). A run stopped and resumed
-through the trainer ends bit for bit where the uninterrupted run ends (MAE and DINO; an image
-folder and a shard stream; with and without loader workers; DDP and FSDP's sharded checkpoint)."""
+through the trainer ends bit for bit where the uninterrupted run ends (MAE, DINO and DINOv3 with
+mixed crop sizes; an image folder and a shard stream; with and without loader workers; DDP and
+FSDP's sharded checkpoint)."""
 
 from __future__ import annotations
 
@@ -64,8 +65,21 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"folder": root / "folder", "stream": root / "shards"}
 
 
+MIXED = dict(
+    mixed_sizes=(32, 48), mixed_local_sizes=(16, 24), mixed_teacher_sizes=(48, 64),
+    mixed_ratios=(0.5, 0.5),
+)  # fmt: skip
+"""dinov3_mixed: DINOv3 (a DINOv3 backbone, Gram anchoring) whose steps draw global / local /
+Gram-teacher crops of 32 / 16 / 48 or 48 / 24 / 64 px, one choice a step for every process."""
+
+
 def args(run: Path, method: str, source: Path, stream: bool, workers: int, **train) -> list[str]:
-    cfg = tiny(run, method, **dict(batch_size=4, epochs=3) | train)
+    mixed = method == "dinov3_mixed"
+    model = {"name": "vit_small_patch16_dinov3", "num_heads": 2} if mixed else None
+    method = "dinov3" if mixed else method
+    cfg = tiny(run, method, model=model, **dict(batch_size=4, epochs=3) | train)
+    for key, value in (MIXED if mixed else {}).items():
+        setattr(cfg.method, key, value)
     cfg.data.path, cfg.data.streaming, cfg.data.num_workers = str(source), stream, workers
     if stream:
         cfg.data.shuffle_buffer = 6
@@ -93,6 +107,7 @@ CASES = {  # name: (method, data source, stream, loader workers)
     "mae_stream_workers": ("mae", "stream", True, 2),
     "dino_folder_workers": ("dino", "folder", False, 2),
     "dino_stream": ("dino", "stream", True, 0),
+    "dinov3_mixed_folder_workers": ("dinov3_mixed", "folder", False, 2),
 }
 
 

@@ -113,7 +113,7 @@ def official_steps(name: str, folder: str, argv: list[str]) -> dict[str, Any]:
     device, precision = bench.resolve(root.bench)
     dev = torch.device(device)
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True  # as their main_pretrain.py and main_dino.py set it
+    torch.backends.cudnn.benchmark = True  # as their main_pretrain.py, main_dino.py, main.py set it
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     dims = flops.vit_dims(root.model.name, **root.model.timm_kwargs())  # before their code:
