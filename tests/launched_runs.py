@@ -1,7 +1,8 @@
 """One process of a launch that runs several trainings in a row: `accelerate launch
-tests/launched_runs.py RUNS.json [--fsdp]`, RUNS.json a list of `ssl-vit train` argument lists.
-One launch serves many runs, so the multi-process tests pay the launcher's start-up once.
-Exits with the first non-zero status."""
+tests/launched_runs.py RUNS.json [--fsdp]`, RUNS.json a list of `ssl-vit train` argument lists
+(or of another command's, named first: ["segfinetune", "--checkpoint", ...]). One launch serves
+many runs, so the multi-process tests pay the launcher's start-up once. Exits with the first
+non-zero status."""
 
 from __future__ import annotations
 
@@ -34,6 +35,6 @@ if __name__ == "__main__":
     end = PartialState.destroy_process_group
     PartialState.destroy_process_group = lambda *_: None  # each run's end: the next one needs it
     for args in runs:
-        if status := main(["train", *args]):
+        if status := main(args if args[0][0] != "-" else ["train", *args]):
             sys.exit(status)
     end(PartialState())
