@@ -23,7 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpu_suite import OFFICIAL_FILES, PRELOAD, TINY_HEAD, TINY_MODEL, bench_argv, in_processes
+from gpu_suite import (
+    PRELOAD,
+    TINY_HEAD,
+    TINY_MODEL,
+    bench_argv,
+    in_processes,
+    official_errors,
+    refused,
+)
 
 CPU = {"bench.device": "cpu", "bench.precision": "fp32", "bench.baseline": False}
 WORKLOADS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -121,23 +129,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def problems(args: argparse.Namespace) -> list[str]:
     """What is wrong with the command line, each naming the option at fault."""
     errors = [] if args.pairs > 0 else [f"--pairs: must be > 0, got {args.pairs}"]
-    for name in args.workloads.split(","):
+    names = args.workloads.split(",")
+    for name in names:
         if name not in WORKLOADS:
             errors.append(f"--workloads: unknown workload {name!r} (known: {', '.join(WORKLOADS)})")
-            continue
-        for f in OFFICIAL_FILES[name]:
-            if not (path := Path(args.official) / name / f).is_file():
-                errors.append(f"--official {args.official}: {path} not found "
-                              "(tools/official_code.sh writes it)")  # fmt: skip
-    return errors
+    return errors + official_errors(args.official, [n for n in names if n in WORKLOADS])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print one JSON line per workload; exit status 2 on a bad command line."""
     args = parse(argv)
-    if errors := problems(args):
-        for e in errors:
-            print(f"error: {e}", file=sys.stderr)
+    if refused(problems(args)):
         return 2
     mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     results = []

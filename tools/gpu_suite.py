@@ -511,16 +511,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def official_errors(folder: str, families: list[str]) -> list[str]:
+    """The first file of each family's OFFICIAL_FILES missing from `folder` (--official)."""
+    errors = []
+    for name in families:
+        missing = [f for f in OFFICIAL_FILES[name] if not (Path(folder) / name / f).is_file()]
+        if missing:
+            path = Path(folder) / name / missing[0]
+            errors.append(f"--official {folder}: {path} not found "
+                          "(tools/official_code.sh writes it)")  # fmt: skip
+    return errors
+
+
+def refused(errors: list[str]) -> bool:
+    """Print each error of the command line on stderr; whether there was any."""
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return bool(errors)
+
+
 def problems(args: argparse.Namespace) -> list[str]:
     """What is wrong with the command line, each naming the option at fault."""
-    errors = []
-    if args.official:
-        for name, files in OFFICIAL_FILES.items():
-            missing = [f for f in files if not (Path(args.official) / name / f).is_file()]
-            if missing:
-                path = Path(args.official) / name / missing[0]
-                errors.append(f"--official {args.official}: {path} not found "
-                              "(tools/official_code.sh writes it)")  # fmt: skip
+    errors = official_errors(args.official, list(OFFICIAL_FILES)) if args.official else []
     known = [s.name for s in SECTIONS]
     for name in filter(None, args.sections.split(",")):
         if name not in known:
@@ -535,9 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     sections' outcome: each is in its file), 2 on a bad command line or no GPU (without
     --smoke), 1 if no process could start."""
     args = parse(argv)
-    if errors := problems(args):
-        for e in errors:
-            print(f"error: {e}", file=sys.stderr)
+    if refused(problems(args)):
         return 2
     mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     suite = Suite(args)
