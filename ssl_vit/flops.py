@@ -20,6 +20,7 @@ matmuls of the math backend are counted by every version.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -245,8 +246,40 @@ def full_token_flops(d: ViTDims, img_size: int, num_classes: int = FULL_TOKEN_CL
     return StepFlops(vit_forward(d, img_size) + linear(1, d.embed_dim, num_classes))
 
 
-METHOD_FLOPS = {"mae": mae_flops, "dino": dino_flops, "dinov2": dinov2_flops, "deit": deit_flops}
-"""Method name -> its analytic count; other methods (the evaluators) have none."""
+def segfinetune_flops(d: ViTDims, img_size: int, cfg: Any) -> StepFlops:
+    """`ssl-vit segfinetune` (cfg: SegFineTuneConfig), backbone and head trained. Linear head:
+    the encoder on all patches, a 1x1 conv to the classes on each. EoMT: the encoder, whose last
+    num_blocks blocks also carry the num_queries queries; a prediction before each of those
+    blocks (while training, with masked attention) and after the last: the mask MLP (3 linears)
+    and class head on the queries, the upscaler on the patch grid (per x2 step: a 2x2 stride-2
+    transposed conv, a depthwise 3x3 conv; EoMT's log2(patch) - 2 steps, at least 1) and each
+    query's mask as its dot product with every upscaled feature. The masked attention costs what
+    full attention does (the mask is applied to the full q k^T)."""
+    patches, e = (img_size // d.patch_size) ** 2, d.embed_dim
+    if cfg.head == "linear":
+        return StepFlops(vit_forward(d, img_size) + linear(patches, e, cfg.num_classes))
+    q, blocks, tokens = cfg.num_queries, cfg.num_blocks, d.num_prefix + patches
+    encoder = (
+        patch_embed_forward(d, img_size)
+        + (d.depth - blocks) * block_forward(tokens, e, d.mlp_hidden)
+        + blocks * block_forward(tokens + q, e, d.mlp_hidden)
+    )
+    steps = max(1, int(math.log2(d.patch_size)) - 2)
+    grids = [patches * 4**j for j in range(steps)]  # each step's input pixels
+    upscale = sum(linear(n, e, 4 * e) + 2 * 9 * e * 4 * n for n in grids)
+    heads = 3 * linear(q, e, e) + linear(q, e, cfg.num_classes + 1)
+    prediction = heads + upscale + linear(q, e, patches * 4**steps)
+    return StepFlops(encoder + (blocks + 1 if cfg.masked_attn else 1) * prediction)
+
+
+METHOD_FLOPS = {
+    "mae": mae_flops,
+    "dino": dino_flops,
+    "dinov2": dinov2_flops,
+    "deit": deit_flops,
+    "segfinetune": segfinetune_flops,
+}
+"""Method name -> its analytic count; the other evaluators have none (segprobe: probe_flops)."""
 
 
 def step_flops(

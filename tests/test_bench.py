@@ -8,6 +8,9 @@ import math
 import pytest
 import torch
 from bench import main
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssl_vit.eval.segfinetune import semantic_targets
 
 
 def block_flops(t: int, d: int, h: int) -> int:
@@ -210,6 +213,17 @@ DINOV2_TINY = [
 SEPARATE_IBOT = ["--method.ibot_separate_head", "true", "--method.ibot_out_dim", "48"]
 SEPARATE_IBOT += ["--method.ibot_hidden_dim", "24", "--method.ibot_bottleneck_dim", "8"]
 SEGPROBE_TINY = ["--method", "segprobe", *TINY[2:14], *TINY[20:], "--bench.baseline", "false"]
+SEGFINETUNE_TINY = ["--method", "segfinetune", *SEGPROBE_TINY[2:], "--method.num_classes", "7"]
+SEGFINETUNE_TINY += ["--method.num_queries", "5", "--method.num_blocks", "1"]
+SEGFINETUNE_TINY += [
+    "--method.num_points",
+    "16",
+    "--method.anneal_start",
+    "0",
+    "--method.anneal_end",
+    "4",
+]
+PATCH_16 = ["--model.img_size", "64", "--model.patch_size", "16"]  # EoMT upscales x2 twice
 FLOP_CASES = {
     "mae": TINY,
     "dino": DINO_TINY,
@@ -219,6 +233,10 @@ FLOP_CASES = {
     "deit_distilled": DEIT_TINY + DISTILLED,
     "segprobe": SEGPROBE_TINY,
     "segprobe_dinov2": SEGPROBE_TINY + ["--method.variant", "dinov2"],
+    "segfinetune": SEGFINETUNE_TINY,
+    "segfinetune_patch_16": SEGFINETUNE_TINY + PATCH_16,
+    "segfinetune_unmasked": SEGFINETUNE_TINY + ["--method.masked_attn", "false"],
+    "segfinetune_linear": SEGFINETUNE_TINY + ["--method.head", "linear"],
 }
 
 
@@ -246,11 +264,20 @@ def built(argv: list[str], phase: str = "method"):
     return root, module, PHASES[phase].count(root, module), batch
 
 
-def koleo_flops(case: str, root) -> int:
-    """What the analytic count leaves out: DINOv2's KoLeo similarity matmul, (B, D) @ (D, B) per
-    global crop, forward only (its nearest neighbours are found without gradient)."""
-    b, d = root.bench.batch_size, root.model.embed_dim
-    return 2 * 2 * b * d * b if case.startswith("dinov2") else 0
+def uncounted_flops(case: str, root, batch) -> int:
+    """The matmuls the analytic count leaves out as part of the loss. DINOv2's KoLeo similarity,
+    (B, D) @ (D, B) per global crop, forward only (its nearest neighbours are found without
+    gradient). EoMT's matching costs, without gradient: per image and prediction, (Q, P) @ (P, M)
+    twice for the BCE (positives, negatives) and once for the dice, M the classes present, P
+    the points."""
+    b, d, m = root.bench.batch_size, root.model.embed_dim, root.method
+    if case.startswith("dinov2"):
+        return 2 * 2 * b * d * b
+    if case.startswith("segfinetune") and m.head == "eomt":
+        present = sum(len(classes) for _, classes in semantic_targets(batch["masks"]))
+        predictions = m.num_blocks + 1 if m.masked_attn else 1
+        return predictions * 3 * 2 * m.num_queries * m.num_points * present
+    return 0
 
 
 @pytest.mark.parametrize("case", [*FLOP_CASES, "full_token"])
@@ -259,13 +286,15 @@ def test_analytic_forward_flops_equal_flop_counter_mode(case):
     SDPA calls and nothing else (norms, softmax, GELU, losses, Mixup are uncounted by both), so
     any difference is a missed or extra matmul; the teacher's share is FlopCounterMode's own
     count of one image (DeiT), the rest analytic; DINOv2's heads on the padded masked rows
-    (whatever the draw: its seed) plus the KoLeo matmul the count leaves out."""
+    (whatever the draw: its seed) plus the loss's matmuls the count leaves out (uncounted_flops)."""
     argv = FLOP_CASES.get(case, TINY)
     root, module, count, batch = built(argv, "full_token" if case == "full_token" else "method")
     b = root.bench.batch_size
     with torch.no_grad():
         counted = counted_step(module, batch, backward=False)
-    assert counted == pytest.approx(b * count.forward + koleo_flops(case, root), rel=1e-12)
+    assert counted == pytest.approx(
+        b * count.forward + uncounted_flops(case, root, batch), rel=1e-12
+    )
     frozen = ("dino", "dinov2", "dinov2_ibot_head", "deit_distilled", "segprobe", "segprobe_dinov2")
     assert (count.frozen > 0) == (case in frozen)
 
@@ -285,12 +314,33 @@ def test_dinov2_flops_count_the_padded_rows_of_each_head():
     assert separate.forward - shared.forward == pytest.approx(2 * 28 / 3 * (ibot - dino))
 
 
+def depthwise_backward_excess(root, module) -> int:
+    """What FlopCounterMode counts of the backward of EoMT's depthwise 3x3 convs (segfinetune)
+    beyond the 2 x forward of the convention: torch's convolution-backward count ignores the
+    groups, as if each channel saw every channel. Measured by FlopCounterMode on each conv alone,
+    on its input shape, once per prediction."""
+    m = root.method
+    if root.method.name != "segfinetune" or m.head != "eomt":
+        return 0
+    b, side, excess = root.bench.batch_size, root.model.img_size // root.model.patch_size, 0
+    for j, step in enumerate(module.head.upscale):
+        x = torch.randn(b, step.conv.in_channels, side * 2 ** (j + 1), side * 2 ** (j + 1))
+        with FlopCounterMode(display=False) as counter:
+            step.conv(x.requires_grad_()).sum().backward()
+        counts = counter.get_flop_counts()["Global"]
+        conv = torch.ops.aten.convolution
+        excess += counts[torch.ops.aten.convolution_backward] - 2 * counts[conv]
+    return (m.num_blocks + 1 if m.masked_attn else 1) * excess
+
+
 @pytest.mark.parametrize("case", [c for c in FLOP_CASES if not c.startswith("segprobe")])
 def test_training_step_flops_are_3x_trained_forward_plus_frozen(case):
-    """fwd + bwd counted by FlopCounterMode = 3 x trained forward + frozen forward, up to one
-    documented, exactly computed departure: the patch embedding gets no input gradient (its
-    backward is 1 x, not 2 x, its forward). Attention runs on the math backend, whose backward is
-    two matmuls per forward one, as the model-FLOPs convention counts."""
+    """fwd + bwd counted by FlopCounterMode = 3 x trained forward + frozen forward, up to two
+    documented, exactly computed departures: the patch embedding gets no input gradient (its
+    backward is 1 x, not 2 x, its forward), and FlopCounterMode counts a depthwise conv's
+    backward as an ungrouped one's (depthwise_backward_excess). Attention runs on the math
+    backend, whose backward is two matmuls per forward one, as the model-FLOPs convention
+    counts."""
     from ssl_vit import flops
 
     root, module, count, batch = built(FLOP_CASES[case])
@@ -298,7 +348,8 @@ def test_training_step_flops_are_3x_trained_forward_plus_frozen(case):
     multi_crop = case.startswith("dino")
     sizes = [img] * 2 + [m.local_crop_size] * m.local_crops if multi_crop else [img]
     embed = sum(flops.patch_embed_forward(d, s) for s in sizes)
-    expected = root.bench.batch_size * (count.train - embed) + koleo_flops(case, root)
+    expected = root.bench.batch_size * (count.train - embed) + uncounted_flops(case, root, batch)
+    expected += depthwise_backward_excess(root, module)
     assert counted_step(module, batch, backward=True) == pytest.approx(expected, rel=1e-12)
 
 
@@ -473,3 +524,26 @@ def test_bench_times_the_segmentation_probe_and_counts_its_flops(capsys):
     assert m["flops_per_img"] == pytest.approx(3 * head + encoder)
     assert main([*SEGPROBE_TINY, "--bench.modes", "e2e"]) == 2
     assert "bench.modes: segprobe is timed in the compute mode only" in capsys.readouterr().err
+
+
+def test_bench_times_the_segmentation_fine_tune_and_counts_its_flops(capsys):
+    """`--method segfinetune` (compute mode; EoMT with 5 queries on the last block, 7 classes):
+    a finite loss, the training count 3 x the forward (backbone and head trained), and the
+    EoMT head's share by hand: 64 patches of width 48, 2 predictions (before the query block
+    and after it) of the mask MLP (3 x 2 x 5 x 48 x 48), the class head (2 x 5 x 48 x 8), the
+    x2 upscaler (transposed conv 8 x 64 x 48^2, depthwise 3x3 2 x 9 x 48 x 256) and the masks
+    (2 x 5 x 48 x 256), and the query block's 5 extra tokens."""
+    from ssl_vit import flops
+
+    assert main(SEGFINETUNE_TINY) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["method"] == "segfinetune" and m["method_config"]["num_queries"] == 5
+    assert math.isfinite(m["loss"]) and m["loss"] > 0
+    _, module, count, _ = built(SEGFINETUNE_TINY)
+    d = flops.ViTDims.of(module.backbone)
+    prediction = 3 * 2 * 5 * 48 * 48 + 2 * 5 * 48 * 8 + 8 * 64 * 48 * 48
+    prediction += 2 * 9 * 48 * 256 + 2 * 5 * 48 * 256
+    queries = flops.block_forward(65 + 5, 48, 192) - flops.block_forward(65, 48, 192)
+    assert count.frozen == 0
+    assert count.trained == flops.vit_forward(d, 32) + queries + 2 * prediction
+    assert m["flops_per_img"] == pytest.approx(3 * count.trained)

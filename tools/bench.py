@@ -222,7 +222,7 @@ def method_flops(root: BenchRoot, module: nn.Module) -> flops.StepFlops | None:
     dims = vit_dims(module) if root.method.name in {*flops.METHOD_FLOPS, *PROBES} else None
     if dims is None:
         return None
-    if root.method.name in PROBES:  # its 1x1 conv: a linear map of each patch's features
+    if root.method.name == "segprobe":  # its 1x1 conv: a linear map of each patch's features
         head = module.conv
         return flops.probe_flops(dims, root.model.img_size, head.in_channels, head.out_channels)
     teacher, teacher_flops = getattr(module, "teacher", None), 0
@@ -746,9 +746,9 @@ def table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PROBES = {"segprobe": 150}
-"""Evaluators the bench times (compute mode: the frozen backbone's forward and the head's
-training step on synthetic images and masks; their data is not a pretext view), with the
+PROBES = {"segprobe": 150, "segfinetune": 150}
+"""Evaluators the bench times (compute mode: the training step on synthetic images and masks,
+their data being no pretext view; segprobe's backbone frozen, segfinetune's trained), with the
 classes of their synthetic masks (ADE20K's 150)."""
 
 
