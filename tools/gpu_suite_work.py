@@ -357,8 +357,8 @@ def official_deit_step(
     cfg, shape = root.method, encoder_shape(root)  # from timm's names, before their code
     models, losses = import_official(folder, ("models", "losses"))  # re-registers deit_* names
     shims: list[str] = []
-    net = models.DistilledVisionTransformer if cfg.distillation != "none" else None
-    net = net or timm.models.vision_transformer.VisionTransformer
+    distilled = cfg.distillation != "none"
+    net = models.DistilledVisionTransformer if distilled else timm.models.VisionTransformer
     model = net(  # their deit_*_patch16_224 entrypoints' arguments, called as create_model does
         **shape,
         qkv_bias=True,
@@ -380,7 +380,7 @@ def official_deit_step(
     soft_targets = cfg.mixup > 0 or cfg.cutmix > 0
     base = SoftTargetCrossEntropy() if soft_targets else None
     base = base or LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
-    teacher = deit_teacher(root).to(dev) if cfg.distillation != "none" else None
+    teacher = deit_teacher(root).to(dev) if distilled else None
     criterion = losses.DistillationLoss(base, teacher, cfg.distillation, cfg.alpha, cfg.tau)
     ema = ModelEma(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     weight_decay = bench.run_config(root).train.weight_decay
