@@ -204,12 +204,13 @@ def test_fused_attention_and_fused_adamw():
 
 FAULTS_AFTER = """
 import resource, sys
+from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 if sys.argv[1] == "fit":  # a tiny CPU training run first, in this process
     from conftest import tiny
     from ssl_vit.train.loop import fit
-    fit(tiny(__import__("pathlib").Path(sys.argv[2]), "mae", epochs=1))
+    fit(tiny(Path(sys.argv[2]), "mae", epochs=1))
 for i in range(4):  # a step's life of a 64 MiB activation: allocated, written, freed
     if i == 1:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

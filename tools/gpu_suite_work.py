@@ -337,11 +337,14 @@ def deit_teacher(root: bench.BenchRoot) -> nn.Module:
 
 
 def deit_teacher_flops(root: bench.BenchRoot) -> int:
-    """The teacher's forward FLOPs on one image, counted as bench.method_flops counts ours."""
+    """The teacher's forward FLOPs on one image, counted as bench.method_flops counts ours, on
+    the meta device (no memory, no compute: the step builds its own teacher)."""
     if root.method.distillation == "none":
         return 0
     size = root.method.teacher_img_size or root.model.img_size
-    return flops.counted_forward_flops(deit_teacher(root), (1, 3, size, size))
+    with torch.device("meta"):
+        teacher = deit_teacher(root)
+    return flops.counted_forward_flops(teacher, (1, 3, size, size))
 
 
 def official_deit_step(
